@@ -1,0 +1,38 @@
+# Two commands: `make run` and `make test`. Each sets up .venv on a fresh machine by itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test test-fast build setup clean bench
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# torch first, pinned: this pin resolves to the local CPU wheel (a looser one pulls a multi-GB CUDA build)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q Cython numpy
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
+	touch $@
+
+setup: $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# Single-host dev mode with the `dev` preset on Pong.
+run: build
+	$(VENV)/bin/gorila-zmq dev --preset dev
+
+# The whole suite with the Cython kernels, then the fast tier again on the NumPy fallbacks.
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	GORILA_PUREPYTHON=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# What a developer runs locally: skips the slow end-to-end tier.
+test-fast: build
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf build gorila_zmq/_ext/*.so ext/*.c
