@@ -1,0 +1,258 @@
+"""The wire protocol: every message gorila-zmq sends, in one place (zguide MDP.py / kvmsg.py style).
+
+A message is a list of ZeroMQ frames:  [header, payload?]  (ROUTER adds the peer identity in front).
+
+header (56 bytes, little-endian, struct `HEADER`):
+    magic      2s  b"GZ"
+    version    B   PROTOCOL_VERSION
+    command    B   Cmd
+    shard      H   shard index (or replay shard index)
+    status     H   Status (replies); 0 in requests
+    client     I   client id (idempotent retries: (client, seq) is applied at most once)
+    incarn     I   server incarnation (random per process start; a change means re-snapshot)
+    seq        Q   request sequence number (echoed in the reply) / broadcast counter
+    pversion   Q   parameter version (updates applied by this shard)
+    layout     Q   64-bit layout hash of the model the sender means
+    stamp_ns   Q   sender's CLOCK_MONOTONIC in ns (latency measurement on one host)
+    dtype      B   Dtype of the payload frame
+    _pad       3x
+    length     I   payload length in bytes (must equal the payload frame's size)
+
+Payloads: raw array bytes (float32/uint8/int64 ...) sent with copy=False and read with np.frombuffer,
+or UTF-8 JSON for small control data. Nothing is pickled, and nothing received is ever unpickled.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+MAGIC = b"GZ"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<2sBBHHIIQQQQB3xI")
+HEADER_SIZE = HEADER.size
+
+
+class Cmd(enum.IntEnum):
+    HELLO = 1          # -> JSON {layout_hash, n_params, ...}; reply JSON shard description
+    PUSH_GRAD = 2      # float32 gradient slice, pversion = version it was computed against
+    GET_PARAMS = 3     # snapshot request; reply float32 slice + version
+    STATS = 4          # reply JSON stats
+    PARAMS = 5         # broadcast (PUB): float32 slice + version
+    HEARTBEAT = 6      # broadcast (PUB) when idle: no payload
+    REPLY = 7          # generic reply (status says what happened)
+    ERROR = 8          # request refused (status says why), JSON detail
+    # replay service (global replay mode)
+    REPLAY_ADD = 16
+    REPLAY_SAMPLE = 17
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    APPLIED = 1
+    STALE = 2          # discarded: computed against a version older than max_staleness updates
+    DUPLICATE = 3      # (client, seq) already seen: the first outcome is repeated, nothing re-applied
+    REJECTED = 4       # invalid request (see ERROR detail)
+    # reasons for rejection, carried in ERROR replies
+    BAD_HEADER = 10
+    BAD_MAGIC = 11
+    BAD_VERSION = 12
+    BAD_COMMAND = 13
+    BAD_LAYOUT = 14
+    BAD_SIZE = 15
+    BAD_DTYPE = 16
+    NON_FINITE = 17
+    OVERSIZED = 18
+    BAD_SHARD = 19
+    BAD_FRAMES = 20
+    BAD_PAYLOAD = 21
+    BUSY = 22          # backpressure: try again later
+
+
+class Dtype(enum.IntEnum):
+    NONE = 0
+    FLOAT32 = 1
+    UINT8 = 2
+    INT64 = 3
+    JSON = 4
+    RAW = 5            # a packed record with its own documented layout
+
+
+_NP = {Dtype.FLOAT32: np.dtype(np.float32), Dtype.UINT8: np.dtype(np.uint8),
+       Dtype.INT64: np.dtype(np.int64)}
+
+
+def np_dtype(d: Dtype) -> np.dtype:
+    return _NP[d]
+
+
+class ProtocolError(Exception):
+    """A received message is malformed; `status` names the reason (a Status)."""
+
+    def __init__(self, status: Status, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class Header:
+    command: int
+    shard: int = 0
+    status: int = 0
+    client: int = 0
+    incarnation: int = 0
+    seq: int = 0
+    pversion: int = 0
+    layout: int = 0
+    stamp_ns: int = 0
+    dtype: int = Dtype.NONE
+    length: int = 0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, self.command, self.shard, self.status,
+                           self.client, self.incarnation, self.seq, self.pversion, self.layout,
+                           self.stamp_ns or time.monotonic_ns(), self.dtype, self.length)
+
+    @classmethod
+    def unpack(cls, buf) -> "Header":
+        """Parse and validate a header frame; raises ProtocolError with the reason."""
+        if len(buf) != HEADER_SIZE:
+            raise ProtocolError(Status.BAD_HEADER, f"header frame is {len(buf)} bytes, expected {HEADER_SIZE}")
+        (magic, version, command, shard, status, client, incarn, seq, pversion, layout, stamp,
+         dtype, length) = HEADER.unpack(buf)
+        if magic != MAGIC:
+            raise ProtocolError(Status.BAD_MAGIC, f"bad magic {magic!r}")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(Status.BAD_VERSION,
+                                f"protocol version {version}, this build speaks {PROTOCOL_VERSION}")
+        try:
+            command = Cmd(command)
+        except ValueError:
+            raise ProtocolError(Status.BAD_COMMAND, f"unknown command {command}") from None
+        try:
+            dtype = Dtype(dtype)
+        except ValueError:
+            raise ProtocolError(Status.BAD_DTYPE, f"unknown payload dtype code {dtype}") from None
+        return cls(command, shard, status, client, incarn, seq, pversion, layout, stamp, dtype, length)
+
+
+def _frame_bytes(frame) -> memoryview:
+    """A zero-copy view of a received frame (zmq.Frame or bytes)."""
+    if isinstance(frame, zmq.Frame):
+        return frame.buffer
+    return memoryview(frame)
+
+
+def parse(frames: list) -> tuple[Header, memoryview | None]:
+    """Split [header, payload?] into a validated Header and the payload view."""
+    if not frames or len(frames) > 2:
+        raise ProtocolError(Status.BAD_FRAMES, f"expected 1 or 2 frames, got {len(frames)}")
+    hdr = Header.unpack(_frame_bytes(frames[0]))
+    payload = _frame_bytes(frames[1]) if len(frames) == 2 else None
+    n = 0 if payload is None else payload.nbytes
+    if n != hdr.length:
+        raise ProtocolError(Status.BAD_SIZE, f"payload is {n} bytes, header says {hdr.length}")
+    if n and hdr.dtype == Dtype.NONE:
+        raise ProtocolError(Status.BAD_DTYPE, "payload present but dtype is NONE")
+    return hdr, payload
+
+
+def as_array(hdr: Header, payload: memoryview | None, dtype: Dtype, count: int | None = None) -> np.ndarray:
+    """The payload as a read-only 1-D array of `dtype` (and exactly `count` items if given)."""
+    if hdr.dtype != dtype:
+        raise ProtocolError(Status.BAD_DTYPE, f"payload dtype {Dtype(hdr.dtype).name}, expected {dtype.name}")
+    if payload is None:
+        raise ProtocolError(Status.BAD_SIZE, "missing payload")
+    item = _NP[dtype].itemsize
+    if payload.nbytes % item:
+        raise ProtocolError(Status.BAD_SIZE, f"payload of {payload.nbytes} bytes is not a whole number of {dtype.name}")
+    arr = np.frombuffer(payload, dtype=_NP[dtype])
+    if count is not None and arr.size != count:
+        status = Status.OVERSIZED if arr.size > count else Status.BAD_SIZE
+        raise ProtocolError(status, f"payload has {arr.size} {dtype.name}, expected {count}")
+    return arr
+
+
+def as_json(hdr: Header, payload: memoryview | None, max_bytes: int = 1 << 16) -> dict:
+    if hdr.dtype != Dtype.JSON or payload is None:
+        raise ProtocolError(Status.BAD_DTYPE, "expected a JSON payload")
+    if payload.nbytes > max_bytes:
+        raise ProtocolError(Status.OVERSIZED, f"JSON payload of {payload.nbytes} bytes (max {max_bytes})")
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(Status.BAD_PAYLOAD, f"payload is not UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(Status.BAD_PAYLOAD, "JSON payload must be an object")
+    return obj
+
+
+def message(hdr: Header, payload=None) -> list:
+    """Frames for `send_multipart`; arrays travel as raw buffers (sent with copy=False)."""
+    if payload is None:
+        hdr.dtype, hdr.length = Dtype.NONE, 0
+        return [hdr.pack()]
+    if isinstance(payload, dict):
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        hdr.dtype, hdr.length = Dtype.JSON, len(data)
+        return [hdr.pack(), data]
+    if isinstance(payload, np.ndarray):
+        if not payload.flags.c_contiguous:
+            payload = np.ascontiguousarray(payload)
+        for code, dt in _NP.items():
+            if payload.dtype == dt:
+                hdr.dtype = code
+                break
+        else:
+            raise TypeError(f"no wire dtype for {payload.dtype}")
+        hdr.length = payload.nbytes
+        return [hdr.pack(), payload]
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        hdr.dtype = hdr.dtype if hdr.dtype not in (Dtype.NONE,) else Dtype.RAW
+        hdr.length = memoryview(payload).nbytes
+        return [hdr.pack(), payload]
+    raise TypeError(f"unsupported payload type {type(payload)}")
+
+
+def send(sock: zmq.Socket, hdr: Header, payload=None, identity: bytes | None = None,
+         copy_threshold: int = 65536) -> None:
+    frames = message(hdr, payload)
+    if identity is not None:
+        frames.insert(0, identity)
+    big = len(frames[-1]) if not isinstance(frames[-1], np.ndarray) else frames[-1].nbytes
+    sock.send_multipart(frames, copy=big < copy_threshold)
+
+
+def recv(sock: zmq.Socket, router: bool = False) -> tuple[bytes | None, list]:
+    """Receive one multipart message without copying large frames; ROUTER: (identity, rest)."""
+    frames = sock.recv_multipart(copy=False)
+    if router:
+        return frames[0].bytes, frames[1:]
+    return None, frames
+
+
+def error_reply(request: Header, status: Status, detail: str, shard: int = 0, incarnation: int = 0,
+                pversion: int = 0) -> tuple[Header, dict]:
+    return (Header(Cmd.ERROR, shard=shard, status=int(status), client=request.client if request else 0,
+                   incarnation=incarnation, seq=request.seq if request else 0, pversion=pversion),
+            {"status": Status(status).name, "detail": detail[:500]})
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, linger: int = 0, rcvhwm: int | None = None,
+                sndhwm: int | None = None, maxmsgsize: int | None = None) -> zmq.Socket:
+    """Every socket in gorila-zmq is made here: linger 0, explicit high-water marks."""
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, linger)
+    if rcvhwm is not None:
+        s.setsockopt(zmq.RCVHWM, rcvhwm)
+    if sndhwm is not None:
+        s.setsockopt(zmq.SNDHWM, sndhwm)
+    if maxmsgsize is not None:
+        s.setsockopt(zmq.MAXMSGSIZE, maxmsgsize)
+    return s

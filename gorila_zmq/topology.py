@@ -1,0 +1,40 @@
+"""Where every role listens: one function from a config (plus a host map) to endpoints.
+
+Addresses are bound late (launchpad style): roles are built with a config, and resolve their
+endpoints here when they start. Dev mode uses one host; the cluster launcher supplies `hosts`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    bind: str      # what the server binds
+    connect: str   # what a client connects to
+
+
+def _ep(cfg, name: str, port_offset: int, host: str | None = None) -> Endpoint:
+    if cfg.net.transport == "ipc":
+        path = os.path.join(os.path.abspath(cfg.run.run_dir), "sock", f"{name}")
+        if len(path) > 100:
+            raise ValueError(f"ipc path {path!r} is too long for a unix socket (max ~107 bytes): "
+                             "use a shorter run.run_dir or net.transport=tcp")
+        return Endpoint(f"ipc://{path}", f"ipc://{path}")
+    h = host or cfg.net.host
+    port = cfg.net.base_port + port_offset
+    return Endpoint(f"tcp://{h}:{port}", f"tcp://{h}:{port}")
+
+
+def ps_request(cfg, i: int, host: str | None = None) -> Endpoint:
+    return _ep(cfg, f"ps{i}.req", 2 * i, host)
+
+
+def ps_broadcast(cfg, i: int, host: str | None = None) -> Endpoint:
+    return _ep(cfg, f"ps{i}.pub", 2 * i + 1, host)
+
+
+def ensure_ipc_dir(cfg) -> None:
+    if cfg.net.transport == "ipc":
+        os.makedirs(os.path.join(os.path.abspath(cfg.run.run_dir), "sock"), exist_ok=True)
