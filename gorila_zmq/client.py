@@ -103,10 +103,9 @@ def fetch_params(ctx: zmq.Context, shards: ShardSet, out: np.ndarray | None = No
 
 @dataclass
 class PushStats:
-    sent: int = 0          # distinct pushes (retries not counted)
-    applied: int = 0
+    sent: int = 0          # distinct pushes (retries not counted); the counts below are per shard slice
+    applied: int = 0       # (a retry of a push the shard already decided gets the first outcome back)
     stale: int = 0
-    duplicate: int = 0     # the shard had applied/decided it already (a retry crossed a slow reply)
     rejected: int = 0
     lost: int = 0          # no reply after every retry
     retries: int = 0
@@ -216,8 +215,6 @@ class GradientPusher:
         elif st == P.Status.STALE:
             self.stats.stale += 1
             per["stale"] += 1
-        elif st == P.Status.DUPLICATE:
-            self.stats.duplicate += 1
         return 1
 
     def _check_timeouts(self) -> None:
@@ -403,6 +400,10 @@ class ParamSubscriber:
         if hdr.incarnation != self.incarnations[i]:
             return True                    # restarted shard (or first contact): snapshot it
         if hdr.command == P.Cmd.HEARTBEAT:
+            # The broadcast of the newest version was dropped (slow subscriber, HWM): re-snapshot.
+            if hdr.pversion > self.versions[i]:
+                self.counters["gaps"] += 1
+                return True
             return False
         if hdr.command != P.Cmd.PARAMS:
             self.counters["malformed"] += 1

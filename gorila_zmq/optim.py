@@ -36,7 +36,8 @@ def adagrad_update_numpy(theta, accum, grad, lr: float, eps: float, nthreads: in
 def all_finite_numpy(x: np.ndarray) -> bool:
     # The sum is finite iff every element is (or a huge-but-finite vector overflows); check the rare
     # non-finite sum exactly.
-    s = np.add.reduce(x, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = np.add.reduce(x, dtype=np.float32)
     return bool(np.isfinite(s)) or bool(np.isfinite(x).all())
 
 

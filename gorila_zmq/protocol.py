@@ -56,7 +56,6 @@ class Status(enum.IntEnum):
     OK = 0
     APPLIED = 1
     STALE = 2          # discarded: computed against a version older than max_staleness updates
-    DUPLICATE = 3      # (client, seq) already seen: the first outcome is repeated, nothing re-applied
     REJECTED = 4       # invalid request (see ERROR detail)
     # reasons for rejection, carried in ERROR replies
     BAD_HEADER = 10

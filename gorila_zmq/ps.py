@@ -7,7 +7,7 @@ shutdown. The version (updates applied) is the shard's clock; shard 0's is the g
 
 Every request is validated before it touches state; a bad one is counted by reason, logged once per
 reason, and answered with an ERROR. A (client, seq) pair is applied at most once: a retried push gets
-the first outcome back (DUPLICATE) and is not applied again, across restarts too (the table is saved
+the first outcome back (counted as a duplicate) and is not applied again, across restarts too (the table is saved
 with the checkpoint).
 """
 from __future__ import annotations
@@ -93,6 +93,19 @@ def load_checkpoint(path: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
         return z["theta"].astype(np.float32), z["accum"].astype(np.float32), meta
 
 
+def _bind_retrying(sock: zmq.Socket, endpoint: str, timeout_s: float = 3.0) -> None:
+    """Bind, retrying briefly: a predecessor restarted in the same place may still hold the port."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
 # -- the shard ----------------------------------------------------------------------------------
 
 class ParameterServerShard:
@@ -134,8 +147,8 @@ class ParameterServerShard:
         self.router_ep = topology.ps_request(cfg, index)
         self.pub_ep = topology.ps_broadcast(cfg, index)
         try:
-            self.router.bind(self.router_ep.bind)
-            self.pub.bind(self.pub_ep.bind)
+            _bind_retrying(self.router, self.router_ep.bind)
+            _bind_retrying(self.pub, self.pub_ep.bind)
         except zmq.ZMQError as e:
             self.close()
             raise RuntimeError(f"shard {index}: cannot bind {self.router_ep.bind} / {self.pub_ep.bind}: {e} "

@@ -1,0 +1,69 @@
+"""The fused AdaGrad kernel (and its NumPy twin) against torch.optim.Adagrad."""
+import numpy as np
+import pytest
+import torch
+
+from gorila_zmq import optim
+from gorila_zmq._native import try_load_ext
+
+_ext = try_load_ext("adagrad")
+IMPLS = {"numpy": (optim.adagrad_update_numpy, optim.all_finite_numpy)}
+if _ext is not None:
+    IMPLS["cython"] = (_ext.adagrad_update, _ext.all_finite)
+    IMPLS["cython-1thread"] = (lambda t, a, g, lr, eps: _ext.adagrad_update(t, a, g, lr, eps, 1), _ext.all_finite)
+
+
+def test_compiled_kernel_present_unless_pure_python():
+    from gorila_zmq._native import pure_python
+    if not pure_python():
+        assert _ext is not None, "the Cython AdaGrad kernel must be built"
+        assert optim.IMPLEMENTATION == "cython"
+    else:
+        assert optim.IMPLEMENTATION == "numpy"
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("n", [1, 1000, 200_003])
+def test_matches_torch_adagrad_over_100_steps(impl, n):
+    update, _ = IMPLS[impl]
+    lr, eps, init = 0.05, 1e-10, 0.1
+    rng = np.random.default_rng(n)
+    theta0 = rng.standard_normal(n).astype(np.float32)
+    p = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
+    opt = torch.optim.Adagrad([p], lr=lr, eps=eps, initial_accumulator_value=init)
+    theta, accum = theta0.copy(), np.full(n, init, np.float32)
+    for _ in range(100):
+        g = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 30.0])).astype(np.float32)
+        p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        update(theta, accum, g, lr, eps)
+    ref = p.detach().numpy()
+    rel = np.abs(theta - ref).max() / max(np.abs(ref).max(), 1e-12)
+    assert rel <= 1e-5, rel
+    np.testing.assert_allclose(accum, opt.state[p]["sum"].numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_all_finite(impl):
+    _, finite = IMPLS[impl]
+    x = np.ones(100_001, np.float32)
+    assert finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, 50_000, 100_000):
+            y = x.copy()
+            y[pos] = bad
+            assert not finite(y), (bad, pos)
+    assert finite(np.full(10, 3e38, np.float32))  # huge but finite: its sum overflows, it is still valid
+    assert finite(np.zeros(0, np.float32))
+
+
+def test_wrapper_validates_inputs():
+    t = np.zeros(10, np.float32)
+    with pytest.raises(ValueError):
+        optim.adagrad_update(t, np.zeros(10, np.float64), t.copy(), 0.1, 1e-10)
+    with pytest.raises(ValueError):
+        optim.adagrad_update(t, np.zeros(9, np.float32), t.copy(), 0.1, 1e-10)
+    with pytest.raises(ValueError):
+        optim.adagrad_update(np.zeros((2, 5), np.float32), np.zeros(10, np.float32), t, 0.1, 1e-10)
+    with pytest.raises(ValueError):
+        optim.all_finite(np.zeros(3, np.float64))

@@ -1,0 +1,304 @@
+"""A parameter-server shard on real sockets, served from a thread of the test process."""
+import os
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import SMALL_MLP, wait_for
+from gorila_zmq import optim, protocol as P
+from gorila_zmq.client import (GradientPusher, ParamSubscriber, ShardSet, fetch_params, request)
+from gorila_zmq.layout import ParamLayout
+from gorila_zmq.models import build_model
+from gorila_zmq.ps import ParameterServerShard, load_checkpoint, save_checkpoint
+
+
+class Running:
+    """Shards served by threads; stopped and released at the end of the test."""
+
+    def __init__(self, cfg, ctx):
+        self.cfg, self.ctx = cfg, ctx
+        m = build_model(cfg.model, cfg.run.seed)
+        self.layout = ParamLayout.from_module(m)
+        self.theta0 = self.layout.flatten(m)
+        self.shards = [ParameterServerShard(cfg, i, ctx, self.layout, self.theta0) for i in range(cfg.ps.shards)]
+        self.threads = [threading.Thread(target=s.serve, daemon=True) for s in self.shards]
+        for t in self.threads:
+            t.start()
+        self.set = ShardSet(cfg, self.layout)
+
+    def stop(self):
+        for s in self.shards:
+            s.request_stop()
+        for t in self.threads:
+            t.join(10)
+        for s in self.shards:
+            s.close()
+
+
+@pytest.fixture
+def running(make_cfg, ctx):
+    made = []
+
+    def start(*overrides):
+        r = Running(make_cfg(*SMALL_MLP, *overrides), ctx)
+        made.append(r)
+        return r
+    yield start
+    for r in made:
+        r.stop()
+
+
+def raw(ctx, endpoint, frames, timeout=2.0):
+    """Send arbitrary frames on a fresh DEALER; the reply frames, or None."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send_multipart(frames)
+        if s.poll(int(timeout * 1000)):
+            return s.recv_multipart()
+        return None
+    finally:
+        s.close()
+
+
+def reply_status(frames):
+    hdr, _ = P.parse(frames)
+    return hdr.command, P.Status(hdr.status)
+
+
+def push_one(ctx, r, shard, grad_slice, pversion, client=1, seq=1):
+    hdr = P.Header(P.Cmd.PUSH_GRAD, shard=shard, client=client, seq=seq, pversion=pversion, layout=r.layout.hash)
+    return reply_status(raw(ctx, r.set.req[shard], P.message(hdr, grad_slice)))
+
+
+def test_hello_checks_layout(running, ctx):
+    r = running()
+    info = r.set.hello(ctx, 0)
+    assert info["n_params"] == r.layout.size and info["version"] == 0
+    other = ShardSet(r.cfg, ParamLayout([("w", (r.layout.size,), "float32")]))
+    with pytest.raises(P.ProtocolError, match="different models") as e:
+        other.hello(ctx, 0)
+    assert e.value.status == P.Status.BAD_LAYOUT
+
+
+def test_staleness_boundary(running, ctx):
+    r = running("ps.max_staleness=3")
+    n = r.layout.size
+    g = np.full(n, 0.01, np.float32)
+    for k in range(5):                            # version -> 5
+        assert push_one(ctx, r, 0, g, pversion=k, seq=k + 1) == (P.Cmd.REPLY, P.Status.APPLIED)
+    before = r.shards[0].state.theta.copy()
+    # staleness = 5 - 1 = 4 > 3: discarded, theta untouched
+    assert push_one(ctx, r, 0, g, pversion=1, seq=100) == (P.Cmd.REPLY, P.Status.STALE)
+    assert np.array_equal(r.shards[0].state.theta, before)
+    # staleness = 5 - 2 = 3 == max: applied
+    assert push_one(ctx, r, 0, g, pversion=2, seq=101) == (P.Cmd.REPLY, P.Status.APPLIED)
+    st = r.set.stats(ctx, 0)
+    assert st["discarded_stale"] == 1 and st["updates_applied"] == 6 and st["version"] == 6
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradient_rejected_theta_unchanged(running, ctx, bad):
+    r = running()
+    g = np.full(r.layout.size, 0.01, np.float32)
+    g[len(g) // 2] = bad
+    before = r.shards[0].state.theta.copy()
+    acc = r.shards[0].state.accum.copy()
+    assert push_one(ctx, r, 0, g, 0) == (P.Cmd.ERROR, P.Status.NON_FINITE)
+    assert np.array_equal(r.shards[0].state.theta, before)
+    assert np.array_equal(r.shards[0].state.accum, acc)
+    st = r.set.stats(ctx, 0)
+    assert st["rejected"] == {"NON_FINITE": 1} and st["version"] == 0
+
+
+def _malformed(r):
+    L, n = r.layout, r.layout.size
+    ok = P.Header(P.Cmd.PUSH_GRAD, shard=0, seq=1, layout=L.hash)
+    good = P.message(ok, np.zeros(n, np.float32))
+    hdr = good[0]
+    return {
+        "random_bytes": ([os.urandom(100)], P.Status.BAD_HEADER),
+        "empty_frame": ([b""], P.Status.BAD_HEADER),
+        "truncated_header": ([hdr[:20]], P.Status.BAD_HEADER),
+        "truncated_payload": ([hdr, np.zeros(n, np.float32).tobytes()[:1000]], P.Status.BAD_SIZE),
+        "wrong_magic": ([b"ZZ" + hdr[2:], good[1]], P.Status.BAD_MAGIC),
+        "wrong_protocol_version": ([hdr[:2] + b"\x09" + hdr[3:], good[1]], P.Status.BAD_VERSION),
+        "unknown_command": ([hdr[:3] + b"\xee" + hdr[4:], good[1]], P.Status.BAD_COMMAND),
+        "wrong_payload_size": (P.message(P.Header(P.Cmd.PUSH_GRAD, shard=0, layout=L.hash),
+                                         np.zeros(n - 1, np.float32)), P.Status.BAD_SIZE),
+        "wrong_dtype": (P.message(P.Header(P.Cmd.PUSH_GRAD, shard=0, layout=L.hash),
+                                  np.zeros(n, np.int64)[: n // 2]), P.Status.BAD_DTYPE),
+        "wrong_layout_hash": (P.message(P.Header(P.Cmd.PUSH_GRAD, shard=0, layout=L.hash ^ 1),
+                                        np.zeros(n, np.float32)), P.Status.BAD_LAYOUT),
+        "oversized": (P.message(P.Header(P.Cmd.PUSH_GRAD, shard=0, layout=L.hash),
+                                np.zeros(n + 10, np.float32)), P.Status.OVERSIZED),
+        "wrong_shard": (P.message(P.Header(P.Cmd.PUSH_GRAD, shard=5, layout=L.hash),
+                                  np.zeros(n, np.float32)), P.Status.BAD_SHARD),
+        "too_many_frames": (good + [b"extra"], P.Status.BAD_FRAMES),
+        "command_not_served": (P.message(P.Header(P.Cmd.PARAMS, shard=0, layout=L.hash)), P.Status.BAD_COMMAND),
+        "bad_hello_json": ([P.Header(P.Cmd.HELLO, shard=0, dtype=P.Dtype.JSON, length=4).pack(), b"\xff\xfe{]"],
+                           P.Status.BAD_PAYLOAD),
+    }
+
+
+def test_every_malformed_request_is_counted_answered_and_harmless(running, ctx):
+    r = running()
+    cases = _malformed(r)
+    theta = r.shards[0].state.theta.copy()
+    for name, (frames, status) in cases.items():
+        rep = raw(ctx, r.set.req[0], frames)
+        assert rep is not None, f"{name}: no error reply"
+        assert reply_status(rep) == (P.Cmd.ERROR, status), name
+        # the shard still answers, and theta is untouched
+        assert r.set.stats(ctx, 0)["version"] == 0, name
+    assert np.array_equal(r.shards[0].state.theta, theta)
+    st = r.set.stats(ctx, 0)
+    assert st["rejected_total"] == len(cases)
+    # and real work still goes through afterwards
+    g = np.full(r.layout.size, 0.01, np.float32)
+    assert push_one(ctx, r, 0, g, 0) == (P.Cmd.REPLY, P.Status.APPLIED)
+
+
+def test_payload_beyond_maxmsgsize_drops_only_that_peer(running, ctx):
+    r = running()
+    limit = 4 * r.layout.size * r.cfg.ps.max_payload_factor + 65536   # bytes: ZeroMQ refuses more
+    huge = np.zeros(int(limit // 4) + 1000, np.float32)
+    rep = raw(ctx, r.set.req[0], P.message(P.Header(P.Cmd.PUSH_GRAD, shard=0, layout=r.layout.hash), huge), 1.0)
+    assert rep is None
+    assert r.set.stats(ctx, 0)["version"] == 0
+
+
+def test_retried_push_is_applied_once(running, ctx):
+    r = running()
+    g = np.full(r.layout.size, 0.01, np.float32)
+    assert push_one(ctx, r, 0, g, 0, client=9, seq=4) == (P.Cmd.REPLY, P.Status.APPLIED)
+    theta = r.shards[0].state.theta.copy()
+    # the retry gets the first outcome back, and nothing is applied twice
+    assert push_one(ctx, r, 0, g, 0, client=9, seq=4) == (P.Cmd.REPLY, P.Status.APPLIED)
+    assert np.array_equal(r.shards[0].state.theta, theta)
+    st = r.set.stats(ctx, 0)
+    assert st["updates_applied"] == 1 and st["duplicates"] == 1
+
+
+def test_pusher_accounts_every_reply_and_theta_matches_serial_adagrad(running, ctx):
+    r = running("ps.shards=2", "net.in_flight=3", "ps.max_staleness=1000")
+    p = GradientPusher(ctx, r.set, record=True)
+    rng = np.random.default_rng(0)
+    grads = {}
+    for k in range(30):
+        g = rng.standard_normal(r.layout.size).astype(np.float32) * 0.1
+        seq = p.push(g, p.versions)
+        grads[seq] = g
+    assert p.flush(10)
+    assert p.stats.applied == 60 and p.stats.lost == 0 and p.stats.rejected == 0
+    theta, versions = fetch_params(ctx, r.set)
+    assert versions == [30, 30]
+    ref = r.theta0.copy()
+    acc = np.full_like(ref, r.cfg.ps.initial_accumulator)
+    for i, (a, b) in enumerate(r.set.ranges):
+        order = [seq for shard, seq, v in sorted((e for e in p.applied_log if e[0] == i), key=lambda e: e[2])]
+        for seq in order:
+            optim.adagrad_update_numpy(ref[a:b], acc[a:b], grads[seq][a:b], r.cfg.ps.lr, r.cfg.ps.eps)
+    np.testing.assert_allclose(theta, ref, rtol=1e-5, atol=1e-6)
+    p.close()
+
+
+def test_late_subscriber_gets_snapshot_then_updates(running, ctx):
+    r = running("ps.shards=2", "ps.broadcast_every=1")
+    p = GradientPusher(ctx, r.set)
+    g = np.full(r.layout.size, 0.01, np.float32)
+    for _ in range(7):
+        p.push(g.copy(), p.versions)
+    assert p.flush(10)
+    sub = ParamSubscriber(ctx, r.set)
+    try:
+        assert sub.wait_ready(10)
+        theta, versions, _ = sub.latest()
+        ref, ref_versions = fetch_params(ctx, r.set)
+        assert versions == ref_versions == [7, 7]
+        assert np.array_equal(theta, ref)            # consistent snapshot
+        for _ in range(3):
+            p.push(g.copy(), p.versions)
+        assert p.flush(10)
+        wait_for(lambda: sub.latest()[1] == [10, 10], 10, what="broadcasts of the later updates")
+        ref, _ = fetch_params(ctx, r.set)
+        assert np.array_equal(sub.latest()[0], ref)
+        assert sub.counters["broadcasts"] >= 2 and sub.global_version == 10
+    finally:
+        sub.close()
+        p.close()
+
+
+def test_subscriber_marks_silent_shard_dead_and_recovers(make_cfg, ctx):
+    cfg = make_cfg(*SMALL_MLP, "net.heartbeat_interval_s=0.2")
+    m = build_model(cfg.model)
+    L = ParamLayout.from_module(m)
+    th0 = L.flatten(m)
+    s1 = ParameterServerShard(cfg, 0, ctx, L, th0)
+    t1 = threading.Thread(target=s1.serve, daemon=True)
+    t1.start()
+    sub = ParamSubscriber(ctx, ShardSet(cfg, L))
+    try:
+        assert sub.wait_ready(10) and sub.alive[0]
+        inc1 = sub.incarnations[0]
+        s1.request_stop()
+        t1.join(5)
+        s1.close()
+        wait_for(lambda: not sub.alive[0], 5, what="dead shard detection")
+        s2 = ParameterServerShard(cfg, 0, ctx, L, th0)
+        t2 = threading.Thread(target=s2.serve, daemon=True)
+        t2.start()
+        try:
+            wait_for(lambda: sub.alive[0] and sub.incarnations[0] == s2.incarnation, 15, what="reconnect")
+            assert sub.incarnations[0] != inc1 and sub.counters["dead_events"] >= 1
+        finally:
+            s2.request_stop()
+            t2.join(5)
+            s2.close()
+    finally:
+        sub.close()
+
+
+def test_checkpoint_resume_in_process(make_cfg, ctx):
+    cfg = make_cfg(*SMALL_MLP)
+    r = Running(cfg, ctx)
+    g = np.full(r.layout.size, 0.01, np.float32)
+    p = GradientPusher(ctx, r.set)
+    for _ in range(4):
+        p.push(g.copy(), p.versions)
+    assert p.flush(10)
+    p.close()
+    r.stop()                                           # writes the final checkpoint
+    r2 = Running(cfg, ctx)
+    try:
+        assert r2.shards[0].state.version == 4
+        assert r2.shards[0].stats["resumed_from_checkpoint"]
+        assert not np.array_equal(r2.shards[0].state.theta, r.theta0)
+    finally:
+        r2.stop()
+
+
+def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt" / "ps0.npz")
+    a = np.arange(1000, dtype=np.float32)
+    save_checkpoint(path, a, a * 2, {"version": 1})
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 partial")
+        raise OSError("disk full (simulated crash mid-write)")
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, a + 1, a, {"version": 2})
+    theta, accum, meta = load_checkpoint(path)
+    assert meta["version"] == 1 and np.array_equal(theta, a) and np.array_equal(accum, a * 2)
+
+
+def test_lazy_pirate_gives_up_on_a_dead_endpoint(ctx, make_cfg):
+    from gorila_zmq.client import ShardUnavailable
+    from conftest import free_base_port
+    port = free_base_port(1)
+    with pytest.raises(ShardUnavailable, match="after 2 attempts"):
+        request(ctx, f"tcp://127.0.0.1:{port}", P.Header(P.Cmd.STATS), timeout_s=0.2, retries=1)
