@@ -139,6 +139,7 @@ class GradientPusher:
         self.versions = [0] * shards.n           # latest version each shard reported
         self.incarnations = [0] * shards.n
         self.pending: list[dict[int, _Pending]] = [{} for _ in range(shards.n)]
+        self._logged: set = set()
         self.socks: list[zmq.Socket] = [self._connect(i) for i in range(shards.n)]
         if hello:
             for i in range(shards.n):
@@ -206,7 +207,11 @@ class GradientPusher:
             self.stats.rejected += 1
             per["rejected"] += 1
             detail = P.as_json(hdr, body).get("detail", "") if body is not None else ""
-            log.warning("shard %d rejected push %d: %s %s", i, hdr.seq, P.Status(st).name, detail)
+            kind = (i, st)
+            level = logging.DEBUG if kind in self._logged else logging.WARNING
+            self._logged.add(kind)
+            log.log(level, "shard %d rejected push %d: %s %s (later ones of this kind at debug level)",
+                    i, hdr.seq, P.Status(st).name, detail)
         elif st == P.Status.APPLIED:
             self.stats.applied += 1
             per["applied"] += 1

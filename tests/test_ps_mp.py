@@ -1,0 +1,171 @@
+"""Shards as real `gorila-zmq ps` processes; pushers in other processes; SIGKILL and restart."""
+import glob
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import SMALL_MLP, start_role, stop_proc, wait_for
+from gorila_zmq import config as C, optim
+from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.layout import ParamLayout
+from gorila_zmq.models import build_model
+from gorila_zmq.ps import load_checkpoint
+import mp_workers
+
+pytestmark = pytest.mark.slow
+
+
+def cfg_file(cfg, path) -> str:
+    """The resolved config as a TOML file the role processes read (what dev mode does too)."""
+    lines = []
+    for section, fields in C.to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in fields.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def start_shards(cfg, tmp_path):
+    conf = cfg_file(cfg, tmp_path / "cfg.toml")
+    procs = [start_role(["ps", "--index", str(i), "--config", conf], tmp_path / f"ps{i}.log")
+             for i in range(cfg.ps.shards)]
+    return conf, procs
+
+
+def wait_serving(ctx, shards: ShardSet, timeout=30):
+    for i in range(shards.n):
+        wait_for(lambda: _try_hello(ctx, shards, i), timeout, what=f"shard {i} to answer")
+
+
+def _try_hello(ctx, shards, i):
+    try:
+        return shards.hello(ctx, i, timeout_s=0.5)
+    except Exception:
+        return None
+
+
+def shm_segments(cfg):
+    return glob.glob(f"/dev/shm/gz_{cfg.run_id}_*")
+
+
+def test_two_shards_three_pusher_processes_account_and_replay(make_cfg, ctx, tmp_path):
+    cfg = make_cfg(*SMALL_MLP, "ps.shards=2", "ps.max_staleness=2", "net.in_flight=2")
+    layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
+    theta0 = layout.flatten(build_model(cfg.model, cfg.run.seed))
+    conf, procs = start_shards(cfg, tmp_path)
+    shards = ShardSet(cfg, layout)
+    try:
+        wait_serving(ctx, shards)
+        mpc = mp.get_context("spawn")
+        pushes = 40
+        outs = [str(tmp_path / f"pusher{w}.json") for w in range(3)]
+        workers = [mpc.Process(target=mp_workers.pusher, args=(C.to_dict(cfg), w, pushes, outs[w]))
+                   for w in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(120)
+            assert w.exitcode == 0
+        results = [json.load(open(o)) for o in outs]
+        theta, versions = fetch_params(ctx, shards)
+        stats = [shards.stats(ctx, i) for i in range(2)]
+    finally:
+        for p in procs:
+            stop_proc(p)
+    for r in results:
+        assert r["flushed"] and r["stats"]["lost"] == 0
+    for i in range(2):
+        per = [r["stats"]["by_shard"][str(i)] for r in results]
+        applied = sum(p["applied"] for p in per)
+        stale = sum(p["stale"] for p in per)
+        rejected = sum(p["rejected"] for p in per)
+        assert applied + stale + rejected == 3 * pushes            # every push accounted, per shard
+        assert applied == stats[i]["updates_applied"] == versions[i]
+        assert stale == stats[i]["discarded_stale"]
+        assert rejected == stats[i]["rejected_total"] == stats[i]["rejected"].get("NON_FINITE", 0)
+        # every poisoned push was refused: as non-finite, or earlier as stale
+        assert 0 < rejected <= 3 * (pushes // 7)
+    # theta equals a serial replay of the applied gradients, in the order the shard applied them
+    ref = theta0.copy()
+    acc = np.full_like(ref, cfg.ps.initial_accumulator)
+    for i, (a, b) in enumerate(shards.ranges):
+        log = sorted(((v, w, seq) for w, r in enumerate(results) for (s, seq, v) in r["applied_log"] if s == i))
+        assert [v for v, _, _ in log] == list(range(1, len(log) + 1))   # each version applied exactly once
+        for _, w, seq in log:
+            g = mp_workers.grad_for(w, seq, layout.size)
+            optim.adagrad_update_numpy(ref[a:b], acc[a:b], g[a:b], cfg.ps.lr, cfg.ps.eps)
+    np.testing.assert_allclose(theta, ref, rtol=1e-5, atol=1e-6)
+    assert not shm_segments(cfg), "shared memory left behind after SIGTERM"
+
+
+def test_shard_sigkill_restart_resumes_from_checkpoint_and_clients_carry_on(make_cfg, ctx, tmp_path):
+    cfg = make_cfg(*SMALL_MLP, "ps.shards=2", "ps.checkpoint_interval_s=0.3", "ps.max_staleness=1000",
+                   "net.heartbeat_interval_s=0.3", "net.request_timeout_s=1.0", "net.request_retries=10")
+    layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
+    conf, procs = start_shards(cfg, tmp_path)
+    shards = ShardSet(cfg, layout)
+    sub = None
+    try:
+        wait_serving(ctx, shards)
+        sub = ParamSubscriber(ctx, shards)
+        assert sub.wait_ready(10)
+        pusher = GradientPusher(ctx, shards)
+        g = np.full(layout.size, 0.001, np.float32)
+        for _ in range(30):
+            pusher.push(g.copy(), pusher.versions)
+        assert pusher.flush(10)
+        time.sleep(0.8)                                   # at least one periodic checkpoint after the pushes
+        inc_before = sub.incarnations[1]
+        ck = load_checkpoint(os.path.join(cfg.run.run_dir, "ckpt", "ps1.npz"))
+        assert ck is not None and ck[2]["version"] == 30
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(10)
+        wait_for(lambda: not sub.alive[1], 10, what="the subscriber to notice the dead shard")
+        # the pusher keeps pushing into the dead shard's window: those pushes wait and are retried
+        for _ in range(2):
+            pusher.push(g.copy(), pusher.versions)
+        procs[1] = start_role(["ps", "--index", "1", "--config", conf], tmp_path / "ps1.restart.log")
+        wait_serving(ctx, shards)
+        assert pusher.flush(30)
+        for _ in range(5):
+            pusher.push(g.copy(), pusher.versions)
+        assert pusher.flush(10)
+        st = shards.stats(ctx, 1)
+        assert st["resumed_from_checkpoint"] and st["version"] == 37
+        assert pusher.stats.lost == 0 and pusher.stats.applied == 2 * 37
+        wait_for(lambda: sub.alive[1] and sub.incarnations[1] != inc_before and sub.latest()[1] == [37, 37],
+                 20, what="the subscriber to re-snapshot the restarted shard")
+        assert np.array_equal(sub.latest()[0], fetch_params(ctx, shards)[0])
+        pusher.close()
+    finally:
+        if sub:
+            sub.close()
+        for p in procs:
+            stop_proc(p)
+    assert not shm_segments(cfg)
+
+
+def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path):
+    path = str(tmp_path / "ckpt" / "ps0.npz")
+    n = 2_000_000                                             # 16 MB per checkpoint: kills land mid-write
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        p = subprocess.Popen([sys.executable, mp_workers.__file__, path, str(n)], stdout=subprocess.PIPE,
+                             cwd=os.path.dirname(mp_workers.__file__))
+        p.stdout.readline()                                   # at least one complete checkpoint exists
+        time.sleep(rng.uniform(0.0, 0.3))
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        theta, accum, meta = load_checkpoint(path)
+        v = meta["version"]
+        assert v >= 1 and theta[0] == v and theta[-1] == v and np.array_equal(accum, theta * 2)
