@@ -1,49 +1,50 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Fused AdaGrad: one pass over (theta, G, g), no temporaries, nogil, OpenMP across cores.
+"""Fused AdaGrad: one pass over (theta, G, g), no temporaries, nogil, split across cores by OpenMP.
 
-Wrapped (and validated) by gorila_zmq.optim; never called directly.
+The inner loops live in gz_simd.h (one clone per instruction set). Wrapped (and validated) by
+gorila_zmq.optim; never called directly.
 """
 from cython.parallel cimport prange
-from libc.math cimport sqrtf
-from libc.stdint cimport uint32_t
+
+cdef extern from "gz_simd.h" nogil:
+    void gz_adagrad(float* theta, float* accum, const float* grad, Py_ssize_t n, float lr, float eps)
+    int gz_all_finite(const float* x, Py_ssize_t n)
 
 # Below this many floats one thread wins: starting the OpenMP team costs more than it saves.
 cdef Py_ssize_t PARALLEL_MIN = 1 << 16
 
 
+cdef inline Py_ssize_t _chunk(Py_ssize_t n, int nt) noexcept nogil:
+    # whole cache lines (16 floats) per thread, so threads never share a line
+    cdef Py_ssize_t c = (n + nt - 1) // nt
+    return (c + 15) // 16 * 16
+
+
 def adagrad_update(float[::1] theta, float[::1] accum, const float[::1] grad,
-                   float lr, float eps, int nthreads=0):
-    """G += g*g; theta -= lr * g / (sqrt(G) + eps), elementwise, in place."""
-    cdef Py_ssize_t n = theta.shape[0], i
-    cdef float g, G
-    cdef int nt = nthreads
-    with nogil:
-        if nt == 1 or n < PARALLEL_MIN:
-            for i in range(n):
-                g = grad[i]
-                G = accum[i] + g * g
-                accum[i] = G
-                theta[i] = theta[i] - lr * g / (sqrtf(G) + eps)
-        elif nt > 1:
-            for i in prange(n, schedule="static", num_threads=nt):
-                g = grad[i]
-                G = accum[i] + g * g
-                accum[i] = G
-                theta[i] = theta[i] - lr * g / (sqrtf(G) + eps)
-        else:
-            for i in prange(n, schedule="static"):
-                g = grad[i]
-                G = accum[i] + g * g
-                accum[i] = G
-                theta[i] = theta[i] - lr * g / (sqrtf(G) + eps)
+                   float lr, float eps, int nthreads):
+    """G += g*g; theta -= lr * g / (sqrt(G) + eps), elementwise, in place, on `nthreads` threads."""
+    cdef Py_ssize_t n = theta.shape[0], t, start, stop, c
+    cdef int nt = nthreads if n >= PARALLEL_MIN else 1
+    if n == 0:
+        return
+    if nt <= 1:
+        with nogil:
+            gz_adagrad(&theta[0], &accum[0], &grad[0], n, lr, eps)
+        return
+    c = _chunk(n, nt)
+    for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+        start = t * c
+        stop = min(n, start + c)
+        if start < stop:
+            gz_adagrad(&theta[start], &accum[start], &grad[start], stop - start, lr, eps)
 
 
 def all_finite(const float[::1] x):
-    """True when no element is NaN or +-Inf (exponent bits all ones), checked in one vectorised pass."""
-    cdef Py_ssize_t n = x.shape[0], i
-    cdef const uint32_t* u = <const uint32_t*> &x[0] if n > 0 else NULL
-    cdef uint32_t bad = 0
+    """True when no element is NaN or +-Inf."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef int ok = 1
+    if n == 0:
+        return True
     with nogil:
-        for i in range(n):
-            bad |= (u[i] & 0x7f800000u) == 0x7f800000u
-    return bad == 0
+        ok = gz_all_finite(&x[0], n)
+    return ok != 0

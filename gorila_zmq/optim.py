@@ -6,11 +6,27 @@ with G starting at `initial_accumulator`. `GORILA_PUREPYTHON=1` selects the NumP
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from gorila_zmq._native import load_ext
 
 _ext = load_ext("adagrad")
+
+
+def default_threads() -> int:
+    """Cores this process may run on (GORILA_THREADS overrides)."""
+    env = os.environ.get("GORILA_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_THREADS = default_threads()
 
 
 def _check(theta: np.ndarray, accum: np.ndarray, grad: np.ndarray) -> None:
@@ -43,12 +59,12 @@ def all_finite_numpy(x: np.ndarray) -> bool:
 
 def adagrad_update(theta: np.ndarray, accum: np.ndarray, grad: np.ndarray,
                    lr: float, eps: float, nthreads: int = 0) -> None:
-    """In-place AdaGrad step on flat float32 arrays; nthreads=0 lets OpenMP choose."""
+    """In-place AdaGrad step on flat float32 arrays; nthreads=0: every core this process may use."""
     _check(theta, accum, grad)
     if _ext is None:
         adagrad_update_numpy(theta, accum, grad, lr, eps)
     else:
-        _ext.adagrad_update(theta, accum, grad, float(lr), float(eps), int(nthreads))
+        _ext.adagrad_update(theta, accum, grad, float(lr), float(eps), int(nthreads) or _THREADS)
 
 
 def all_finite(x: np.ndarray) -> bool:

@@ -9,7 +9,7 @@ from gorila_zmq._native import try_load_ext
 _ext = try_load_ext("adagrad")
 IMPLS = {"numpy": (optim.adagrad_update_numpy, optim.all_finite_numpy)}
 if _ext is not None:
-    IMPLS["cython"] = (_ext.adagrad_update, _ext.all_finite)
+    IMPLS["cython"] = (lambda t, a, g, lr, eps: _ext.adagrad_update(t, a, g, lr, eps, 2), _ext.all_finite)
     IMPLS["cython-1thread"] = (lambda t, a, g, lr, eps: _ext.adagrad_update(t, a, g, lr, eps, 1), _ext.all_finite)
 
 

@@ -1,0 +1,36 @@
+/* Inner loops of the hot path, in C so the compiler can build one clone per instruction set
+ * (target_clones: AVX-512, AVX2, baseline) and pick at load time. No -march=native: the same
+ * binary runs on any x86-64; elsewhere the attribute is dropped and the plain loop is built. */
+#ifndef GZ_SIMD_H
+#define GZ_SIMD_H
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define GZ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GZ_CLONES
+#endif
+
+/* AdaGrad, one pass: G += g*g; theta -= lr * g / (sqrt(G) + eps). */
+GZ_CLONES static void gz_adagrad(float *restrict theta, float *restrict accum, const float *restrict grad,
+                                 ptrdiff_t n, float lr, float eps) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float g = grad[i];
+        float G = accum[i] + g * g;
+        accum[i] = G;
+        theta[i] -= lr * g / (sqrtf(G) + eps);
+    }
+}
+
+/* 1 when no element is NaN or +-Inf: OR-reduce "exponent bits all ones" over the bit patterns. */
+GZ_CLONES static int gz_all_finite(const float *restrict x, ptrdiff_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    uint32_t bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++)
+        bad |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
+    return bad == 0;
+}
+#endif
