@@ -54,6 +54,8 @@ class PSConfig:
     broadcast_interval_ms: float = _f(50.0, "... or after this many milliseconds with unbroadcast updates")
     checkpoint_interval_s: float = _f(60.0, "write theta, G and the version to disk this often (and on SIGTERM)")
     max_payload_factor: float = _f(2.0, "messages larger than this times the shard's slice are refused by ZeroMQ")
+    apply_threads: int = _f(1, "threads for the AdaGrad apply (0: every core); 1 leaves the other cores to "
+                               "ZeroMQ's I/O thread, which receives the next gradient meanwhile")
 
 
 @dataclass

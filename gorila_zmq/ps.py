@@ -341,7 +341,8 @@ class ParameterServerShard:
         elif not optim.all_finite(grad):
             raise P.ProtocolError(P.Status.NON_FINITE, "gradient contains NaN or Inf")
         else:
-            optim.adagrad_update(self.state.theta, self.state.accum, grad, self.cfg.ps.lr, self.cfg.ps.eps)
+            optim.adagrad_update(self.state.theta, self.state.accum, grad, self.cfg.ps.lr, self.cfg.ps.eps,
+                                 self.cfg.ps.apply_threads)
             self.state.version = version + 1
             self.stats["updates_applied"] += 1
             status = P.Status.APPLIED

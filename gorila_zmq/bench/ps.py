@@ -1,0 +1,265 @@
+"""Gradient push + apply + reply through real shard processes, against raw ZeroMQ of the same bytes.
+
+For 1, 2 and 4 shards over tcp and ipc loopback: our GradientPusher pushing a Nature-DQN-sized
+gradient (1,687,206 floats) to `gorila-zmq ps` processes (validation, staleness, finite check,
+AdaGrad, reply), against raw DEALER->ROUTER requests of the same slices with a small reply, from the
+same number of server processes, with the same in-flight window. Then broadcast delivery latency of
+a 6.7 MB slice to 1 and 4 subscriber processes. Shard broadcasts are switched off while pushes are
+timed (they are measured separately), and checkpoints are off.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import zmq
+
+from gorila_zmq import config as C, protocol as P
+from gorila_zmq.bench import Report
+from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet
+from gorila_zmq.layout import ParamLayout
+from gorila_zmq.models import build_model
+
+DESCRIPTION = __doc__.splitlines()[0]
+
+
+def add_arguments(p):
+    p.add_argument("--pushes", type=int, default=150, help="timed pushes per configuration")
+    p.add_argument("--shards", default="1,2,4", help="shard counts to measure")
+    p.add_argument("--transports", default="tcp,ipc")
+    p.add_argument("--window", type=int, default=2, help="requests in flight per shard (both sides)")
+    p.add_argument("--broadcasts", type=int, default=100, help="broadcasts timed per subscriber count")
+    p.add_argument("--curve", action="store_true", help="also measure with CurveZMQ on (cluster mode)")
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+def _write_toml(cfg, path: str) -> str:
+    with open(path, "w") as f:
+        for section, fields in C.to_dict(cfg).items():
+            f.write(f"[{section}]\n")
+            for k, v in fields.items():
+                f.write(f"{k} = {json.dumps(v)}\n")
+    return path
+
+
+def _start_shards(cfg, tmp: str) -> list[subprocess.Popen]:
+    conf = _write_toml(cfg, os.path.join(tmp, "bench.toml"))
+    return [subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", str(i), "--config", conf,
+                              "--log-level", "WARNING"], start_new_session=True)
+            for i in range(cfg.ps.shards)]
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _raw_server(endpoint: str) -> None:
+    """ROUTER that answers every request with a small reply (the baseline's shard)."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.bind(endpoint)
+    reply = b"x" * 56
+    while True:
+        frames = s.recv_multipart(copy=False)
+        s.send_multipart([frames[0], reply])
+
+
+def _wait_hello(ctx, shards: ShardSet, timeout=30.0) -> None:
+    end = time.monotonic() + timeout
+    for i in range(shards.n):
+        while True:
+            try:
+                shards.hello(ctx, i, timeout_s=0.5)
+                break
+            except Exception:
+                if time.monotonic() > end:
+                    raise RuntimeError(f"shard {i} did not start")
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+def _ours(ctx, cfg, layout, grad, pushes) -> float:
+    shards = ShardSet(cfg, layout)
+    _wait_hello(ctx, shards)
+    p = GradientPusher(ctx, shards)
+    for _ in range(10):                                  # warm-up
+        p.push(grad, p.versions)
+    p.flush(30)
+    t0 = time.perf_counter()
+    for _ in range(pushes):
+        p.push(grad, p.versions)
+    p.flush(60)
+    dt = time.perf_counter() - t0
+    ok = p.stats.lost == 0 and p.stats.rejected == 0
+    p.close()
+    if not ok:
+        raise RuntimeError(f"pushes failed during the benchmark: {p.stats.as_dict()}")
+    return pushes / dt
+
+
+def _raw(ctx, endpoints, ranges, grad, pushes, window) -> float:
+    socks = []
+    for ep in endpoints:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(ep)
+        socks.append(s)
+    hdr = P.Header(P.Cmd.PUSH_GRAD).pack()
+    slices = [grad[a:b] for a, b in ranges]
+
+    def go(n):
+        inflight = [0] * len(socks)
+        for _ in range(n):
+            for i, s in enumerate(socks):
+                while inflight[i] >= window:
+                    s.recv_multipart(copy=False)
+                    inflight[i] -= 1
+                s.send_multipart([hdr, slices[i]], copy=False)
+                inflight[i] += 1
+        for i, s in enumerate(socks):
+            while inflight[i]:
+                s.recv_multipart(copy=False)
+                inflight[i] -= 1
+    go(10)
+    t0 = time.perf_counter()
+    go(pushes)
+    dt = time.perf_counter() - t0
+    for s in socks:
+        s.close()
+    return pushes / dt
+
+
+def _subscriber_proc(cfg_dict: dict, count: int, out_path: str) -> None:
+    cfg = C.from_dict(cfg_dict)
+    layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
+    ctx = zmq.Context()
+    sub = ParamSubscriber(ctx, ShardSet(cfg, layout))
+    sub.wait_ready(30)
+    sub.record_latency = True
+    end = time.monotonic() + 120
+    while len(sub.latency_ns) < count and time.monotonic() < end:
+        time.sleep(0.01)
+    with open(out_path, "w") as f:
+        json.dump(sub.latency_ns[:count], f)
+    sub.close()
+    ctx.destroy(linger=0)
+
+
+def _broadcast_latency(ctx, cfg, layout, grad, n_subs: int, count: int, tmp: str) -> np.ndarray:
+    shards = ShardSet(cfg, layout)
+    _wait_hello(ctx, shards)
+    mpc = mp.get_context("spawn")
+    outs = [os.path.join(tmp, f"sub{n_subs}_{k}.json") for k in range(n_subs)]
+    procs = [mpc.Process(target=_subscriber_proc, args=(C.to_dict(cfg), count, o)) for o in outs]
+    for p in procs:
+        p.start()
+    time.sleep(3.0)                      # subscribers connected and snapshotted
+    pusher = GradientPusher(ctx, shards)
+    end = time.monotonic() + 150
+    while any(p.is_alive() for p in procs) and time.monotonic() < end:
+        pusher.push(grad, pusher.versions)  # each applied push triggers one broadcast
+        pusher.flush(10)
+        time.sleep(0.03)                 # paced: latency, not queueing behind the previous broadcast
+    pusher.close()
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+    lat = []
+    for o in outs:
+        if os.path.exists(o):
+            lat += json.load(open(o))
+    return np.array(lat, dtype=np.float64) / 1e6
+
+
+def _base_cfg(tmp: str, transport: str, shards: int, port: int, **ps) -> C.Config:
+    cfg = C.Config()
+    C.apply_dict(cfg, {"run": {"run_dir": os.path.join(tmp, f"run-{transport}-{shards}-{port}")},
+                       "net": {"transport": transport, "base_port": port, "request_timeout_s": 10.0},
+                       "ps": {"shards": shards, "checkpoint_interval_s": 0.0, "max_staleness": 10**6, **ps}})
+    return cfg.validate()
+
+
+def run(args) -> Report:
+    rep = Report()
+    model_cfg = C.Config().model
+    layout = ParamLayout.from_module(build_model(model_cfg))
+    grad = (np.random.default_rng(0).standard_normal(layout.size) * 1e-3).astype(np.float32)
+    ctx = zmq.Context()
+    port = 23000 + (os.getpid() % 1000) * 20
+    tmp = tempfile.mkdtemp(prefix="gz-bench-ps-")
+    ratios: dict[str, list[float]] = {}
+    mpc = mp.get_context("spawn")
+    for transport in args.transports.split(","):
+        for S in [int(s) for s in args.shards.split(",")]:
+            port += 20
+            cfg = _base_cfg(tmp, transport, S, port, broadcast_every=10**9, broadcast_interval_ms=1e9)
+            cfg.net.in_flight = args.window
+            print(f"  {transport}, {S} shard(s): ours ...", flush=True)
+            procs = _start_shards(cfg, tmp)
+            try:
+                ours = _ours(ctx, cfg, layout, grad, args.pushes)
+            finally:
+                _stop(procs)
+            shards = ShardSet(cfg, layout)
+            sock_dir = os.path.join(cfg.run.run_dir, "sock")
+            os.makedirs(sock_dir, exist_ok=True)
+            port_raw = ([f"tcp://127.0.0.1:{port + 10 + i}" for i in range(S)] if transport == "tcp"
+                        else [f"ipc://{sock_dir}/raw{i}" for i in range(S)])
+            print(f"  {transport}, {S} shard(s): raw ZeroMQ ...", flush=True)
+            servers = [mpc.Process(target=_raw_server, args=(ep,), daemon=True) for ep in port_raw]
+            for s in servers:
+                s.start()
+            time.sleep(1.0)
+            try:
+                raw = _raw(ctx, port_raw, shards.ranges, grad, args.pushes, args.window)
+            finally:
+                for s in servers:
+                    s.terminate()
+                    s.join(5)
+            rep.row(f"push {transport} {S} shard(s): gorila-zmq", ours, "pushes/s")
+            rep.row(f"push {transport} {S} shard(s): raw ZeroMQ", raw, "req/s")
+            rep.row(f"push {transport} {S} shard(s): ratio", ours / raw, "x")
+            ratios.setdefault(transport, []).append(ours / raw)
+    for transport, r in ratios.items():
+        rep.metrics[f"push_vs_raw_ratio_{transport}"] = min(r)
+    rep.notes.append("push_vs_raw_ratio_* is the lowest ratio over the shard counts measured")
+
+    p50s = []
+    for n_subs in (1, 4):
+        port += 20
+        cfg = _base_cfg(tmp, "tcp", 1, port, broadcast_every=1, broadcast_interval_ms=1.0)
+        print(f"  broadcast latency, {n_subs} subscriber(s) ...", flush=True)
+        procs = _start_shards(cfg, tmp)
+        try:
+            lat = _broadcast_latency(ctx, cfg, layout, grad, n_subs, args.broadcasts, tmp)
+        finally:
+            _stop(procs)
+        if lat.size == 0:
+            rep.notes.append(f"no broadcast latencies recorded with {n_subs} subscribers")
+            continue
+        p50, p90 = np.percentile(lat, [50, 90])
+        rep.row(f"broadcast 6.7 MB tcp -> {n_subs} subscriber(s) p50", p50, "ms", f"n={lat.size}")
+        rep.row(f"broadcast 6.7 MB tcp -> {n_subs} subscriber(s) p90", p90, "ms")
+        p50s.append(p50)
+    if p50s:
+        rep.metrics["broadcast_p50_ms"] = max(p50s)
+        rep.notes.append("broadcast_p50_ms is the larger p50 of the 1- and 4-subscriber runs (tcp)")
+    ctx.destroy(linger=0)
+    return rep
