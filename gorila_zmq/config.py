@@ -59,8 +59,70 @@ class PSConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str = _f("Pong", "an Atari game (ALE ROM name, e.g. Pong, Breakout) or a gymnasium id such as CartPole-v1")
+    num_envs: int = _f(1, "environments per actor, stepped together for batched inference")
+    frame_skip: int = _f(4, "Atari: action repeat (max over the last two frames)")
+    noop_max: int = _f(30, "Atari: up to this many random no-ops at the start of an episode")
+    terminal_on_life_loss: bool = _f(True, "Atari, training only: a lost life ends the episode for the learner")
+    clip_rewards: bool = _f(True, "training only: rewards clipped to their sign")
+    max_frames: int = _f(108_000, "training episode cap in emulator frames (reported as truncation)")
+    repeat_action_probability: float = _f(0.0, "sticky actions (0: the DQN protocol)")
+
+
+@dataclass
+class AgentConfig:
+    name: str = _f("dqn", "the agent: dqn (Gorila)")
+    gamma: float = _f(0.99, "discount")
+    n_step: int = _f(1, "n-step returns (1: the paper)")
+    double_dqn: bool = _f(False, "Double DQN targets")
+    huber: bool = _f(True, "Huber loss (False: squared)")
+    batch_size: int = _f(32, "minibatch size")
+    replay_capacity: int = _f(1_000_000, "transitions per replay memory (bundle or global shard)")
+    learning_starts: int = _f(50_000, "transitions in replay before a learner starts")
+    target_sync_every: int = _f(60_000, "sync the target network every this many *global* updates (Gorila N)")
+    eps_start: float = _f(1.0, "actor epsilon at global update 0")
+    eps_end: float = _f(0.1, "actor epsilon after the anneal")
+    eps_anneal_updates: int = _f(1_000_000, "global updates over which epsilon anneals")
+    eps_per_actor: bool = _f(False, "spread the final epsilon over actors (eps_end ** (1 + 7 i / (N-1)))")
+    outlier_k: float = _f(5.0, "drop gradients whose |loss| > mean + k*std of recent losses (Gorila 4.2)")
+    outlier_warmup: int = _f(100, "losses seen before the outlier filter starts dropping")
+    actor_sync_every: int = _f(1, "actor steps between reads of the latest parameters (non-blocking)")
+    learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
+    device: str = _f("auto", "torch device for learners: auto (cuda when present), cpu, cuda, cuda:1 ...")
+    torch_threads: int = _f(1, "torch intra-op threads per role process")
+
+
+@dataclass
+class RolesConfig:
+    mode: str = _f("bundled", "bundled (actor + learner share a local replay) or global (sharded replay servers)")
+    bundles: int = _f(1, "bundled mode: actor+learner pairs (the paper: N_act = N_learn = 100)")
+    actors: int = _f(1, "global mode: actors")
+    learners: int = _f(1, "global mode: learners")
+    replay_shards: int = _f(1, "global mode: replay servers")
+    evaluator: bool = _f(True, "run the evaluator role")
+
+
+@dataclass
+class EvalConfig:
+    interval_s: float = _f(300.0, "the evaluator plays every this many seconds")
+    episodes: int = _f(30, "episodes per evaluation")
+    epsilon: float = _f(0.05, "evaluation epsilon")
+    noop_max: int = _f(30, "up to this many random no-op starts")
+    max_frames: int = _f(18_000, "evaluation episode cap in frames (5 minutes of play)")
+
+
+@dataclass
+class DevConfig:
+    restart_backoff_s: float = _f(1.0, "first restart delay of a role that died; doubles to restart_backoff_max_s")
+    restart_backoff_max_s: float = _f(30.0, "longest restart delay")
+    progress_interval_s: float = _f(5.0, "seconds between progress lines")
+    stats_interval_s: float = _f(10.0, "seconds between each role's scalar logs (TensorBoard + CSV)")
+
+
+@dataclass
 class ModelConfig:
-    kind: str = _f("nature_cnn", "nature_cnn (Atari, 4x84x84 uint8) or mlp (vector observations)")
+    kind: str = _f("auto", "auto (from the environment), nature_cnn (Atari, 4x84x84 uint8) or mlp (vectors)")
     obs_shape: list = _f([4, 84, 84], "observation shape the network takes")
     n_actions: int = _f(6, "number of discrete actions (Pong: 6)")
     hidden: list = _f([64, 64], "hidden layer sizes of the mlp")
@@ -71,6 +133,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     net: NetConfig = field(default_factory=NetConfig)
     ps: PSConfig = field(default_factory=PSConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dev: DevConfig = field(default_factory=DevConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     # -- derived --------------------------------------------------------------------------------
@@ -97,8 +164,21 @@ class Config:
             errs.append("ps.broadcast_every must be >= 1")
         if self.net.in_flight < 1:
             errs.append("net.in_flight must be >= 1")
-        if self.model.kind not in ("nature_cnn", "mlp"):
-            errs.append(f"model.kind {self.model.kind!r} is not one of: nature_cnn, mlp")
+        if self.model.kind not in ("auto", "nature_cnn", "mlp"):
+            errs.append(f"model.kind {self.model.kind!r} is not one of: auto, nature_cnn, mlp")
+        if self.roles.mode not in ("bundled", "global"):
+            errs.append(f"roles.mode must be 'bundled' or 'global', not {self.roles.mode!r}")
+        for k in ("bundles", "actors", "learners", "replay_shards"):
+            if getattr(self.roles, k) < 1:
+                errs.append(f"roles.{k} must be >= 1")
+        if self.env.num_envs < 1:
+            errs.append("env.num_envs must be >= 1")
+        if self.agent.batch_size < 1 or self.agent.n_step < 1 or not 0 <= self.agent.gamma <= 1:
+            errs.append("agent.batch_size and agent.n_step must be >= 1, agent.gamma in [0, 1]")
+        if self.agent.replay_capacity < self.agent.batch_size:
+            errs.append("agent.replay_capacity must be at least agent.batch_size")
+        if self.agent.name not in ("dqn",):
+            errs.append(f"agent.name {self.agent.name!r} is not one of: dqn")
         if errs:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
         return self
@@ -106,6 +186,37 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+# The paper's setting (bundled mode, N_param = 31, N_act = N_learn = 100) and one sized for a small box.
+PRESETS: dict[str, dict] = {
+    "paper": {
+        "ps": {"shards": 31},
+        "roles": {"mode": "bundled", "bundles": 100},
+        "agent": {"replay_capacity": 1_000_000, "target_sync_every": 60_000, "eps_anneal_updates": 1_000_000},
+    },
+    "dev": {
+        "env": {"name": "Pong"},
+        "ps": {"shards": 1, "checkpoint_interval_s": 60.0},
+        "roles": {"mode": "bundled", "bundles": 1},
+        "agent": {"replay_capacity": 200_000, "learning_starts": 10_000, "target_sync_every": 2_000,
+                  "eps_anneal_updates": 100_000, "eps_end": 0.02, "n_step": 3},
+        "eval": {"interval_s": 600.0, "episodes": 3},
+        "run": {"run_dir": "runs/dev-pong"},
+    },
+    "cartpole": {
+        "env": {"name": "CartPole-v1", "num_envs": 1, "clip_rewards": False},
+        "model": {"kind": "mlp", "hidden": [64, 64]},
+        "ps": {"shards": 1, "lr": 0.01, "checkpoint_interval_s": 5.0, "broadcast_every": 1,
+               "broadcast_interval_ms": 20.0, "max_staleness": 50},
+        "roles": {"mode": "bundled", "bundles": 1},
+        "agent": {"replay_capacity": 50_000, "learning_starts": 1_000, "batch_size": 64, "target_sync_every": 250,
+                  "eps_anneal_updates": 2_000, "eps_end": 0.05, "n_step": 3, "double_dqn": True,
+                  "outlier_k": 10.0},
+        "eval": {"interval_s": 10.0, "episodes": 10, "epsilon": 0.0},
+        "run": {"run_dir": "runs/cartpole"},
+    },
+}
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -189,18 +300,21 @@ def load(path: str | None = None, overrides: list[str] = (), base: Config | None
          presets: dict | None = None, preset: str | None = None) -> Config:
     cfg = base or Config()
     if preset:
-        presets = presets or {}
+        presets = PRESETS if presets is None else presets
         if preset not in presets:
             raise ConfigError(f"unknown preset {preset!r} (available: {', '.join(sorted(presets))})")
         apply_dict(cfg, presets[preset], f"preset {preset}")
     if path:
         try:
             with open(path, "rb") as f:
-                data = tomllib.load(f)
+                if path.endswith(".json"):       # a run's resolved config (what roles are started with)
+                    data = json.load(f)
+                else:
+                    data = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'}: {e}") from None
         apply_dict(cfg, data, path)
     for o in overrides:
         apply_dict(cfg, parse_override(o), f"override {o!r}")

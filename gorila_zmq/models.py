@@ -43,6 +43,9 @@ class MLP(nn.Module):
 
 def build_model(model_cfg, seed: int = 0) -> nn.Module:
     """The same seed gives the same initial parameters on every host and in every role."""
+    if model_cfg.kind == "auto":
+        raise ValueError("model.kind is 'auto': resolve it from the environment first "
+                         "(gorila_zmq.envs.resolve_model)")
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

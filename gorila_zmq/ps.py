@@ -113,6 +113,9 @@ class ParameterServerShard:
                  layout: ParamLayout | None = None, init_theta: np.ndarray | None = None):
         self.cfg, self.index = cfg, index
         if layout is None or init_theta is None:
+            if cfg.model.kind == "auto":
+                from gorila_zmq.envs import resolve_model
+                resolve_model(cfg)
             model = build_model(cfg.model, cfg.run.seed)
             layout = ParamLayout.from_module(model)
             init_theta = layout.flatten(model)

@@ -49,6 +49,7 @@ def make_cfg(tmp_path):
     return make
 
 
+NATURE = ["model.kind=nature_cnn"]
 SMALL_MLP = ["model.kind=mlp", "model.obs_shape=[8]", "model.n_actions=4", "model.hidden=[64,64]"]
 
 

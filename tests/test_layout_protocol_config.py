@@ -28,7 +28,7 @@ def test_shard_ranges_partition_exactly_once(n, s):
 
 
 def test_nature_dqn_layout_size_and_roundtrip():
-    cfg = C.Config()
+    cfg = C.load(None, ["model.kind=nature_cnn"])
     m = build_model(cfg.model, seed=3)
     L = ParamLayout.from_module(m)
     assert L.size == 1_687_206

@@ -24,19 +24,13 @@ pytestmark = pytest.mark.slow
 
 
 def cfg_file(cfg, path) -> str:
-    """The resolved config as a TOML file the role processes read (what dev mode does too)."""
-    lines = []
-    for section, fields in C.to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        for k, v in fields.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    """The resolved config as the JSON file role processes read (what dev mode does too)."""
+    C.save_json(cfg, str(path))
     return str(path)
 
 
 def start_shards(cfg, tmp_path):
-    conf = cfg_file(cfg, tmp_path / "cfg.toml")
+    conf = cfg_file(cfg, tmp_path / "config.json")
     procs = [start_role(["ps", "--index", str(i), "--config", conf], tmp_path / f"ps{i}.log")
              for i in range(cfg.ps.shards)]
     return conf, procs

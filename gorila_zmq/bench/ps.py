@@ -41,17 +41,9 @@ def add_arguments(p):
 
 # -- processes ----------------------------------------------------------------------------------
 
-def _write_toml(cfg, path: str) -> str:
-    with open(path, "w") as f:
-        for section, fields in C.to_dict(cfg).items():
-            f.write(f"[{section}]\n")
-            for k, v in fields.items():
-                f.write(f"{k} = {json.dumps(v)}\n")
-    return path
-
-
 def _start_shards(cfg, tmp: str) -> list[subprocess.Popen]:
-    conf = _write_toml(cfg, os.path.join(tmp, "bench.toml"))
+    conf = os.path.join(cfg.run.run_dir, "config.json")
+    C.save_json(cfg, conf)
     return [subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", str(i), "--config", conf,
                               "--log-level", "WARNING"], start_new_session=True)
             for i in range(cfg.ps.shards)]
@@ -192,13 +184,14 @@ def _base_cfg(tmp: str, transport: str, shards: int, port: int, **ps) -> C.Confi
     cfg = C.Config()
     C.apply_dict(cfg, {"run": {"run_dir": os.path.join(tmp, f"run-{transport}-{shards}-{port}")},
                        "net": {"transport": transport, "base_port": port, "request_timeout_s": 10.0},
-                       "ps": {"shards": shards, "checkpoint_interval_s": 0.0, "max_staleness": 10**6, **ps}})
+                       "ps": {"shards": shards, "checkpoint_interval_s": 0.0, "max_staleness": 10**6, **ps},
+                       "model": {"kind": "nature_cnn"}})
     return cfg.validate()
 
 
 def run(args) -> Report:
     rep = Report()
-    model_cfg = C.Config().model
+    model_cfg = C.load(None, ["model.kind=nature_cnn"]).model   # the Nature DQN for Pong: 1,687,206 floats
     layout = ParamLayout.from_module(build_model(model_cfg))
     grad = (np.random.default_rng(0).standard_normal(layout.size) * 1e-3).astype(np.float32)
     ctx = zmq.Context()

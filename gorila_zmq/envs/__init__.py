@@ -1,0 +1,170 @@
+"""Environments for actors and evaluators: Atari (our ALE-based env) and gymnasium vector-observation
+tasks such as CartPole, behind one small vector interface (`VecEnv`).
+
+`spec(cfg)` says what the environment looks like (observation and replay-frame shapes, actions);
+`resolve_model(cfg)` fills `model.*` from it when `model.kind = "auto"`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def is_atari(name: str) -> bool:
+    """Gymnasium ids carry a version suffix (CartPole-v1); Atari games are ALE ROM names (Pong)."""
+    return not ("-v" in name and not name.startswith("ALE/"))
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    obs_shape: tuple          # what the network sees (4, 84, 84) / (4,)
+    frame_shape: tuple        # what replay stores per step (84, 84) / (4,)
+    stack: int                # frames per observation in replay
+    dtype: np.dtype           # replay frame dtype
+    n_actions: int
+    atari: bool
+    frames_per_step: int = 1  # emulator frames per agent step (frame skip)
+
+
+_SPEC_CACHE: dict = {}
+
+
+def spec(cfg) -> EnvSpec:
+    key = (cfg.env.name, cfg.env.frame_skip)
+    if key not in _SPEC_CACHE:
+        if is_atari(cfg.env.name):
+            from gorila_zmq.envs.atari import AtariEnv
+            env = AtariEnv(cfg.env.name, frame_skip=cfg.env.frame_skip)
+            n = env.action_space.n
+            env.close()
+            _SPEC_CACHE[key] = EnvSpec((4, 84, 84), (84, 84), 4, np.dtype(np.uint8), int(n), True, cfg.env.frame_skip)
+        else:
+            import gymnasium as gym
+            try:
+                env = gym.make(cfg.env.name)
+            except gym.error.Error as e:
+                raise ValueError(f"unknown environment {cfg.env.name!r}: {e}") from None
+            if not isinstance(env.action_space, gym.spaces.Discrete):
+                raise ValueError(f"{cfg.env.name}: DQN needs a discrete action space, got {env.action_space}")
+            shape = tuple(env.observation_space.shape)
+            _SPEC_CACHE[key] = EnvSpec(shape, shape, 1, np.dtype(np.float32), int(env.action_space.n), False, 1)
+            env.close()
+    return _SPEC_CACHE[key]
+
+
+def resolve_model(cfg):
+    """Fill model.kind/obs_shape/n_actions from the environment when model.kind is 'auto'."""
+    s = spec(cfg)
+    if cfg.model.kind == "auto":
+        cfg.model.kind = "nature_cnn" if s.atari else "mlp"
+    if cfg.model.kind == "nature_cnn" and not s.atari:
+        raise ValueError(f"model.kind nature_cnn needs Atari frames; {cfg.env.name} has observations {s.obs_shape}")
+    cfg.model.obs_shape = list(s.obs_shape)
+    cfg.model.n_actions = s.n_actions
+    return cfg
+
+
+@dataclass
+class StepResult:
+    obs: np.ndarray                 # (E, *obs_shape): the next observation (after a reset where one ended)
+    reward: np.ndarray              # (E,) float32, clipped when training asks for it
+    terminated: np.ndarray          # (E,) bool
+    truncated: np.ndarray           # (E,) bool
+    frames: np.ndarray              # (E, *frame_shape): the newest frame of the step (final frame if it ended)
+    reset_frames: dict = field(default_factory=dict)     # env -> first frame of its new episode
+    finished_returns: list = field(default_factory=list)  # raw returns of games that ended this step
+    finished_lengths: list = field(default_factory=list)  # their lengths in agent steps
+
+
+class VecEnv:
+    """E environments stepped in turn (one process); finished episodes reset automatically."""
+
+    def __init__(self, envs: list, atari: bool):
+        self.envs, self.atari = envs, atari
+        self.n = len(envs)
+        self._ret = np.zeros(self.n)
+        self._len = np.zeros(self.n, np.int64)
+
+    def _frame(self, e: int, obs) -> np.ndarray:
+        return self.envs[e].last_frame if self.atari else np.asarray(obs, np.float32)
+
+    def reset(self, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        obs, frames = [], []
+        for e, env in enumerate(self.envs):
+            o, _ = env.reset(seed=None if seed is None else seed + e)
+            obs.append(np.asarray(o))
+            frames.append(np.array(self._frame(e, o)))
+        return np.stack(obs), np.stack(frames)
+
+    def step(self, actions) -> StepResult:
+        obs, rew, term, trunc, frames = [], [], [], [], []
+        res = StepResult(None, None, None, None, None)
+        for e, env in enumerate(self.envs):
+            o, r, te, tr, info = env.step(int(actions[e]))
+            self._ret[e] += info.get("raw_reward", r)
+            self._len[e] += 1
+            frames.append(np.array(self._frame(e, o)))
+            if te or tr:
+                # Atari with life-loss terminals: the *game* goes on after a lost life.
+                game_over = info.get("game_over", True) or tr
+                if game_over:
+                    res.finished_returns.append(float(self._ret[e]))
+                    res.finished_lengths.append(int(self._len[e]))
+                    self._ret[e], self._len[e] = 0.0, 0
+                o, _ = env.reset()
+                res.reset_frames[e] = np.array(self._frame(e, o))
+            obs.append(np.asarray(o))
+            rew.append(r)
+            term.append(te)
+            trunc.append(tr)
+        res.obs, res.frames = np.stack(obs), np.stack(frames)
+        res.reward = np.asarray(rew, np.float32)
+        res.terminated, res.truncated = np.asarray(term, bool), np.asarray(trunc, bool)
+        return res
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+class _ClipReward:
+    """Training-time reward clipping for gymnasium envs (Atari clips inside AtariEnv)."""
+
+    def __init__(self, env):
+        self.env = env
+        self.action_space, self.observation_space = env.action_space, env.observation_space
+
+    def reset(self, **kw):
+        return self.env.reset(**kw)
+
+    def step(self, a):
+        o, r, te, tr, info = self.env.step(a)
+        info["raw_reward"] = r
+        return o, float(np.sign(r)), te, tr, info
+
+    def close(self):
+        self.env.close()
+
+
+def make_env(cfg, *, evaluation: bool = False, seed: int | None = None):
+    """One environment, set up for training or for the evaluation protocol."""
+    if is_atari(cfg.env.name):
+        from gorila_zmq.envs.atari import AtariEnv
+        ev = cfg.eval
+        return AtariEnv(cfg.env.name, frame_skip=cfg.env.frame_skip,
+                        noop_max=ev.noop_max if evaluation else cfg.env.noop_max,
+                        terminal_on_life_loss=False if evaluation else cfg.env.terminal_on_life_loss,
+                        clip_rewards=False if evaluation else cfg.env.clip_rewards,
+                        max_frames=ev.max_frames if evaluation else cfg.env.max_frames,
+                        repeat_action_probability=cfg.env.repeat_action_probability, seed=seed)
+    import gymnasium as gym
+    env = gym.make(cfg.env.name)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    return _ClipReward(env) if cfg.env.clip_rewards and not evaluation else env
+
+
+def make_vec_env(cfg, seed: int = 0, evaluation: bool = False) -> VecEnv:
+    return VecEnv([make_env(cfg, evaluation=evaluation, seed=seed + e) for e in range(cfg.env.num_envs)],
+                  is_atari(cfg.env.name))
