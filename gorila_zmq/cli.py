@@ -11,7 +11,14 @@ import sys
 
 # command -> (module, function, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "dev": ("gorila_zmq.supervisor", "dev_main", "run every role on this host, supervised (dev mode)"),
     "ps": ("gorila_zmq.ps", "main", "run one parameter-server shard"),
+    "actor": ("gorila_zmq.actor", "main", "run one actor"),
+    "learner": ("gorila_zmq.learner", "main", "run one learner"),
+    "replay": ("gorila_zmq.replay_service", "main", "run one global replay shard"),
+    "evaluator": ("gorila_zmq.evaluation", "evaluator_main", "run the evaluator role"),
+    "eval": ("gorila_zmq.evaluation", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
+    "status": ("gorila_zmq.status", "main", "ask every live role of a run for its stats"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),
 }

@@ -38,3 +38,23 @@ def ps_broadcast(cfg, i: int, host: str | None = None) -> Endpoint:
 def ensure_ipc_dir(cfg) -> None:
     if cfg.net.transport == "ipc":
         os.makedirs(os.path.join(os.path.abspath(cfg.run.run_dir), "sock"), exist_ok=True)
+
+
+# Port offsets from net.base_port: shards use [0, 2S); the rest sit far above any shard count.
+REPLAY_PORT, ACTOR_CTL, LEARNER_CTL, EVAL_CTL = 1000, 2000, 3000, 4000
+
+
+def replay(cfg, r: int, host: str | None = None) -> Endpoint:
+    """Global replay shard r: actors send transitions, learners request samples."""
+    return _ep(cfg, f"replay{r}", REPLAY_PORT + r, host)
+
+
+def control(cfg, role: str, i: int = 0, host: str | None = None) -> Endpoint:
+    """A role's control socket (stats on request); shards answer on their request socket."""
+    base = {"actor": ACTOR_CTL, "learner": LEARNER_CTL, "evaluator": EVAL_CTL}[role]
+    return _ep(cfg, f"{role}{i}.ctl", base + i, host)
+
+
+def bundle_replay_name(cfg, i: int) -> str:
+    """Shared-memory name of bundle i's local replay (actor i writes, learner i reads)."""
+    return f"gz_{cfg.run_id}_replay{i}"

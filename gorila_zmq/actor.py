@@ -1,0 +1,151 @@
+"""The actor role: steps E environments together, acts epsilon-greedily with its replica of the
+Q-network (batched inference), and writes every transition to replay.
+
+Parameters come from the background subscriber without blocking (after the first snapshot); epsilon
+is annealed on the *global* update count (shard 0's version). Replay is the bundle's shared-memory
+ring (bundled mode, this process owns it) or a global replay shard over ZeroMQ (global mode).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from gorila_zmq import topology
+from gorila_zmq.agents.dqn import actor_epsilon
+from gorila_zmq.client import ParamSubscriber, ShardSet
+from gorila_zmq.envs import make_vec_env, spec
+from gorila_zmq.layout import ParamLayout
+from gorila_zmq.models import build_model
+from gorila_zmq.roles import Role, role_main
+
+log = logging.getLogger("gorila_zmq.actor")
+
+
+def num_actors(cfg) -> int:
+    return cfg.roles.bundles if cfg.roles.mode == "bundled" else cfg.roles.actors
+
+
+class Actor(Role):
+    def __init__(self, cfg, index: int, ctx=None):
+        self.name = f"actor{index}"
+        super().__init__(cfg, ctx, topology.control(cfg, "actor", index))
+        self.index = index
+        self.spec = spec(cfg)
+        self.model = build_model(cfg.model, cfg.run.seed)
+        self.model.eval()
+        self.layout = ParamLayout.from_module(self.model)
+        self.sub = ParamSubscriber(self.ctx, ShardSet(cfg, self.layout))
+        self._flat = np.empty(self.layout.size, np.float32)
+        self._seen_updates = -1
+        self.rng = np.random.default_rng([cfg.run.seed, 1, index])
+        self.vec = make_vec_env(cfg, seed=cfg.run.seed * 100_003 + 1000 * index)
+        E = self.vec.n
+        if cfg.roles.mode == "bundled":
+            from gorila_zmq.replay import ReplayMemory
+            self.replay = ReplayMemory(cfg.agent.replay_capacity, frame_shape=self.spec.frame_shape,
+                                       stack=self.spec.stack, dtype=self.spec.dtype, n_step=cfg.agent.n_step,
+                                       gamma=cfg.agent.gamma, lanes=E, name=topology.bundle_replay_name(cfg, index))
+            self.lane0 = 0
+        else:
+            from gorila_zmq.replay_service import ReplayWriter
+            self.replay = ReplayWriter(self.ctx, cfg, index, self.spec)
+            self.lane0 = 0
+        self.state_path = os.path.join(cfg.run.run_dir, "state", f"{self.name}.json")
+        st = self._load_state()
+        self.env_frames = st.get("env_frames", 0)
+        self.episodes = st.get("episodes", 0)
+        self.steps = 0
+        self.returns = collections.deque(maxlen=20)
+        self.epsilon = cfg.agent.eps_start
+        self.started = time.monotonic()
+        if not self.sub.wait_ready(60):
+            log.warning("%s: no parameters from the shards after 60 s; acting once they answer", self.name)
+        self._refresh()
+        obs, frames = self.vec.reset(seed=int(self.rng.integers(2**31)))
+        self.obs = obs
+        for e in range(E):
+            self.replay.start_episode(frames[e], lane=self.lane0 + e)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _load_state(self) -> dict:
+        try:
+            with open(self.state_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self) -> None:
+        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"env_frames": self.env_frames, "episodes": self.episodes}, f)
+        os.replace(tmp, self.state_path)
+
+    # -- acting ---------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        if self.sub.updates != self._seen_updates and self.sub.global_version >= 0:
+            _, _, self._seen_updates = self.sub.latest(self._flat)
+            self.layout.load_into(self.model, self._flat)
+
+    def step(self) -> None:
+        if self.steps % self.cfg.agent.actor_sync_every == 0:
+            self._refresh()
+        self.epsilon = actor_epsilon(self.cfg.agent, max(self.sub.global_version, 0), self.index,
+                                     num_actors(self.cfg))
+        E = self.vec.n
+        with torch.no_grad():
+            greedy = self.model(torch.from_numpy(self.obs)).argmax(1).numpy()
+        explore = self.rng.random(E) < self.epsilon
+        actions = np.where(explore, self.rng.integers(self.spec.n_actions, size=E), greedy)
+        res = self.vec.step(actions)
+        for e in range(E):
+            lane = self.lane0 + e
+            self.replay.add(int(actions[e]), float(res.reward[e]), res.frames[e], bool(res.terminated[e]),
+                            bool(res.truncated[e]), lane=lane)
+            if e in res.reset_frames:
+                self.replay.start_episode(res.reset_frames[e], lane=lane)
+        self.obs = res.obs
+        self.steps += 1
+        self.env_frames += E * self.spec.frames_per_step
+        for r in res.finished_returns:
+            self.returns.append(r)
+            self.episodes += 1
+        if self.steps % 1000 == 0:
+            self._save_state()
+        if hasattr(self.replay, "poll"):
+            self.replay.poll()
+
+    def log_step(self) -> int:
+        return self.env_frames
+
+    def stats(self) -> dict:
+        up = time.monotonic() - self.started
+        return {"env_frames": self.env_frames, "agent_steps": self.steps, "episodes": self.episodes,
+                "recent_return": float(np.mean(self.returns)) if self.returns else None,
+                "epsilon": self.epsilon, "global_updates": self.sub.global_version,
+                "param_versions": self.sub.versions, "shards_alive": self.sub.alive,
+                "steps_per_s": self.steps / up if up > 0 else 0.0, "uptime_s": up,
+                "replay": self.replay.stats() if hasattr(self.replay, "stats") else {}}
+
+    def close(self) -> None:
+        try:
+            self._save_state()
+        finally:
+            self.sub.close()
+            self.vec.close()
+            if hasattr(self.replay, "unlink"):
+                self.replay.close()
+                self.replay.unlink()
+            else:
+                self.replay.close()
+            super().close()
+
+
+def main(argv: list[str]) -> int:
+    return role_main(argv, "actor", "Run one actor.", lambda cfg, i: Actor(cfg, i))

@@ -1,0 +1,237 @@
+"""Evaluation: the null-op-starts protocol (DQN/Gorila), human-normalised scores, the evaluator role
+and `gorila-zmq eval`.
+
+Protocol: no sticky actions, up to `eval.noop_max` random no-ops at the start, epsilon
+`eval.epsilon` (0.05), episodes capped at `eval.max_frames` emulator frames (18,000 = 5 minutes),
+`eval.episodes` episodes (30); raw rewards, whole games (no life-loss terminals).
+
+Human-normalised score = 100 * (agent - random) / (human - random), with the random/human table that
+DeepMind published with DQN Zoo (gorila_zmq/data/atari_random_human.csv; for some games the Nature
+paper's human scores differ, e.g. Pong 9.3 there vs 14.6 here).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import time
+from importlib import resources
+
+import numpy as np
+import torch
+
+from gorila_zmq import config as C, topology
+from gorila_zmq.client import ShardSet, fetch_params
+from gorila_zmq.envs import is_atari, make_env, resolve_model
+from gorila_zmq.layout import ParamLayout
+from gorila_zmq.models import build_model
+from gorila_zmq.roles import Role, role_main
+
+log = logging.getLogger("gorila_zmq.evaluation")
+NORMALIZATION_TABLE = "DQN Zoo random/human scores (atari_random_human.csv)"
+
+
+def _norm_key(game: str) -> str:
+    return game.split("/")[-1].split("-")[0].replace("_", "").lower()
+
+
+def normalization_table() -> dict[str, tuple[float, float]]:
+    with resources.files("gorila_zmq.data").joinpath("atari_random_human.csv").open() as f:
+        return {row["game"].replace("_", "").lower(): (float(row["random"]), float(row["human"]))
+                for row in csv.DictReader(f)}
+
+
+def human_normalized(game: str, score: float) -> float | None:
+    rh = normalization_table().get(_norm_key(game))
+    if rh is None:
+        return None
+    rnd, human = rh
+    return 100.0 * (score - rnd) / (human - rnd)
+
+
+def run_episodes(model, cfg, episodes: int, epsilon: float, seed: int = 0, video_path: str | None = None,
+                 on_episode=None) -> list[float]:
+    """Play `episodes` whole episodes with the evaluation protocol; their raw returns."""
+    env = make_env(cfg, evaluation=True, seed=seed)
+    rng = np.random.default_rng(seed)
+    n_actions = env.action_space.n
+    writer = None
+    returns = []
+    model.eval()
+    try:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=int(rng.integers(2**31)))
+            total, done = 0.0, False
+            record = video_path is not None and ep == 0
+            while not done:
+                if record:
+                    writer = _video_frame(writer, env, video_path)
+                if rng.random() < epsilon:
+                    a = int(rng.integers(n_actions))
+                else:
+                    with torch.no_grad():
+                        a = int(model(torch.as_tensor(np.asarray(obs)[None])).argmax(1).item())
+                obs, r, term, trunc, info = env.step(a)
+                total += info.get("raw_reward", r)
+                done = term or trunc
+            returns.append(total)
+            if on_episode:
+                on_episode(ep, total)
+    finally:
+        if writer is not None:
+            writer.release()
+        env.close()
+    return returns
+
+
+def _video_frame(writer, env, path: str):
+    """Append the current screen (RGB) to an mp4 (opencv), opening the writer on first use."""
+    import cv2
+    frame = env.render_rgb() if hasattr(env, "render_rgb") else None
+    if frame is None:
+        return writer
+    if writer is None:
+        h, w = frame.shape[:2]
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 15, (w, h))
+    writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    return writer
+
+
+def summarize(game: str, returns: list[float]) -> dict:
+    mean = float(np.mean(returns)) if returns else float("nan")
+    out = {"episodes": len(returns), "return_mean": mean,
+           "return_median": float(np.median(returns)) if returns else float("nan"),
+           "return_min": float(np.min(returns)) if returns else float("nan"),
+           "return_max": float(np.max(returns)) if returns else float("nan")}
+    if is_atari(game):
+        out["human_normalized"] = human_normalized(game, mean)
+        out["normalization_table"] = NORMALIZATION_TABLE
+    return out
+
+
+def save_params(path: str, theta: np.ndarray, layout: ParamLayout, cfg, meta: dict) -> None:
+    """An evaluation checkpoint: theta + layout hash + the resolved config (npz, no pickle)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    body = dict(meta, layout_hash=layout.hash, config=C.to_dict(cfg))
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, theta=theta, meta=np.frombuffer(json.dumps(body).encode(), np.uint8))
+    os.replace(tmp, path)
+
+
+def load_params(path: str) -> tuple[np.ndarray, dict]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["theta"].astype(np.float32), json.loads(z["meta"].tobytes().decode())
+
+
+class Evaluator(Role):
+    name = "evaluator"
+
+    def __init__(self, cfg, index: int = 0, ctx=None):
+        super().__init__(cfg, ctx, topology.control(cfg, "evaluator", index))
+        self.model = build_model(cfg.model, cfg.run.seed)
+        self.layout = ParamLayout.from_module(self.model)
+        self.shards = ShardSet(cfg, self.layout)
+        self.best_path = os.path.join(cfg.run.run_dir, "best.npz")
+        self.history_path = os.path.join(cfg.run.run_dir, "evaluations.jsonl")
+        self.best = -float("inf")
+        if os.path.exists(self.best_path):
+            try:
+                self.best = load_params(self.best_path)[1].get("return_mean", self.best)
+            except Exception:
+                pass
+        self.last: dict = {}
+        self.evaluations = 0
+        self._next = time.monotonic() + min(cfg.eval.interval_s, 5.0)
+
+    def step(self) -> None:
+        if time.monotonic() < self._next:
+            time.sleep(0.05)
+            return
+        self._next = time.monotonic() + self.cfg.eval.interval_s
+        try:
+            theta, versions = fetch_params(self.ctx, self.shards)
+        except Exception as e:
+            log.warning("evaluator: cannot fetch parameters (%s); retrying next interval", e)
+            return
+        self.layout.load_into(self.model, theta)
+        t0 = time.monotonic()
+        returns = run_episodes(self.model, self.cfg, self.cfg.eval.episodes, self.cfg.eval.epsilon,
+                               seed=self.cfg.run.seed + 7919 * (self.evaluations + 1),
+                               on_episode=lambda *_: self.control and self.control.poll(self.stats))
+        res = summarize(self.cfg.env.name, returns)
+        res.update(global_updates=versions[0], wall_time=time.time(), eval_seconds=time.monotonic() - t0,
+                   env_frames=self._env_frames())
+        self.last = res
+        self.evaluations += 1
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps(res) + "\n")
+        self.scalars.log(versions[0], {k: v for k, v in res.items() if k.startswith(("return", "human"))})
+        log.info("evaluation %d at %d global updates: mean return %.2f%s", self.evaluations, versions[0],
+                 res["return_mean"], f" ({res['human_normalized']:.1f}% human)" if res.get("human_normalized")
+                 is not None else "")
+        if res["return_mean"] > self.best:
+            self.best = res["return_mean"]
+            save_params(self.best_path, theta, self.layout, self.cfg, res)
+
+    def _env_frames(self) -> int:
+        total = 0
+        for path in _state_files(self.cfg.run.run_dir, "actor"):
+            try:
+                total += json.load(open(path)).get("env_frames", 0)
+            except (OSError, ValueError):
+                pass
+        return total
+
+    def stats(self) -> dict:
+        return {"evaluations": self.evaluations, "best_return": self.best if self.evaluations or
+                self.best > -float("inf") else None, "last": self.last}
+
+
+def _state_files(run_dir: str, prefix: str) -> list[str]:
+    d = os.path.join(run_dir, "state")
+    return [os.path.join(d, f) for f in sorted(os.listdir(d)) if f.startswith(prefix)] if os.path.isdir(d) else []
+
+
+def evaluator_main(argv: list[str]) -> int:
+    return role_main(argv, "evaluator", "Run the evaluator role.", lambda cfg, i: Evaluator(cfg, i),
+                     index_required=False)
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gorila-zmq eval",
+                                description="Evaluate saved parameters with the null-op-starts protocol.")
+    p.add_argument("--checkpoint", required=True, help="an evaluation checkpoint (run_dir/best.npz)")
+    p.add_argument("--env", help="game or gymnasium id (default: the one the checkpoint was trained on)")
+    p.add_argument("--episodes", type=int, default=None, help="default: eval.episodes (30)")
+    p.add_argument("--epsilon", type=float, default=None, help="default: eval.epsilon (0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--video", help="write the first episode as an mp4 here")
+    p.add_argument("--json", help="write the summary here")
+    a = p.parse_args(argv)
+    if not os.path.exists(a.checkpoint):
+        raise C.ConfigError(f"checkpoint not found: {a.checkpoint}")
+    theta, meta = load_params(a.checkpoint)
+    cfg = C.from_dict(meta["config"])
+    if a.env:
+        cfg.env.name = a.env
+    resolve_model(cfg)
+    model = build_model(cfg.model)
+    layout = ParamLayout.from_module(model)
+    if layout.hash != meta["layout_hash"]:
+        raise C.ConfigError(f"checkpoint was trained on another network than {cfg.env.name} needs "
+                            f"({layout.size} params vs {theta.size})")
+    layout.load_into(model, theta)
+    episodes = a.episodes or cfg.eval.episodes
+    eps = cfg.eval.epsilon if a.epsilon is None else a.epsilon
+    print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes, epsilon {eps}, "
+          f"up to {cfg.eval.noop_max} no-ops, cap {cfg.eval.max_frames} frames")
+    returns = run_episodes(model, cfg, episodes, eps, a.seed, a.video,
+                           on_episode=lambda i, r: print(f"  episode {i + 1}/{episodes}: {r:g}", flush=True))
+    res = summarize(cfg.env.name, returns)
+    print(json.dumps(res, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0

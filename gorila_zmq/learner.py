@@ -1,0 +1,254 @@
+"""The learner role: samples minibatches from replay, computes the DQN gradient against its target
+network, drops loss outliers (Gorila 4.2), and pushes the gradient to every shard.
+
+- A loader thread samples into a ring of preallocated batches (pinned when CUDA is present) while the
+  main thread computes the gradient; batches move to the device with non-blocking copies.
+- theta is refreshed from the background subscriber before every update (never blocking); the
+  gradient carries the per-shard versions of the theta it was computed against.
+- The target network theta^- is fetched (blocking snapshot) every `target_sync_every` *global*
+  updates (Gorila 4.1): the global count is shard 0's version.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+import torch
+
+from gorila_zmq import topology
+from gorila_zmq.agents.dqn import Every, OutlierFilter, td_loss
+from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.envs import spec
+from gorila_zmq.layout import ParamLayout
+from gorila_zmq.models import build_model
+from gorila_zmq.roles import Role, role_main
+
+log = logging.getLogger("gorila_zmq.learner")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"agent.device={name} but CUDA is not available on this host")
+    return dev
+
+
+class LocalSource:
+    """Bundle replay in shared memory, owned by the bundle's actor. Re-attaches when the actor was
+    restarted (a new segment under the same name)."""
+
+    def __init__(self, cfg, index: int):
+        self.name = topology.bundle_replay_name(cfg, index)
+        self.rb = None
+        self._ino = None
+        self._next_check = 0.0
+
+    def _path_ino(self):
+        try:
+            return os.stat(f"/dev/shm/{self.name}").st_ino
+        except OSError:
+            return None
+
+    def ready(self, need: int) -> bool:
+        now = time.monotonic()
+        if self.rb is None or now >= self._next_check:
+            self._next_check = now + 1.0
+            ino = self._path_ino()
+            if ino is not None and ino != self._ino:
+                from gorila_zmq.replay import ReplayMemory
+                try:
+                    new = ReplayMemory.attach(self.name)
+                except (FileNotFoundError, ValueError):
+                    return False
+                if self.rb is not None:
+                    log.info("replay %s was recreated (actor restarted): re-attached", self.name)
+                    self.rb.close()
+                self.rb, self._ino = new, ino
+        return self.rb is not None and len(self.rb) >= need and self.rb.num_valid() > 0
+
+    def allocate(self, batch_size: int, pinned):
+        return None  # allocated lazily once attached (shapes come from the memory)
+
+    def sample(self, batch_size: int, rng, out):
+        return self.rb.sample(batch_size, rng, out=out)
+
+    def close(self):
+        if self.rb is not None:
+            self.rb.close()
+
+
+class Loader(threading.Thread):
+    """Fills a ring of preallocated batches in the background; `get()` hands out the next full one."""
+
+    def __init__(self, source, batch_size: int, depth: int = 3, seed: int = 0):
+        super().__init__(name="batch-loader", daemon=True)
+        self.source, self.B = source, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.free: queue.Queue = queue.Queue()
+        self.full: queue.Queue = queue.Queue()
+        self.depth = depth
+        self.stop = threading.Event()
+        self.sample_s = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    buf = self.free.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                t0 = time.perf_counter()
+                out = self.source.sample(self.B, self.rng, buf)
+                self.sample_s += time.perf_counter() - t0
+                self.full.put(out)
+        except BaseException as e:  # surfaced by get(); a learner must not train on nothing silently
+            self.error = e
+
+    def get(self, timeout: float = 5.0):
+        if self.error is not None:
+            raise RuntimeError(f"batch loader failed: {self.error!r}") from self.error
+        return self.full.get(timeout=timeout)
+
+    def release(self, buf) -> None:
+        self.free.put(buf)
+
+
+class Learner(Role):
+    def __init__(self, cfg, index: int, ctx=None, source=None):
+        self.name = f"learner{index}"
+        super().__init__(cfg, ctx, topology.control(cfg, "learner", index))
+        self.index = index
+        self.device = pick_device(cfg.agent.device)
+        self.online = build_model(cfg.model, cfg.run.seed).to(self.device)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.layout = ParamLayout.from_module(self.online)
+        self.shards = ShardSet(cfg, self.layout)
+        self.sub = ParamSubscriber(self.ctx, self.shards)
+        self.pusher = GradientPusher(self.ctx, self.shards)
+        if source is None:
+            if cfg.roles.mode == "bundled":
+                source = LocalSource(cfg, index)
+            else:
+                from gorila_zmq.replay_service import RemoteSource
+                source = RemoteSource(self.ctx, cfg, index, spec(cfg))
+        self.source = source
+        self.loader = None
+        self.filter = OutlierFilter(cfg.agent.outlier_k, cfg.agent.outlier_warmup)
+        self._flat = np.empty(self.layout.size, np.float32)
+        self._seen = -1
+        self.versions = [0] * self.shards.n
+        self.updates = 0
+        self.dropped = 0
+        self.target_syncs = 0
+        self.last = {}
+        self.compute_s = 0.0
+        self.wait_s = 0.0
+        self.started = time.monotonic()
+        if not self.sub.wait_ready(60):
+            log.warning("%s: no parameters from the shards after 60 s", self.name)
+        self._sync_target()
+        self.target_every = Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
+
+    def _sync_target(self) -> None:
+        theta, _ = fetch_params(self.ctx, self.shards)
+        self.layout.load_into(self.target, theta)
+        self.target_syncs += 1
+
+    def _refresh(self) -> None:
+        if self.sub.updates != self._seen:
+            _, self.versions, self._seen = self.sub.latest(self._flat)
+            self.layout.load_into(self.online, self._flat)
+
+    def _start_loader(self) -> None:
+        rb = getattr(self.source, "rb", None)
+        self.loader = Loader(self.source, self.cfg.agent.batch_size,
+                             seed=hash((self.cfg.run.seed, 2, self.index)) % 2**32)
+        for _ in range(self.loader.depth):
+            if rb is not None:
+                buf = rb.allocate_batch(self.cfg.agent.batch_size)
+            else:
+                buf = self.source.allocate(self.cfg.agent.batch_size, None)
+            self.loader.free.put(buf)
+        self.loader.start()
+
+    def step(self) -> None:
+        need = max(self.cfg.agent.learning_starts, self.cfg.agent.batch_size)
+        if self.loader is None:
+            if not self.source.ready(need):
+                time.sleep(0.05)
+                self.pusher.poll(0)
+                return
+            self._start_loader()
+        elif isinstance(self.source, LocalSource):
+            self.source.ready(need)       # notices a restarted actor's new segment (cheap, once a second)
+        t0 = time.perf_counter()
+        try:
+            batch = self.loader.get(timeout=1.0)
+        except queue.Empty:
+            self.wait_s += time.perf_counter() - t0
+            return
+        t1 = time.perf_counter()
+        self.wait_s += t1 - t0
+        self._refresh()
+        versions = list(self.versions)
+        t = batch.as_tensors() if hasattr(batch, "as_tensors") else batch
+        nb = self.device.type == "cuda"
+        obs = torch.as_tensor(t.obs).to(self.device, non_blocking=nb)
+        next_obs = torch.as_tensor(t.next_obs).to(self.device, non_blocking=nb)
+        action = torch.as_tensor(t.action).to(self.device, non_blocking=nb).long()
+        reward = torch.as_tensor(t.reward).to(self.device, non_blocking=nb)
+        discount = torch.as_tensor(t.discount).to(self.device, non_blocking=nb)
+        loss, info = td_loss(self.online, self.target, obs, action, reward, discount, next_obs,
+                             double=self.cfg.agent.double_dqn, huber=self.cfg.agent.huber)
+        self.last = info
+        if not self.filter.accept(info["loss"]):
+            self.loader.release(batch)
+            self.dropped += 1
+            self.compute_s += time.perf_counter() - t1
+            return
+        self.online.zero_grad(set_to_none=True)
+        loss.backward()
+        self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
+        grad = self.layout.flatten_grads(self.online)      # a new array: the pusher owns it now
+        self.pusher.push(grad, versions)
+        self.pusher.poll(0)
+        self.updates += 1
+        self.compute_s += time.perf_counter() - t1
+        if self.target_every(max(self.pusher.versions[0], self.sub.global_version)):
+            self._sync_target()
+        if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:
+            self.request_stop()
+
+    def log_step(self) -> int:
+        return max(self.sub.global_version, 0)
+
+    def stats(self) -> dict:
+        up = time.monotonic() - self.started
+        return {"updates": self.updates, "updates_per_s": self.updates / up if up > 0 else 0.0,
+                "outliers_dropped": self.dropped, "target_syncs": self.target_syncs,
+                "global_updates": self.sub.global_version, "loss": self.last.get("loss"),
+                "q_mean": self.last.get("q_mean"), "push": self.pusher.stats.as_dict(),
+                "device": str(self.device), "compute_s": self.compute_s, "wait_for_batch_s": self.wait_s,
+                "sample_s": self.loader.sample_s if self.loader else 0.0, **self.filter.state()}
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.stop.set()
+            self.loader.join(2)
+        self.pusher.flush(5)
+        self.pusher.close()
+        self.sub.close()
+        self.source.close()
+        super().close()
+
+
+def main(argv: list[str]) -> int:
+    return role_main(argv, "learner", "Run one learner.", lambda cfg, i: Learner(cfg, i))

@@ -1,0 +1,160 @@
+"""What every role process shares: the role interface, its control socket (stats on request), scalar
+logging (TensorBoard event files + a CSV of the same scalars), and the common command-line setup.
+
+A role implements `Role`: `step()` does one unit of work, `stats()` reports counters; `run()` loops
+and answers control requests between steps, so `gorila-zmq status` can ask any live role.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from gorila_zmq import config as C, protocol as P, topology
+
+log = logging.getLogger("gorila_zmq.roles")
+
+
+class ControlServer:
+    """A ROUTER answering HELLO/STATS with JSON; anything else is counted and refused."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: topology.Endpoint, name: str):
+        self.name = name
+        self.sock = P.make_socket(ctx, zmq.ROUTER, maxmsgsize=1 << 16)
+        self.sock.bind(endpoint.bind)
+        self.rejected = 0
+
+    def poll(self, stats_fn) -> None:
+        """Answer every pending request without blocking."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ident, req = frames[0].bytes, None
+            try:
+                req, _ = P.parse(frames[1:])
+                if req.command not in (P.Cmd.STATS, P.Cmd.HELLO):
+                    raise P.ProtocolError(P.Status.BAD_COMMAND, f"{self.name} answers only STATS and HELLO")
+                body = dict(stats_fn(), role=self.name, pid=os.getpid())
+                out = P.message(P.Header(P.Cmd.REPLY, seq=req.seq, client=req.client), body)
+            except P.ProtocolError as e:
+                self.rejected += 1
+                hdr, body = P.error_reply(req, e.status, e.detail)
+                out = P.message(hdr, body)
+            try:
+                self.sock.send_multipart([ident] + out, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class ScalarLog:
+    """Scalars per role: TensorBoard events under run_dir/tb/<role>/ and run_dir/scalars/<role>.csv."""
+
+    def __init__(self, run_dir: str, role: str):
+        self.path = os.path.join(run_dir, "scalars", f"{role}.csv")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._csv = open(self.path, "a", newline="")
+        self._w = csv.writer(self._csv)
+        if self._csv.tell() == 0:
+            self._w.writerow(["wall_time", "step", "name", "value"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb", role))
+        except Exception as e:  # tensorboard missing: CSV still has everything
+            log.warning("TensorBoard logging off for %s: %s", role, e)
+            self._tb = None
+
+    def log(self, step: int, scalars: dict) -> None:
+        now = time.time()
+        for k, v in scalars.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._w.writerow([f"{now:.3f}", step, k, v])
+                if self._tb is not None:
+                    self._tb.add_scalar(k, v, step, walltime=now)
+        self._csv.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._csv.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Role:
+    """One process of the program. Subclasses set `name` and implement step() and stats()."""
+
+    name = "role"
+
+    def __init__(self, cfg: C.Config, ctx: zmq.Context | None = None, control: topology.Endpoint | None = None):
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self._stop = False
+        self.control = ControlServer(self.ctx, control, self.name) if control is not None else None
+        self.scalars = ScalarLog(cfg.run.run_dir, self.name)
+        self._last_log = time.monotonic()
+
+    def request_stop(self, *_) -> None:
+        self._stop = True
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {}
+
+    def log_step(self) -> int:
+        """The x axis for this role's scalars."""
+        return 0
+
+    def run(self, duration: float | None = None) -> None:
+        end = None if duration is None else time.monotonic() + duration
+        try:
+            while not self._stop and (end is None or time.monotonic() < end):
+                self.step()
+                if self.control is not None:
+                    self.control.poll(self.stats)
+                if time.monotonic() - self._last_log >= self.cfg.dev.stats_interval_s:
+                    self._last_log = time.monotonic()
+                    self.scalars.log(self.log_step(), self.stats())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        self.scalars.close()
+
+
+def role_main(argv: list[str], prog: str, description: str, make_role, index_required: bool = True) -> int:
+    """Shared `gorila-zmq ROLE` entry point: config, logging, signals, run."""
+    p = argparse.ArgumentParser(prog=f"gorila-zmq {prog}", description=description)
+    p.add_argument("--index", type=int, default=0, required=index_required, help="which one of its kind")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--config", help="TOML (or a run's config.json)")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.add_argument("--log-level", default=os.environ.get("GORILA_LOG", "INFO"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
+                        format=f"%(asctime)s {prog}{a.index} %(levelname)s %(message)s")
+    cfg = C.load(a.config, a.overrides)
+    from gorila_zmq.envs import resolve_model
+    resolve_model(cfg)
+    os.makedirs(cfg.run.run_dir, exist_ok=True)
+    import torch
+    torch.set_num_threads(max(1, cfg.agent.torch_threads))
+    role = make_role(cfg, a.index)
+    signal.signal(signal.SIGTERM, role.request_stop)
+    signal.signal(signal.SIGINT, role.request_stop)
+    role.run(a.duration)
+    return 0

@@ -1,0 +1,270 @@
+"""The program as data, and the supervisor that runs it on one host (dev mode; the cluster launcher
+runs one per host).
+
+`make_program(cfg)` turns a config into role specs (name, role, index, argv); dev mode, the cluster
+launcher and the tests all start these same `gorila-zmq ROLE --index I --config RUN_DIR/config.json`
+processes. The supervisor starts them in dependency order (shards, replay, learners and actors, the
+evaluator), restarts any that exits or is killed (backoff 1 s doubling to 30 s, reset after a
+minute of good running), prints a progress line, and on Ctrl-C/SIGTERM stops everything: SIGTERM,
+then SIGKILL after a timeout, and removes the run's shared-memory segments.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from gorila_zmq import config as C, topology
+
+log = logging.getLogger("gorila_zmq.supervisor")
+
+
+@dataclass
+class RoleSpec:
+    name: str
+    role: str                       # ps | replay | learner | actor | evaluator
+    index: int
+    argv: list[str]                 # after `gorila-zmq`
+    stats_endpoint: str | None = None
+    layout_hash: int = 0
+    stage: int = 0                  # start order
+
+
+def make_program(cfg: C.Config, config_path: str | None = None, host: str | None = None) -> list[RoleSpec]:
+    """Every process of a run, from its config."""
+    config_path = config_path or os.path.join(cfg.run.run_dir, "config.json")
+    from gorila_zmq.envs import resolve_model
+    from gorila_zmq.layout import ParamLayout
+    from gorila_zmq.models import build_model
+    resolve_model(cfg)
+    lhash = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed)).hash
+
+    def spec(role, i, stage, ep, name=None):
+        return RoleSpec(name or f"{role}{i}", role, i, [role, "--index", str(i), "--config", config_path],
+                        ep, lhash, stage)
+
+    prog = [spec("ps", i, 0, topology.ps_request(cfg, i, host).connect) for i in range(cfg.ps.shards)]
+    r = cfg.roles
+    if r.mode == "bundled":
+        for b in range(r.bundles):
+            prog.append(spec("actor", b, 1, topology.control(cfg, "actor", b, host).connect))
+            prog.append(spec("learner", b, 2, topology.control(cfg, "learner", b, host).connect))
+    else:
+        prog += [spec("replay", i, 1, topology.replay(cfg, i, host).connect) for i in range(r.replay_shards)]
+        prog += [spec("actor", i, 2, topology.control(cfg, "actor", i, host).connect) for i in range(r.actors)]
+        prog += [spec("learner", i, 2, topology.control(cfg, "learner", i, host).connect) for i in range(r.learners)]
+    if r.evaluator:
+        prog.append(spec("evaluator", 0, 3, topology.control(cfg, "evaluator", 0, host).connect, "evaluator"))
+    return prog
+
+
+@dataclass
+class _Proc:
+    spec: RoleSpec
+    popen: subprocess.Popen | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = 1.0
+    next_start: float = 0.0
+    exits: list = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, cfg: C.Config, program: list[RoleSpec], env: dict | None = None, quiet: bool = False):
+        self.cfg, self.program = cfg, program
+        self.procs = {s.name: _Proc(s) for s in program}
+        self.env = dict(os.environ, **(env or {}))
+        self.quiet = quiet
+        self.log_dir = os.path.join(cfg.run.run_dir, "logs")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._stop = False
+        self.ctx = zmq.Context()
+        self._last_progress = 0.0
+        self._prev = None
+
+    # -- processes ------------------------------------------------------------------------------
+    def _start(self, p: _Proc) -> None:
+        out = open(os.path.join(self.log_dir, f"{p.spec.name}.log"), "ab")
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {p.spec.name} ====\n".encode())
+        out.flush()
+        p.popen = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", *p.spec.argv], stdout=out,
+                                   stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        out.close()
+        p.started = time.monotonic()
+        with open(os.path.join(self.log_dir, f"{p.spec.name}.pid"), "w") as f:
+            f.write(str(p.popen.pid))
+
+    def _wait_stage_ready(self, stage: int, timeout: float = 120.0) -> None:
+        """Wait until every role of a stage answers (shards and replay servers serve the others)."""
+        from gorila_zmq.status import collect
+        specs = [p.spec for p in self.procs.values() if p.spec.stage == stage]
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self._stop:
+            got = collect(self.cfg, specs, self.ctx, 0.5)
+            if all(v is not None for v in got.values()):
+                return
+            for p in self.procs.values():
+                if p.spec.stage == stage and p.popen and p.popen.poll() is not None:
+                    raise RuntimeError(f"{p.spec.name} exited with {p.popen.returncode} while starting; "
+                                       f"see {self.log_dir}/{p.spec.name}.log:\n{self.tail(p.spec.name)}")
+            time.sleep(0.2)
+        if not self._stop:
+            raise RuntimeError(f"stage {stage} roles did not answer within {timeout:.0f}s")
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        try:
+            with open(os.path.join(self.log_dir, f"{name}.log"), "rb") as f:
+                return b"".join(f.readlines()[-lines:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def start_all(self) -> None:
+        for stage in sorted({s.stage for s in self.program}):
+            for p in self.procs.values():
+                if p.spec.stage == stage:
+                    self._start(p)
+            if stage in (0, 1) and any(p.spec.role in ("ps", "replay") for p in self.procs.values()
+                                       if p.spec.stage == stage):
+                self._wait_stage_ready(stage)
+
+    def check(self) -> None:
+        """Restart roles that exited (with backoff)."""
+        now = time.monotonic()
+        for p in self.procs.values():
+            if p.popen is None:
+                if now >= p.next_start:
+                    self._start(p)
+                continue
+            rc = p.popen.poll()
+            if rc is None:
+                if now - p.started > 60:
+                    p.backoff = self.cfg.dev.restart_backoff_s
+                continue
+            why = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            p.exits.append(rc)
+            p.restarts += 1
+            p.popen = None
+            p.next_start = now + p.backoff
+            log.warning("%s %s; restarting in %.0fs (restart %d). Last log lines:\n%s", p.spec.name, why,
+                        p.backoff, p.restarts, self.tail(p.spec.name, 8))
+            p.backoff = min(p.backoff * 2, self.cfg.dev.restart_backoff_max_s)
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        """SIGTERM in reverse start order, then SIGKILL whatever is left; release shared memory."""
+        for stage in sorted({s.stage for s in self.program}, reverse=True):
+            live = [p for p in self.procs.values() if p.spec.stage == stage and p.popen and p.popen.poll() is None]
+            for p in live:
+                p.popen.send_signal(signal.SIGTERM)
+            end = time.monotonic() + timeout
+            for p in live:
+                try:
+                    p.popen.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop after SIGTERM; killing it", p.spec.name)
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                    p.popen.wait(5)
+        for path in glob.glob(f"/dev/shm/gz_{self.cfg.run_id}_*"):
+            try:
+                os.unlink(path)
+                log.info("removed leftover shared memory %s", path)
+            except OSError:
+                pass
+        self.ctx.destroy(linger=0)
+
+    def request_stop(self, *_) -> None:
+        self._stop = True
+
+    # -- progress -------------------------------------------------------------------------------
+    def progress(self) -> str:
+        from gorila_zmq.status import collect
+        st = collect(self.cfg, self.program, self.ctx, 0.3)
+        now = time.monotonic()
+        frames = sum(v.get("env_frames", 0) for k, v in st.items() if v and k.startswith("actor"))
+        updates = (st.get("ps0") or {}).get("version")
+        returns = [v["recent_return"] for k, v in st.items()
+                   if v and k.startswith("actor") and v.get("recent_return") is not None]
+        eps = next((v.get("epsilon") for k, v in st.items() if v and k.startswith("actor")), None)
+        ev = (st.get("evaluator") or {}).get("last") or {}
+        fps = ups = 0.0
+        if self._prev is not None:
+            t0, f0, u0 = self._prev
+            dt = max(now - t0, 1e-6)
+            fps = (frames - f0) / dt
+            ups = ((updates or 0) - (u0 or 0)) / dt
+        self._prev = (now, frames, updates)
+        down = [k for k, v in st.items() if v is None]
+        line = (f"frames {frames:,} ({fps:,.0f}/s)  updates {updates if updates is not None else '-'} "
+                f"({ups:,.1f}/s)  eps {eps:.3f}" if eps is not None else
+                f"frames {frames:,} ({fps:,.0f}/s)  updates {updates if updates is not None else '-'} ({ups:,.1f}/s)")
+        if returns:
+            line += f"  return {sum(returns) / len(returns):.1f}"
+        if ev:
+            line += f"  eval {ev.get('return_mean', float('nan')):.1f}"
+        if down:
+            line += f"  down: {','.join(down)}"
+        return line
+
+    def run(self, duration: float | None = None) -> None:
+        end = None if duration is None else time.monotonic() + duration
+        try:
+            self.start_all()
+            while not self._stop and (end is None or time.monotonic() < end):
+                self.check()
+                if time.monotonic() - self._last_progress >= self.cfg.dev.progress_interval_s:
+                    self._last_progress = time.monotonic()
+                    line = self.progress()
+                    if not self.quiet:
+                        print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+                time.sleep(0.2)
+        finally:
+            self.stop_all()
+
+
+def prepare_run(cfg: C.Config) -> str:
+    """Resolve the model, write RUN_DIR/config.json (what every role reads); return its path."""
+    from gorila_zmq.envs import resolve_model
+    resolve_model(cfg)
+    os.makedirs(cfg.run.run_dir, exist_ok=True)
+    topology.ensure_ipc_dir(cfg)
+    path = os.path.join(cfg.run.run_dir, "config.json")
+    C.save_json(cfg, path)
+    return path
+
+
+def dev_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gorila-zmq dev", description="Run every role on this host, supervised.")
+    p.add_argument("--preset", choices=sorted(C.PRESETS), help="start from a preset (dev: Pong on a small box)")
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--env", help="shorthand for env.name=...")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.add_argument("--log-level", default=os.environ.get("GORILA_LOG", "INFO"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
+                        format="%(asctime)s supervisor %(levelname)s %(message)s")
+    overrides = list(a.overrides) + ([f"env.name={a.env}"] if a.env else [])
+    cfg = C.load(a.config, overrides, preset=a.preset)
+    resumed = os.path.join(cfg.run.run_dir, "config.json")
+    if os.path.exists(resumed) and not a.config:
+        # A run resumes from its directory: its config, then this command's overrides.
+        cfg = C.load(resumed, overrides)
+        print(f"resuming the run in {cfg.run.run_dir} (its config.json, shard checkpoints, counters)")
+    path = prepare_run(cfg)
+    program = make_program(cfg, path)
+    print(f"gorila-zmq dev: {cfg.env.name}, {cfg.roles.mode} mode, {cfg.ps.shards} shard(s), "
+          + (f"{cfg.roles.bundles} bundle(s)" if cfg.roles.mode == "bundled" else
+             f"{cfg.roles.actors} actor(s), {cfg.roles.replay_shards} replay shard(s), {cfg.roles.learners} learner(s)")
+          + f"; run dir {cfg.run.run_dir} (logs/, tb/, scalars/, ckpt/); Ctrl-C stops", flush=True)
+    sup = Supervisor(cfg, program)
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    sup.run(a.duration)
+    return 0
