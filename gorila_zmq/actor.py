@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from gorila_zmq import topology
+from gorila_zmq import shm, topology
 from gorila_zmq.agents.dqn import actor_epsilon
 from gorila_zmq.client import ParamSubscriber, ShardSet
 from gorila_zmq.envs import make_vec_env, spec
@@ -25,6 +25,13 @@ from gorila_zmq.models import build_model
 from gorila_zmq.roles import Role, role_main
 
 log = logging.getLogger("gorila_zmq.actor")
+
+
+def _stale(name: str):
+    try:
+        return shm.attach(name)
+    except FileNotFoundError:
+        return None
 
 
 def num_actors(cfg) -> int:
@@ -48,6 +55,8 @@ class Actor(Role):
         E = self.vec.n
         if cfg.roles.mode == "bundled":
             from gorila_zmq.replay import ReplayMemory
+            # A predecessor killed with SIGKILL may have left the segment: this actor owns the name.
+            shm.release(_stale(topology.bundle_replay_name(cfg, index)), unlink=True)
             self.replay = ReplayMemory(cfg.agent.replay_capacity, frame_shape=self.spec.frame_shape,
                                        stack=self.spec.stack, dtype=self.spec.dtype, n_step=cfg.agent.n_step,
                                        gamma=cfg.agent.gamma, lanes=E, name=topology.bundle_replay_name(cfg, index))

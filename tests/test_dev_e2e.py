@@ -1,0 +1,170 @@
+"""Dev mode end to end: `gorila-zmq dev` as a real process tree learning CartPole (bundled and global
+replay), surviving SIGKILLed roles, and a Pong smoke run through every role. Slow tier."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import ROOT, free_base_port, stop_proc, wait_for
+
+pytestmark = pytest.mark.slow
+
+THRESHOLD = 195.0
+FRAME_BUDGET = 1_500_000          # env frames (all actors) by which CartPole must be solved
+WALL_BUDGET = 240.0               # seconds, on 2 cores with every role running
+
+
+def start_dev(run_dir, *overrides, preset="cartpole", duration=600):
+    log = open(os.path.join(os.path.dirname(run_dir), "dev.log"), "ab")
+    argv = [sys.executable, "-m", "gorila_zmq.cli", "dev", "--preset", preset, "--duration", str(duration),
+            f"run.run_dir={run_dir}", f"net.base_port={free_base_port(64)}", "dev.progress_interval_s=5",
+            *overrides]
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def evaluations(run_dir):
+    try:
+        with open(os.path.join(run_dir, "evaluations.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def solved(run_dir, after=0.0):
+    return [e for e in evaluations(run_dir) if e["return_mean"] >= THRESHOLD and e["wall_time"] >= after]
+
+
+def pid_of(run_dir, name):
+    try:
+        return int(open(os.path.join(run_dir, "logs", f"{name}.pid")).read())
+    except (OSError, ValueError):
+        return None
+
+
+def assert_clean_shutdown(dev, run_dir):
+    pids = [pid_of(run_dir, os.path.basename(p)[:-4]) for p in glob.glob(os.path.join(run_dir, "logs", "*.pid"))]
+    assert stop_proc(dev, signal.SIGTERM, timeout=60) == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, \
+            f"role process {pid} outlived the supervisor"
+    run_id = json.load(open(os.path.join(run_dir, "config.json")))["run"]["run_id"] or None
+    from gorila_zmq import config as C
+    cfg = C.load(os.path.join(run_dir, "config.json"))
+    assert not glob.glob(f"/dev/shm/gz_{cfg.run_id}_*"), "shared memory left behind"
+
+
+def dump_logs(run_dir):
+    out = []
+    for p in sorted(glob.glob(os.path.join(run_dir, "logs", "*.log"))) + [os.path.join(os.path.dirname(run_dir), "dev.log")]:
+        try:
+            out.append(f"--- {p}\n" + open(p, errors="replace").read()[-3000:])
+        except OSError:
+            pass
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param(["ps.shards=2", "roles.bundles=2"], id="bundled-2shards-2bundles"),
+    pytest.param(["roles.mode=global", "roles.actors=2", "roles.replay_shards=1", "roles.learners=1"],
+                 id="global-2actors-1replay-1learner"),
+])
+def test_cartpole_learns_in_dev_mode(tmp_path, layout):
+    run_dir = str(tmp_path / "run")
+    dev = start_dev(run_dir, *layout)
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: solved(run_dir) or dev.poll() is not None, WALL_BUDGET, 1.0, "CartPole to be solved")
+        got = solved(run_dir)
+        assert got, "dev mode exited early:\n" + dump_logs(run_dir)
+        first = got[0]
+        assert first["env_frames"] <= FRAME_BUDGET, first
+        print(f"solved after {time.monotonic() - t0:.0f}s, {first['env_frames']:,} frames, "
+              f"{first['global_updates']:,} updates: {first['return_mean']:.1f}")
+        assert os.path.exists(os.path.join(run_dir, "best.npz"))
+        out = subprocess.run([sys.executable, "-m", "gorila_zmq.cli", "status", run_dir], capture_output=True,
+                             text=True, timeout=60, cwd=ROOT)
+        assert out.returncode == 0, out.stdout + out.stderr
+        for name in ("ps0", "actor0", "learner0", "evaluator"):
+            assert f"{name} " in out.stdout and "DOWN" not in out.stdout, out.stdout
+        assert glob.glob(os.path.join(run_dir, "tb", "learner0", "events.*"))
+        assert os.path.getsize(os.path.join(run_dir, "scalars", "actor0.csv")) > 0
+    except BaseException:
+        print(dump_logs(run_dir))
+        raise
+    finally:
+        assert_clean_shutdown(dev, run_dir)
+
+
+def test_supervisor_restarts_killed_roles_and_run_still_learns(tmp_path):
+    run_dir = str(tmp_path / "run")
+    dev = start_dev(run_dir, "ps.shards=2", "roles.bundles=2", "ps.checkpoint_interval_s=1.0",
+                    "net.heartbeat_interval_s=0.5", "dev.restart_backoff_s=0.5")
+    try:
+        wait_for(lambda: len(evaluations(run_dir)) >= 1, 120, 0.5, "a first evaluation")
+        victims = {n: pid_of(run_dir, n) for n in ("actor0", "learner1")}
+        for pid in victims.values():
+            os.kill(pid, signal.SIGKILL)
+        for n, old in victims.items():
+            wait_for(lambda: pid_of(run_dir, n) not in (None, old), 60, 0.2, f"{n} to be restarted")
+        time.sleep(3.0)                                  # let shard 1 checkpoint a few times
+        ps1 = pid_of(run_dir, "ps1")
+        os.kill(ps1, signal.SIGKILL)
+        wait_for(lambda: pid_of(run_dir, "ps1") not in (None, ps1), 60, 0.2, "ps1 to be restarted")
+        killed_at = time.time()
+        from gorila_zmq.status import collect, load_run
+        from gorila_zmq.supervisor import make_program
+        import zmq
+        cfg = load_run(run_dir)
+        ctx = zmq.Context()
+        try:
+            st = wait_for(lambda: (collect(cfg, [s for s in make_program(cfg) if s.name == "ps1"], ctx, 1.0)
+                                   .get("ps1")), 60, 0.5, "ps1 to answer")
+        finally:
+            ctx.destroy(linger=0)
+        assert st["resumed_from_checkpoint"] and st["version"] > 0
+        wait_for(lambda: solved(run_dir, after=killed_at) or dev.poll() is not None, WALL_BUDGET, 1.0,
+                 "CartPole solved after the kills")
+        assert solved(run_dir, after=killed_at), dump_logs(run_dir)
+        log = open(os.path.join(tmp_path, "dev.log")).read()
+        for n in ("actor0", "learner1", "ps1"):
+            assert f"{n} killed by signal 9" in log, log[-3000:]
+    except BaseException:
+        print(dump_logs(run_dir))
+        raise
+    finally:
+        assert_clean_shutdown(dev, run_dir)
+
+
+def test_pong_smoke_through_every_role(tmp_path):
+    """A few thousand Pong frames: Atari env + Cython preprocessing, global replay server, learner
+    updates on the Nature CNN, parameter broadcast, and one capped evaluation episode."""
+    run_dir = str(tmp_path / "run")
+    dev = start_dev(run_dir, "env.name=Pong", "model.kind=auto", "env.clip_rewards=true",
+                    "roles.mode=global", "roles.actors=1", "roles.replay_shards=1", "roles.learners=1",
+                    "agent.replay_capacity=5000", "agent.learning_starts=500", "agent.batch_size=8",
+                    "agent.n_step=1", "agent.double_dqn=false", "eval.episodes=1", "eval.max_frames=400",
+                    "eval.interval_s=1", "eval.epsilon=0.05", "env.max_frames=2000", preset="cartpole")
+    try:
+        from gorila_zmq import config as C
+
+        def progressed():
+            ev = evaluations(run_dir)
+            st = os.path.join(run_dir, "scalars", "learner0.csv")
+            return ev and os.path.exists(st) and "updates" in open(st).read()
+        wait_for(lambda: progressed() or dev.poll() is not None, 240, 1.0, "Pong frames, updates and an evaluation")
+        assert progressed(), dump_logs(run_dir)
+        cfg = C.load(os.path.join(run_dir, "config.json"))
+        assert cfg.model.kind == "nature_cnn" and cfg.model.n_actions == 6
+        ev = evaluations(run_dir)[0]
+        assert ev["human_normalized"] is not None and ev["episodes"] == 1
+    except BaseException:
+        print(dump_logs(run_dir))
+        raise
+    finally:
+        assert_clean_shutdown(dev, run_dir)

@@ -1,0 +1,182 @@
+"""DQN pieces: schedules on the global count, the loss-outlier filter, the TD target, and a learner and
+an actor driven against a real in-process shard."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import wait_for
+from gorila_zmq.agents.dqn import Every, OutlierFilter, actor_epsilon, linear_schedule, td_loss
+
+
+def test_linear_schedule_and_every():
+    assert linear_schedule(1.0, 0.1, 100, 0) == 1.0
+    assert linear_schedule(1.0, 0.1, 100, 50) == pytest.approx(0.55)
+    assert linear_schedule(1.0, 0.1, 100, 10**9) == pytest.approx(0.1)
+    e = Every(100)
+    fired = [t for t in (5, 99, 100, 101, 250, 260, 299, 300, 1000) if e(t)]
+    assert fired == [100, 250, 300, 1000]           # counters may jump: one firing per crossing
+    assert not Every(0)(10)
+
+
+def test_actor_epsilon_spread_is_an_option():
+    from gorila_zmq import config as C
+    a = C.Config().agent
+    assert actor_epsilon(a, 0) == 1.0 and actor_epsilon(a, a.eps_anneal_updates) == pytest.approx(0.1)
+    a.eps_per_actor = True
+    ends = [actor_epsilon(a, 10**9, i, 8) for i in range(8)]
+    assert ends[0] == pytest.approx(0.1) and all(x > y for x, y in zip(ends, ends[1:]))
+
+
+def test_outlier_filter_drops_the_planted_spike_and_nothing_else():
+    rng = np.random.default_rng(0)
+    f = OutlierFilter(k=5.0, warmup=100)
+    losses = np.abs(rng.normal(1.0, 0.1, 1000))
+    spike_at = 600
+    losses[spike_at] = 50.0
+    accepted = [f.accept(x) for x in losses]
+    assert [i for i, a in enumerate(accepted) if not a] == [spike_at]
+    assert not f.accept(float("nan"))
+    # warm-up: nothing dropped during the first `warmup` losses, however odd
+    g = OutlierFilter(k=1.0, warmup=10)
+    assert all(g.accept(x) for x in [1, 100, 1, 1000, 1, 1, 1, 1, 1, 1])
+
+
+def test_td_loss_target_by_hand():
+    q = torch.nn.Linear(2, 3, bias=False)
+    tgt = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        tgt.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]]))
+    obs = torch.tensor([[1.0, 2.0]])
+    nxt = torch.tensor([[1.0, 1.0]])
+    a = torch.tensor([1])
+    # q(obs)[1] = 2; target = r + d * max_a tgt(nxt) = 0.5 + 0.9 * 3 = 3.2; squared loss (2 - 3.2)^2
+    loss, _ = td_loss(q, tgt, obs, a, torch.tensor([0.5]), torch.tensor([0.9]), nxt, huber=False)
+    assert loss.item() == pytest.approx(1.44)
+    # double DQN: online picks argmax q(nxt) = action 2 (value 2), evaluated by target: 0
+    loss, _ = td_loss(q, tgt, obs, a, torch.tensor([0.5]), torch.tensor([0.9]), nxt, double=True, huber=False)
+    assert loss.item() == pytest.approx((2 - 0.5) ** 2)
+    # terminal: discount 0
+    loss, _ = td_loss(q, tgt, obs, a, torch.tensor([0.5]), torch.tensor([0.0]), nxt, huber=False)
+    assert loss.item() == pytest.approx(1.5 ** 2)
+
+
+CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "model.hidden=[32]", "env.clip_rewards=false"]
+
+
+@pytest.fixture
+def shard(make_cfg, ctx):
+    from gorila_zmq.envs import resolve_model
+    from gorila_zmq.ps import ParameterServerShard
+    made = []
+
+    def start(*overrides):
+        cfg = make_cfg(*CARTPOLE, *overrides)
+        resolve_model(cfg)
+        s = ParameterServerShard(cfg, 0, ctx)
+        t = threading.Thread(target=s.serve, daemon=True)
+        t.start()
+        made.append((s, t))
+        return cfg, s
+    yield start
+    for s, t in made:
+        s.request_stop()
+        t.join(10)
+        s.close()
+
+
+def _advance(ctx, cfg, n):
+    """Apply n tiny gradients from another client: the global count moves without this learner."""
+    from gorila_zmq.client import GradientPusher, ShardSet
+    from gorila_zmq.layout import ParamLayout
+    from gorila_zmq.models import build_model
+    layout = ParamLayout.from_module(build_model(cfg.model))
+    p = GradientPusher(ctx, ShardSet(cfg, layout))
+    for _ in range(n):
+        p.push(np.full(layout.size, 1e-6, np.float32), p.versions)
+    assert p.flush(10)
+    p.close()
+
+
+class ListSource:
+    """A replay source over an in-process ReplayMemory (the learner's loader samples from it)."""
+
+    def __init__(self, rb):
+        self.rb = rb
+
+    def ready(self, need):
+        return len(self.rb) >= need
+
+    def sample(self, B, rng, out):
+        return self.rb.sample(B, rng, out=out)
+
+    def close(self):
+        pass
+
+
+def _filled_replay(n=500):
+    from gorila_zmq.replay import ReplayMemory
+    rb = ReplayMemory(1000, frame_shape=(4,), stack=1, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    rb.start_episode(rng.standard_normal(4).astype(np.float32))
+    for t in range(n):
+        end = t % 50 == 49
+        rb.add(int(rng.integers(2)), 1.0, rng.standard_normal(4).astype(np.float32), end, False)
+        if end:
+            rb.start_episode(rng.standard_normal(4).astype(np.float32))
+    return rb
+
+
+def test_learner_syncs_target_every_n_global_updates(shard, ctx):
+    from gorila_zmq.learner import Learner
+    cfg, s = shard("agent.target_sync_every=10", "agent.learning_starts=64", "agent.batch_size=16",
+                   "ps.max_staleness=100000")
+    rb = _filled_replay()
+    learner = Learner(cfg, 0, ctx, source=ListSource(rb))
+    try:
+        assert learner.target_syncs == 1                   # at start
+        learner.step()
+        wait_for(lambda: (learner.pusher.poll(0.05), learner.pusher.in_flight() == 0)[1], 10, what="push replies")
+        assert s.state.version == 1 and learner.target_syncs == 1
+        _advance(ctx, cfg, 8)                              # global 9: no sync yet
+        learner.step()                                     # global 10 after this push
+        learner.pusher.flush(5)
+        learner.step()                                     # sees the reply's version 10 -> syncs
+        assert learner.target_syncs == 2
+        _advance(ctx, cfg, 25)                             # 11 -> 36 jumps over 20 and 30: one sync
+        wait_for(lambda: learner.sub.global_version == 36, 10, what="the broadcast of version 36")
+        learner.step()
+        learner.pusher.flush(5)
+        learner.step()
+        assert learner.target_syncs == 3
+        # the target network holds the shard's parameters of that sync, not the online ones
+        from gorila_zmq.client import fetch_params
+        tgt = learner.layout.flatten(learner.target)
+        assert not np.array_equal(tgt, fetch_params(ctx, learner.shards)[0])   # moved on since
+    finally:
+        learner.close()
+        rb.close()
+        rb.unlink()
+
+
+def test_actor_epsilon_follows_the_global_count(shard, ctx):
+    from gorila_zmq.actor import Actor
+    cfg, s = shard("agent.eps_anneal_updates=20", "agent.eps_start=1.0", "agent.eps_end=0.1",
+                   "ps.broadcast_every=1", "agent.replay_capacity=1000", "ps.max_staleness=100000")
+    actor = Actor(cfg, 0, ctx)
+    try:
+        actor.step()
+        assert actor.epsilon == 1.0
+        _advance(ctx, cfg, 10)
+        wait_for(lambda: actor.sub.global_version == 10, 10, what="the broadcast")
+        actor.step()
+        assert actor.epsilon == pytest.approx(0.55)
+        _advance(ctx, cfg, 15)
+        wait_for(lambda: actor.sub.global_version == 25, 10, what="the broadcast")
+        actor.step()
+        assert actor.epsilon == pytest.approx(0.1)
+        assert len(actor.replay) >= 3
+    finally:
+        actor.close()
