@@ -50,8 +50,8 @@ class PSConfig:
     eps: float = _f(1e-10, "AdaGrad epsilon added to sqrt(G)")
     initial_accumulator: float = _f(0.1, "initial value of the AdaGrad accumulator G")
     max_staleness: int = _f(50, "discard a gradient computed more than this many of the shard's updates ago")
-    broadcast_every: int = _f(1, "broadcast the slice after this many applied updates ...")
-    broadcast_interval_ms: float = _f(50.0, "... or after this many milliseconds with unbroadcast updates")
+    broadcast_every: int = _f(10, "broadcast the slice after this many applied updates ...")
+    broadcast_interval_ms: float = _f(100.0, "... or this many milliseconds after the last send, if any is unbroadcast")
     checkpoint_interval_s: float = _f(60.0, "write theta, G and the version to disk this often (and on SIGTERM)")
     max_payload_factor: float = _f(2.0, "messages larger than this times the shard's slice are refused by ZeroMQ")
     apply_threads: int = _f(1, "threads for the AdaGrad apply (0: every core); 1 leaves the other cores to "

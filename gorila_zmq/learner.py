@@ -84,6 +84,22 @@ class LocalSource:
             self.rb.close()
 
 
+class MemorySource:
+    """A replay memory this process already holds (benchmarks, tests, single-process use)."""
+
+    def __init__(self, rb):
+        self.rb = rb
+
+    def ready(self, need: int) -> bool:
+        return len(self.rb) >= need and self.rb.num_valid() > 0
+
+    def sample(self, batch_size: int, rng, out):
+        return self.rb.sample(batch_size, rng, out=out)
+
+    def close(self):
+        pass
+
+
 class Loader(threading.Thread):
     """Fills a ring of preallocated batches in the background; `get()` hands out the next full one."""
 

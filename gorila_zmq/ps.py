@@ -93,6 +93,13 @@ def load_checkpoint(path: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
         return z["theta"].astype(np.float32), z["accum"].astype(np.float32), meta
 
 
+def _bucket(staleness: int) -> int:
+    """Histogram bucket of a staleness: itself up to 16, else the power of two at or above it."""
+    if staleness <= 16:
+        return staleness
+    return 1 << (staleness - 1).bit_length()
+
+
 def _bind_retrying(sock: zmq.Socket, endpoint: str, timeout_s: float = 3.0) -> None:
     """Bind, retrying briefly: a predecessor restarted in the same place may still hold the port."""
     end = time.monotonic() + timeout_s
@@ -138,6 +145,7 @@ class ParameterServerShard:
         self.stats = {"updates_applied": 0, "discarded_stale": 0, "duplicates": 0,
                       "rejected": collections.Counter(), "bytes_in": 0, "bytes_out": 0,
                       "broadcasts": 0, "heartbeats": 0, "snapshots": 0, "checkpoints": 0,
+                      "staleness": collections.Counter(),   # histogram: exact to 16, then powers of 2
                       "resumed_from_checkpoint": resumed}
         self._logged_kinds: set[str] = set()
         self.started = time.monotonic()
@@ -338,7 +346,9 @@ class ParameterServerShard:
             return self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client, status=status))
         grad = P.as_array(req, payload, P.Dtype.FLOAT32, self.size)
         version = self.state.version
-        if version - req.pversion > self.cfg.ps.max_staleness:
+        staleness = version - req.pversion
+        self.stats["staleness"][_bucket(staleness)] += 1
+        if staleness > self.cfg.ps.max_staleness:
             self.stats["discarded_stale"] += 1
             status = P.Status.STALE
         elif not optim.all_finite(grad):
@@ -366,6 +376,7 @@ class ParameterServerShard:
     def stats_dict(self) -> dict:
         d = dict(self.stats)
         d["rejected"] = dict(self.stats["rejected"])
+        d["staleness"] = {str(k): v for k, v in sorted(self.stats["staleness"].items())}
         d["rejected_total"] = sum(self.stats["rejected"].values())
         d.update(role="ps", shard=self.index, version=self.state.version if self.state else None,
                  incarnation=self.incarnation, uptime_s=round(time.monotonic() - self.started, 3), pid=os.getpid())

@@ -100,22 +100,6 @@ def _advance(ctx, cfg, n):
     p.close()
 
 
-class ListSource:
-    """A replay source over an in-process ReplayMemory (the learner's loader samples from it)."""
-
-    def __init__(self, rb):
-        self.rb = rb
-
-    def ready(self, need):
-        return len(self.rb) >= need
-
-    def sample(self, B, rng, out):
-        return self.rb.sample(B, rng, out=out)
-
-    def close(self):
-        pass
-
-
 def _filled_replay(n=500):
     from gorila_zmq.replay import ReplayMemory
     rb = ReplayMemory(1000, frame_shape=(4,), stack=1, dtype=np.float32)
@@ -130,11 +114,11 @@ def _filled_replay(n=500):
 
 
 def test_learner_syncs_target_every_n_global_updates(shard, ctx):
-    from gorila_zmq.learner import Learner
-    cfg, s = shard("agent.target_sync_every=10", "agent.learning_starts=64", "agent.batch_size=16",
+    from gorila_zmq.learner import Learner, MemorySource
+    cfg, s = shard("agent.target_sync_every=10", "agent.learning_starts=64", "agent.batch_size=16", "ps.broadcast_every=1",
                    "ps.max_staleness=100000")
     rb = _filled_replay()
-    learner = Learner(cfg, 0, ctx, source=ListSource(rb))
+    learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
     try:
         assert learner.target_syncs == 1                   # at start
         learner.step()

@@ -1,0 +1,141 @@
+"""Learner updates/s through the full pipeline against a bare torch loop doing the same update.
+
+Ours: a Learner (loader thread sampling from a shared-memory replay of Atari frames, staging, Nature
+DQN gradient, push to a real shard process that applies AdaGrad, parameter refresh from the
+subscriber before every update). Baseline: the same forward/backward with torch.optim.Adagrad on
+tensors already in memory, one process. Same device, batch, model and torch threads, same run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from gorila_zmq import config as C
+from gorila_zmq.agents.dqn import td_loss
+from gorila_zmq.bench import Report
+from gorila_zmq.models import build_model
+
+DESCRIPTION = __doc__.splitlines()[0]
+
+
+def add_arguments(p):
+    p.add_argument("--updates", type=int, default=150, help="timed updates per side")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    p.add_argument("--device", default="auto")
+
+
+def _bare(cfg, device, B, n) -> float:
+    online = build_model(cfg.model).to(device)
+    target = build_model(cfg.model).to(device).requires_grad_(False)
+    opt = torch.optim.Adagrad(online.parameters(), lr=cfg.ps.lr, eps=cfg.ps.eps,
+                              initial_accumulator_value=cfg.ps.initial_accumulator)
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randint(0, 256, (B, 4, 84, 84), dtype=torch.uint8, generator=g).to(device)
+    nxt = torch.randint(0, 256, (B, 4, 84, 84), dtype=torch.uint8, generator=g).to(device)
+    act = torch.randint(0, cfg.model.n_actions, (B,), generator=g).to(device)
+    rew = torch.randn(B, generator=g).to(device)
+    disc = torch.full((B,), 0.99, device=device)
+
+    def one():
+        loss, _ = td_loss(online, target, obs, act, rew, disc, nxt, huber=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(5):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def _filled_replay(capacity: int = 20_000):
+    from gorila_zmq.replay import ReplayMemory
+    rb = ReplayMemory(capacity, frame_shape=(84, 84), stack=4, dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (64, 84, 84), dtype=np.uint8)
+    rb.start_episode(frames[0])
+    for t in range(capacity - 1):
+        end = t % 1000 == 999
+        rb.add(int(rng.integers(6)), float(rng.choice([-1.0, 0.0, 1.0])), frames[t % 64], end, False)
+        if end:
+            rb.start_episode(frames[(t + 1) % 64])
+    return rb
+
+
+def _ours(cfg, n, tmp) -> tuple[float, dict]:
+    from gorila_zmq.learner import Learner, MemorySource
+    conf = os.path.join(cfg.run.run_dir, "config.json")
+    C.save_json(cfg, conf)
+    shard = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", "0", "--config", conf,
+                              "--log-level", "WARNING"], start_new_session=True)
+    rb = _filled_replay()
+    ctx = zmq.Context()
+    learner = None
+    try:
+        from gorila_zmq.bench.ps import _wait_hello
+        from gorila_zmq.client import ShardSet
+        from gorila_zmq.layout import ParamLayout
+        _wait_hello(ctx, ShardSet(cfg, ParamLayout.from_module(build_model(cfg.model))))
+        learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+        while learner.updates < 10:
+            learner.step()
+        learner.pusher.flush(30)
+        u0, c0, w0 = learner.updates, learner.compute_s, learner.wait_s
+        t0 = time.perf_counter()
+        while learner.updates < u0 + n:
+            learner.step()
+        learner.pusher.flush(30)
+        dt = time.perf_counter() - t0
+        st = learner.stats()
+        detail = {"compute_s_per_update": (learner.compute_s - c0) / n, "wait_s_per_update": (learner.wait_s - w0) / n,
+                  "pushes_lost": st["push"]["lost"], "stale": st["push"]["stale"]}
+        return n / dt, detail
+    finally:
+        if learner is not None:
+            learner.close()
+        shard.terminate()
+        shard.wait(15)
+        rb.close()
+        rb.unlink()
+        ctx.destroy(linger=0)
+
+
+def run(args) -> Report:
+    rep = Report()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    tmp = tempfile.mkdtemp(prefix="gz-bench-learner-")
+    cfg = C.load(None, ["model.kind=nature_cnn", "model.obs_shape=[4,84,84]", "model.n_actions=6",
+                        f"run.run_dir={tmp}/run", f"net.base_port={24000 + os.getpid() % 1000 * 10}",
+                        f"agent.batch_size={args.batch}", "agent.learning_starts=100", f"agent.device={args.device}",
+                        f"agent.torch_threads={threads}", "ps.checkpoint_interval_s=0", "ps.max_staleness=1000",
+                        "agent.target_sync_every=1000000", "env.name=Pong"])
+    from gorila_zmq.learner import pick_device
+    device = pick_device(args.device)
+    print(f"  bare torch loop ({device}, batch {args.batch}, {threads} threads) ...", flush=True)
+    bare = _bare(cfg, device, args.batch, args.updates)
+    print("  gorila-zmq learner pipeline ...", flush=True)
+    ours, detail = _ours(cfg, args.updates, tmp)
+    bare2 = _bare(cfg, device, args.batch, args.updates)      # again: the box may have changed pace
+    bare = max(bare, bare2)
+    rep.row("bare torch loop (Adagrad in process)", bare, "updates/s", f"best of 2 runs, {device}")
+    rep.row("gorila-zmq learner (replay+push+refresh)", ours, "updates/s")
+    for k, v in detail.items():
+        rep.row(f"  {k}", v, "")
+    rep.metrics["learner_vs_bare_torch_ratio"] = ours / bare
+    rep.notes.append(f"device {device}, torch threads {threads}; the shard runs on the same host"
+                     + ("" if device.type == "cuda" else " and competes for the same cores"))
+    return rep
