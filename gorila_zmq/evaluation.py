@@ -89,9 +89,9 @@ def run_episodes(model, cfg, episodes: int, epsilon: float, seed: int = 0, video
 def _video_frame(writer, env, path: str):
     """Append the current screen (RGB) to an mp4 (opencv), opening the writer on first use."""
     import cv2
-    frame = env.render_rgb() if hasattr(env, "render_rgb") else None
-    if frame is None:
-        return writer
+    if not hasattr(env, "ale"):
+        return writer                      # vector-observation tasks have no screen to record
+    frame = env.ale.getScreenRGB()
     if writer is None:
         h, w = frame.shape[:2]
         writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 15, (w, h))
