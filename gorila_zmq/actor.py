@@ -70,6 +70,7 @@ class Actor(Role):
         self.env_frames = st.get("env_frames", 0)
         self.episodes = st.get("episodes", 0)
         self.steps = 0
+        self.throttled_s = 0.0
         self.returns = collections.deque(maxlen=20)
         self.epsilon = cfg.agent.eps_start
         self.started = time.monotonic()
@@ -102,7 +103,20 @@ class Actor(Role):
             _, _, self._seen_updates = self.sub.latest(self._flat)
             self.layout.load_into(self.model, self._flat)
 
+    def _throttled(self) -> bool:
+        """Replay-ratio limiter: learning_starts transitions (every replay needs them before its learner
+        starts), then this actor's share of ratio x global updates."""
+        ratio = self.cfg.agent.max_steps_per_update
+        if ratio <= 0:
+            return False
+        allowed = self.cfg.agent.learning_starts + ratio * max(self.sub.global_version, 0) / num_actors(self.cfg)
+        return self.steps * self.vec.n > allowed
+
     def step(self) -> None:
+        if self._throttled():
+            self.throttled_s += 0.005
+            time.sleep(0.005)
+            return
         if self.steps % self.cfg.agent.actor_sync_every == 0:
             self._refresh()
         self.epsilon = actor_epsilon(self.cfg.agent, max(self.sub.global_version, 0), self.index,
@@ -139,7 +153,7 @@ class Actor(Role):
                 "recent_return": float(np.mean(self.returns)) if self.returns else None,
                 "epsilon": self.epsilon, "global_updates": self.sub.global_version,
                 "param_versions": self.sub.versions, "shards_alive": self.sub.alive,
-                "steps_per_s": self.steps / up if up > 0 else 0.0, "uptime_s": up,
+                "steps_per_s": self.steps / up if up > 0 else 0.0, "uptime_s": up, "throttled_s": self.throttled_s,
                 "replay": self.replay.stats() if hasattr(self.replay, "stats") else {}}
 
     def close(self) -> None:

@@ -88,6 +88,9 @@ class AgentConfig:
     outlier_k: float = _f(5.0, "drop gradients whose |loss| > mean + k*std of recent losses (Gorila 4.2)")
     outlier_warmup: int = _f(100, "losses seen before the outlier filter starts dropping")
     actor_sync_every: int = _f(1, "actor steps between reads of the latest parameters (non-blocking)")
+    max_steps_per_update: float = _f(0.0, "rate limit (0: off): actors pause while all actors' steps exceed "
+                                          "learning_starts + this x global updates (on a small box the "
+                                          "learners then get the cores)")
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
     device: str = _f("auto", "torch device for learners: auto (cuda when present), cpu, cuda, cuda:1 ...")
     torch_threads: int = _f(1, "torch intra-op threads per role process")
@@ -200,7 +203,8 @@ PRESETS: dict[str, dict] = {
         "ps": {"shards": 1, "checkpoint_interval_s": 60.0},
         "roles": {"mode": "bundled", "bundles": 1},
         "agent": {"replay_capacity": 200_000, "learning_starts": 10_000, "target_sync_every": 2_000,
-                  "eps_anneal_updates": 100_000, "eps_end": 0.02, "n_step": 3},
+                  "eps_anneal_updates": 100_000, "eps_end": 0.02, "n_step": 3, "double_dqn": True,
+                  "max_steps_per_update": 4.0},
         "eval": {"interval_s": 600.0, "episodes": 3},
         "run": {"run_dir": "runs/dev-pong"},
     },
