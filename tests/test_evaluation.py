@@ -1,0 +1,104 @@
+"""Evaluation protocol: no-op starts, frame cap, epsilon, whole games, human normalisation, and
+`gorila-zmq eval` on a saved checkpoint."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from gorila_zmq import config as C
+from gorila_zmq.envs import make_env, resolve_model
+from gorila_zmq.evaluation import human_normalized, run_episodes, save_params, summarize
+
+
+def test_human_normalisation_uses_the_shipped_table():
+    assert human_normalized("Pong", -20.7) == pytest.approx(0.0)
+    assert human_normalized("pong", 14.6) == pytest.approx(100.0)
+    assert human_normalized("Breakout", 30.5) == pytest.approx(100.0)
+    assert human_normalized("CartPole-v1", 100) is None
+    s = summarize("Pong", [-21.0, -19.0])
+    assert s["return_mean"] == -20.0 and s["human_normalized"] == pytest.approx(100 * 0.7 / 35.3)
+
+
+def test_evaluation_env_follows_the_protocol():
+    cfg = C.load(None, ["env.name=Breakout", "env.repeat_action_probability=0.0"])
+    train = make_env(cfg, seed=0)
+    ev = make_env(cfg, evaluation=True, seed=0)
+    try:
+        assert train._life_terminal and train._clip and train._max_frames == 108_000
+        assert not ev._life_terminal and not ev._clip                   # whole games, raw rewards
+        assert ev._max_frames == 18_000 and ev._noop_max == 30 and ev._sticky == 0.0
+    finally:
+        train.close()
+        ev.close()
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, n_actions):
+        super().__init__()
+        self.n_actions, self.calls = n_actions, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.zeros(x.shape[0], self.n_actions)
+
+
+def test_frame_cap_and_epsilon():
+    cfg = C.load(None, ["env.name=Pong", "eval.max_frames=400"])
+    m = Counting(6)
+    returns = run_episodes(m, cfg, episodes=2, epsilon=1.0, seed=1)
+    assert len(returns) == 2 and m.calls == 0          # epsilon 1: never asks the network
+    returns = run_episodes(m, cfg, episodes=1, epsilon=0.0, seed=1)
+    # capped at 400 emulator frames = 100 agent steps, minus the no-op start's frames
+    assert 1 <= m.calls <= 100
+
+
+def test_noop_starts_vary_the_first_observation():
+    cfg = C.load(None, ["env.name=Breakout"])
+    firsts = set()
+    for seed in range(6):
+        env = make_env(cfg, evaluation=True, seed=seed)
+        obs, info = env.reset(seed=seed)
+        firsts.add(obs[-1].tobytes())                   # newest frame after the random no-ops
+        env.close()
+    assert len(firsts) > 1
+
+
+def test_eval_command_on_a_saved_checkpoint(tmp_path):
+    cfg = C.load(None, ["env.name=CartPole-v1", "model.kind=mlp", "model.hidden=[16]", "eval.episodes=2"])
+    resolve_model(cfg)
+    from gorila_zmq.layout import ParamLayout
+    from gorila_zmq.models import build_model
+    m = build_model(cfg.model)
+    layout = ParamLayout.from_module(m)
+    path = str(tmp_path / "best.npz")
+    save_params(path, layout.flatten(m), layout, cfg, {"return_mean": 10.0})
+    out = tmp_path / "res.json"
+    r = subprocess.run([sys.executable, "-m", "gorila_zmq.cli", "eval", "--checkpoint", path, "--episodes", "3",
+                        "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["episodes"] == 3 and res["return_mean"] > 0
+    r = subprocess.run([sys.executable, "-m", "gorila_zmq.cli", "eval", "--checkpoint", str(tmp_path / "nope.npz")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_eval_writes_a_video_of_pong(tmp_path):
+    cfg = C.load(None, ["env.name=Pong", "eval.max_frames=200", "eval.episodes=1"])
+    resolve_model(cfg)
+    from gorila_zmq.layout import ParamLayout
+    from gorila_zmq.models import build_model
+    m = build_model(cfg.model)
+    layout = ParamLayout.from_module(m)
+    path = str(tmp_path / "best.npz")
+    save_params(path, layout.flatten(m), layout, cfg, {})
+    video = tmp_path / "ep.mp4"
+    r = subprocess.run([sys.executable, "-m", "gorila_zmq.cli", "eval", "--checkpoint", path, "--episodes", "1",
+                        "--video", str(video)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert video.exists() and video.stat().st_size > 1000
