@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> (module, function, one-line help). Modules are imported only when their command runs.
@@ -55,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     from gorila_zmq.config import ConfigError
     try:
         return int(getattr(importlib.import_module(mod), func)(argv[1:]) or 0)
-    except ConfigError as e:
-        print(f"gorila-zmq {cmd}: {e}", file=sys.stderr)
+    except (ConfigError, ValueError) as e:
+        # A wrong config, game name or argument: say what is wrong, not where (GORILA_DEBUG=1: traceback).
+        if os.environ.get("GORILA_DEBUG"):
+            raise
+        print(f"gorila-zmq {cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -78,7 +78,8 @@ class AgentConfig:
     double_dqn: bool = _f(False, "Double DQN targets")
     huber: bool = _f(True, "Huber loss (False: squared)")
     batch_size: int = _f(32, "minibatch size")
-    replay_capacity: int = _f(1_000_000, "transitions per replay memory (bundle or global shard)")
+    replay_capacity: int = _f(1_000_000, "frames (slots) per replay memory, bundle or global shard: one per "
+                                         "transition plus one per stored episode")
     learning_starts: int = _f(50_000, "transitions in replay before a learner starts")
     target_sync_every: int = _f(60_000, "sync the target network every this many *global* updates (Gorila N)")
     eps_start: float = _f(1.0, "actor epsilon at global update 0")

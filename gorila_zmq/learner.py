@@ -71,7 +71,7 @@ class LocalSource:
                     log.info("replay %s was recreated (actor restarted): re-attached", self.name)
                     self.rb.close()
                 self.rb, self._ino = new, ino
-        return self.rb is not None and len(self.rb) >= need and self.rb.num_valid() > 0
+        return self.rb is not None and len(self.rb) >= need
 
     def allocate(self, batch_size: int, pinned):
         return None  # allocated lazily once attached (shapes come from the memory)
@@ -91,7 +91,7 @@ class MemorySource:
         self.rb = rb
 
     def ready(self, need: int) -> bool:
-        return len(self.rb) >= need and self.rb.num_valid() > 0
+        return len(self.rb) >= need
 
     def sample(self, batch_size: int, rng, out):
         return self.rb.sample(batch_size, rng, out=out)
@@ -122,7 +122,12 @@ class Loader(threading.Thread):
                 except queue.Empty:
                     continue
                 t0 = time.perf_counter()
-                out = self.source.sample(self.B, self.rng, buf)
+                try:
+                    out = self.source.sample(self.B, self.rng, buf)
+                except ValueError:             # nothing valid yet (e.g. right after a re-attach)
+                    self.free.put(buf)
+                    time.sleep(0.05)
+                    continue
                 self.sample_s += time.perf_counter() - t0
                 self.full.put(out)
         except BaseException as e:  # surfaced by get(); a learner must not train on nothing silently

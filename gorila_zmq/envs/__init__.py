@@ -12,8 +12,13 @@ import numpy as np
 
 
 def is_atari(name: str) -> bool:
-    """Gymnasium ids carry a version suffix (CartPole-v1); Atari games are ALE ROM names (Pong)."""
-    return not ("-v" in name and not name.startswith("ALE/"))
+    """An ALE game in any spelling (Pong, ALE/Pong-v5, PongNoFrameskip-v4); else a gymnasium id."""
+    from gorila_zmq.envs.atari import UnknownGameError, resolve_game
+    try:
+        resolve_game(name)
+        return True
+    except UnknownGameError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,9 @@ def spec(cfg) -> EnvSpec:
             try:
                 env = gym.make(cfg.env.name)
             except gym.error.Error as e:
-                raise ValueError(f"unknown environment {cfg.env.name!r}: {e}") from None
+                from gorila_zmq.envs.atari import available_games
+                raise ValueError(f"unknown environment {cfg.env.name!r}: not an Atari game (available: "
+                                 f"{', '.join(available_games())}) nor a gymnasium id ({e})") from None
             if not isinstance(env.action_space, gym.spaces.Discrete):
                 raise ValueError(f"{cfg.env.name}: DQN needs a discrete action space, got {env.action_space}")
             shape = tuple(env.observation_space.shape)

@@ -1,0 +1,419 @@
+"""Atari 2600 under the DQN protocol, built straight on ``ale_py.ALEInterface``.
+
+One class does what the usual stack of wrappers (NoopReset, MaxAndSkip, EpisodicLife, FireReset,
+WarpFrame, ClipReward, FrameStack) does, with the screens read into preallocated buffers and the
+preprocessing done by the fused kernel of gorila_zmq.frame:
+
+- action repeat ``frame_skip`` (4), observation = max over the last two frames of the repeat;
+- ALE's grayscale screen (or, with ``luminance="rgb"``, the RGB screen max-pooled then reduced
+  with cv2's 0.299/0.587/0.114 weights: the Nature order), INTER_AREA resize to 84x84;
+- a stack of the last ``frame_stack`` (4) frames, oldest -> newest, (4, 84, 84) uint8;
+- on reset, 1..``noop_max`` (30) random no-op frames, then FIRE for games that wait for it;
+- ``terminal_on_life_loss``: losing a life ends the episode (terminated=True) without resetting
+  the game; the next reset() continues it (a no-op step, then FIRE) unless the game was over;
+- ``clip_rewards``: reward = sign(raw reward); ``info["raw_reward"]`` keeps the score;
+- no sticky actions (``repeat_action_probability=0``); episodes capped at ``max_frames``
+  emulator frames (108,000 for training, 18,000 = 5 minutes for evaluation), reported as
+  truncated=True, never terminated.
+
+``make_atari(game)`` gives the training protocol, ``make_atari(game, evaluation=True)`` the
+evaluation one. ``AtariVectorEnv`` steps several of them for batched inference.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+from ale_py import roms
+from gymnasium import spaces
+
+from gorila_zmq.frame import FrameStack
+
+TRAIN_MAX_FRAMES = 108_000
+EVAL_MAX_FRAMES = 18_000
+
+
+class UnknownGameError(ValueError):
+    """The name matches no ROM that ale-py ships; the message lists the ones it does."""
+
+
+def available_games() -> list[str]:
+    """ROM ids ale-py ships, e.g. 'pong', 'space_invaders'."""
+    return sorted(roms.get_all_rom_ids())
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def resolve_game(name: str) -> str:
+    """The ROM id for 'Pong', 'pong', 'ALE/Pong-v5', 'PongNoFrameskip-v4', 'SpaceInvaders',
+    'space_invaders', ...; UnknownGameError (a ValueError) listing the available ones otherwise."""
+    names = available_games()
+    games = {_key(g): g for g in names}
+    s = name.strip().split("/")[-1] if isinstance(name, str) else ""    # "ALE/Pong-v5" -> "Pong-v5"
+    s = re.sub(r"-v\d+$", "", s)                                          # -> "Pong"
+    s = re.sub(r"(NoFrameskip|Deterministic)$", "", s)                    # gym v4-style suffixes
+    if _key(s) in games:
+        return games[_key(s)]
+    close = difflib.get_close_matches(_key(s), list(games), n=3, cutoff=0.6) if s else []
+    hint = f" Did you mean {', '.join(repr(games[c]) for c in close)}?" if close else ""
+    raise UnknownGameError(f"unknown Atari game {name!r}.{hint} Available ROMs ({len(names)}): "
+                           f"{', '.join(names)}")
+
+
+class AtariEnv(gym.Env):
+    """One Atari game under the DQN protocol (see the module docstring); defaults = training.
+
+    After every step() and reset(), ``last_frame`` is the newest processed (84, 84) frame, the
+    last plane of the observation, as a read-only view (valid until the next step/reset: copy it
+    to keep it). An actor writing a frame-deduplicated replay stores just that frame.
+
+    info (step): lives, episode_frame_number (emulator frames since the game's reset), raw_reward
+    (unclipped), life_lost, game_over (the game itself ended: terminated by the game or truncated
+    by the cap; with life-loss terminals, terminated can be True while game_over is False), and
+    when game_over, episode = {"r": raw score of the whole game, "l": agent steps, "frames": ...}.
+    info (reset): lives, episode_frame_number, noops (no-op frames taken; 0 when the reset
+    continued the game after a life-loss terminal), continued (True in that case).
+
+    Arguments beyond the protocol's: ``screen_size`` (int or (h, w); the exact integer resize
+    supports 84x84 and other sizes whose area weights have small denominators), ``full_action_space``
+    (18 actions instead of the game's minimal set), ``mode``/``difficulty`` (ALE game variants),
+    ``render_mode="rgb_array"``, ``frame_impl`` (None: the compiled kernel unless
+    GORILA_PUREPYTHON=1; "cython" or "numpy" to force one, for benchmarks and tests), ``seed``
+    (seeds the env now, so that a first reset() without a seed equals reset(seed=seed)).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 60}
+
+    def __init__(self, game: str, *, frame_skip: int = 4, frame_stack: int = 4,
+                 screen_size: int | tuple[int, int] = 84, noop_max: int = 30,
+                 fire_reset: bool | None = None, terminal_on_life_loss: bool = True,
+                 clip_rewards: bool = True, max_frames: int | None = TRAIN_MAX_FRAMES,
+                 repeat_action_probability: float = 0.0, full_action_space: bool = False,
+                 luminance: str = "ale", mode: int | None = None, difficulty: int | None = None,
+                 render_mode: str | None = None, frame_impl: str | None = None,
+                 seed: int | None = None, stack_padding: str = "zeros"):
+        if frame_skip < 1 or frame_stack < 1 or noop_max < 0:
+            raise ValueError("frame_skip and frame_stack must be >= 1, noop_max >= 0")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError("max_frames must be >= 1 (or None for no cap)")
+        if luminance not in ("ale", "rgb"):
+            raise ValueError(f"luminance must be 'ale' or 'rgb', not {luminance!r}")
+        if stack_padding not in ("zeros", "repeat"):
+            raise ValueError(f"stack_padding must be 'zeros' or 'repeat', not {stack_padding!r}")
+        self._padding = stack_padding
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', not {render_mode!r}")
+        self.game = resolve_game(game)
+        self._rom = roms.get_rom_path(self.game)
+        self._skip = frame_skip
+        self._noop_max = noop_max
+        self._life_terminal = terminal_on_life_loss
+        self._clip = clip_rewards
+        self._max_frames = max_frames or 0
+        self._sticky = float(repeat_action_probability)
+        self._mode, self._difficulty = mode, difficulty
+        self.render_mode = render_mode
+
+        self.ale = ale_py.ALEInterface()
+        self.ale.setLoggerMode(ale_py.LoggerMode.Error)
+        if seed is not None:            # as reset(seed=seed), without the second ROM load
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+            self._load(int(self._np_random.integers(2**31 - 1)))
+        else:
+            self._load(int(np.random.SeedSequence().generate_state(1)[0] >> 1))
+        self._actions = list(self.ale.getLegalActionSet() if full_action_space
+                             else self.ale.getMinimalActionSet())
+        self._noop = ale_py.Action.NOOP
+        meanings = self.get_action_meanings()
+        can_fire = "FIRE" in meanings and len(meanings) >= 3
+        if fire_reset and not can_fire:
+            raise ValueError(f"fire_reset=True, but {self.game} has no FIRE action")
+        # As the usual FireResetEnv: press FIRE, then action 2, each a full agent step.
+        self._fire = ((self._actions[meanings.index("FIRE")], self._actions[2])
+                      if (can_fire if fire_reset is None else fire_reset) else ())
+
+        h, w = self.ale.getScreenDims()
+        self._frames = FrameStack((h, w), screen_size, frame_stack, rgb=luminance == "rgb",
+                                  impl=frame_impl)
+        self._grab = self.ale.getScreenRGB if luminance == "rgb" else self.ale.getScreenGrayscale
+        self._prev, self._last = self._frames.prev, self._frames.last
+
+        self.action_space = spaces.Discrete(len(self._actions))
+        self.observation_space = spaces.Box(0, 255, self._frames.stack.shape, dtype=np.uint8)
+        self._lives = 0
+        self._game_over = True          # no game running yet: the first reset() starts one
+        self._life_ended = False        # the last step was a life-loss terminal
+        self._ep_return = 0.0
+        self._ep_steps = 0
+
+    # -- gymnasium API --------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._load(int(self.np_random.integers(2**31 - 1)))
+            self._game_over = True
+        if self._life_ended and not self._game_over:
+            info = self._continue()
+        else:
+            info = self._new_game()
+        self._life_ended = False
+        return self._frames.stack.copy(), info
+
+    def step(self, action):
+        reward, terminated, truncated, info = self._step(action)
+        return self._frames.stack.copy(), reward, terminated, truncated, info
+
+    def render(self):
+        if self.render_mode == "rgb_array":
+            return self.ale.getScreenRGB()
+        return None
+
+    def get_action_meanings(self) -> list[str]:
+        return [a.name for a in self._actions]
+
+    @property
+    def last_frame(self) -> np.ndarray:
+        """The newest processed frame (read-only view, valid until the next step/reset)."""
+        return self._frames.newest
+
+    @property
+    def obs_view(self) -> np.ndarray:
+        """The current observation without a copy (read-only view, valid until the next step)."""
+        return self._frames.stack
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _start_stack(self) -> None:
+        # "zeros" (default): the replay memory zero-fills frames before an episode's start, so the
+        # learner sees exactly the stacks the actor acted on; "repeat": gymnasium's padding.
+        if self._padding == "zeros":
+            self._frames.clear_older()
+        else:
+            self._frames.fill()
+
+    def _load(self, ale_seed: int) -> None:
+        """(Re)load the ROM with its settings; ALE reads them at load time."""
+        ale = self.ale
+        ale.setInt("random_seed", ale_seed)
+        ale.setFloat("repeat_action_probability", self._sticky)
+        ale.setInt("max_num_frames_per_episode", self._max_frames)
+        ale.loadROM(str(self._rom))
+        if self._mode is not None:
+            ale.setMode(self._mode)
+        if self._difficulty is not None:
+            ale.setDifficulty(self._difficulty)
+
+    def _advance(self, action) -> tuple[int, bool]:
+        """One agent step: repeat `action`, read the last two screens, push the pooled frame.
+        Returns (raw reward, game over). A game that ends early is observed on its last frame."""
+        ale, skip, grab = self.ale, self._skip, self._grab
+        reward = 0
+        for i in range(skip):
+            reward += ale.act(action)
+            if ale.game_over():
+                grab(self._last)
+                # prev holds frame skip-2 only when the game ended on the repeat's last frame
+                self._frames.push(skip > 1 and i == skip - 1)
+                return reward, True
+            if i == skip - 2:
+                grab(self._prev)
+        grab(self._last)
+        self._frames.push(skip > 1)
+        return reward, False
+
+    def _step(self, action) -> tuple[float, bool, bool, dict]:
+        """step() without building the observation (the vector env copies the stack itself)."""
+        if not 0 <= action < len(self._actions):
+            raise ValueError(f"action {action!r} outside 0..{len(self._actions) - 1}")
+        if self._game_over:
+            raise RuntimeError("the game is over: call reset() before step()")
+        self._life_ended = False        # reset() continues a game only right after a life-loss terminal
+        raw, over = self._advance(self._actions[action])
+        self._ep_return += raw
+        self._ep_steps += 1
+        ale = self.ale
+        lives = ale.lives()
+        life_lost = lives < self._lives
+        terminated = truncated = False
+        if over:
+            terminated = ale.game_over(with_truncation=False)
+            truncated = not terminated
+            self._game_over = True
+        # As EpisodicLifeEnv: lives == 0 is left to the game's own game over (Q*bert lingers there).
+        if self._life_terminal and 0 < lives < self._lives:
+            terminated = True
+            self._life_ended = True
+        self._lives = lives
+        frame_no = ale.getEpisodeFrameNumber()
+        info = {"lives": lives, "episode_frame_number": frame_no, "raw_reward": float(raw),
+                "life_lost": life_lost, "game_over": over}
+        if over:
+            info["episode"] = {"r": self._ep_return, "l": self._ep_steps, "frames": frame_no}
+        reward = float((raw > 0) - (raw < 0)) if self._clip else float(raw)
+        return reward, terminated, truncated, info
+
+    def _new_game(self) -> dict:
+        ale = self.ale
+        ale.reset_game()
+        noops = int(self.np_random.integers(1, self._noop_max + 1)) if self._noop_max else 0
+        for _ in range(noops):
+            ale.act(self._noop)
+            if ale.game_over():
+                ale.reset_game()
+        self._grab(self._last)
+        self._frames.push(False)
+        self._game_over = False
+        self._ep_return, self._ep_steps = 0.0, 0
+        if self._fire and self._press_fire():
+            return self._new_game()
+        self._start_stack()
+        self._lives = ale.lives()
+        return {"lives": self._lives, "episode_frame_number": ale.getEpisodeFrameNumber(),
+                "noops": noops, "continued": False}
+
+    def _continue(self) -> dict:
+        """After a life-loss terminal: a no-op step (and FIRE) instead of a reset."""
+        raw, over = self._advance(self._noop)
+        self._ep_return += raw
+        if over or (self._fire and self._press_fire()):
+            return self._new_game()
+        self._start_stack()
+        self._lives = self.ale.lives()
+        return {"lives": self._lives, "episode_frame_number": self.ale.getEpisodeFrameNumber(),
+                "noops": 0, "continued": True}
+
+    def _press_fire(self) -> bool:
+        """The FireReset presses; True when the game ended meanwhile (then start a new one)."""
+        for action in self._fire:
+            raw, over = self._advance(action)
+            self._ep_return += raw
+            if over:
+                return True
+        return False
+
+
+def make_atari(game: str, *, evaluation: bool = False, **overrides) -> AtariEnv:
+    """The DQN protocol: training = life-loss terminals, rewards clipped to their sign, episodes
+    capped at 108,000 frames; evaluation = whole games, raw rewards, 18,000 frames (5 minutes).
+    Both: up to 30 no-op starts, no sticky actions, frame skip 4 with max-pooling, 84x84, stack 4.
+    Keyword overrides go to AtariEnv."""
+    kw: dict[str, Any] = dict(terminal_on_life_loss=not evaluation, clip_rewards=not evaluation,
+                              max_frames=EVAL_MAX_FRAMES if evaluation else TRAIN_MAX_FRAMES)
+    kw.update(overrides)
+    return AtariEnv(game, **kw)
+
+
+class AtariVectorEnv(gym.vector.VectorEnv):
+    """``num_envs`` AtariEnvs stepped one after another in this process, for batched inference.
+
+    step(actions) returns obs (E, 4, 84, 84) uint8, rewards (E,) float32, terminated and truncated
+    (E,) bool, and info. Finished envs reset in the same step (gymnasium's SAME_STEP autoreset):
+    for such an env, obs[i] is already the first observation of its next episode (after a
+    life-loss terminal: of the continued game), and the observation it finished on is in
+    ``info["final_obs"][i]``, flagged by ``info["_final_obs"][i]`` (both present only on steps
+    where some env finished; unflagged rows are zeros). The newest frame of every env is
+    ``obs[:, -1]`` (``last_frames``), so an actor writing frames to replay stores
+    ``info["final_obs"][i, -1]`` as the last frame of the finished episode and ``obs[i, -1]`` as
+    the first of the next one.
+
+    info arrays (E,): lives, episode_frame_number, raw_reward, life_lost, game_over — all from the
+    step itself, before any reset; when some game ended: episode = {"r", "l", "frames"} arrays
+    with the mask ``_episode``. ``copy=False`` returns the internal obs buffer (overwritten by the
+    next step) instead of a copy. ``seed`` (here or in reset) seeds env i with seed + i; other
+    keyword arguments go to make_atari / AtariEnv.
+    """
+
+    def __init__(self, game: str, num_envs: int, *, copy: bool = True, evaluation: bool = False,
+                 seed: int | None = None, **env_kwargs):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.envs = [make_atari(game, evaluation=evaluation,
+                                seed=None if seed is None else seed + i, **env_kwargs)
+                     for i in range(num_envs)]
+        env = self.envs[0]
+        self.num_envs = num_envs
+        self.copy = copy
+        self.single_observation_space = env.observation_space
+        self.single_action_space = env.action_space
+        self.observation_space = gym.vector.utils.batch_space(env.observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(env.action_space, num_envs)
+        self.metadata = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        self.render_mode = None
+        self._obs = np.zeros((num_envs, *env.observation_space.shape), dtype=np.uint8)
+        self._rewards = np.zeros(num_envs, dtype=np.float32)
+        self._terminated = np.zeros(num_envs, dtype=bool)
+        self._truncated = np.zeros(num_envs, dtype=bool)
+
+    @property
+    def last_frames(self) -> np.ndarray:
+        """(E, 84, 84) view of every env's newest frame (valid until the next step)."""
+        return self._obs[:, -1]
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        if seed is None or isinstance(seed, (int, np.integer)):
+            seeds = [None if seed is None else int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"{len(seeds)} seeds for {self.num_envs} envs")
+        E = self.num_envs
+        info = {"lives": np.zeros(E, np.int32), "episode_frame_number": np.zeros(E, np.int64),
+                "noops": np.zeros(E, np.int32)}
+        for i, (env, s) in enumerate(zip(self.envs, seeds)):
+            _, inf = env.reset(seed=s, options=options)
+            self._obs[i] = env._frames.stack
+            for key in info:
+                info[key][i] = inf[key]
+        return (self._obs.copy() if self.copy else self._obs), info
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
+        if actions.min() < 0 or actions.max() >= self.single_action_space.n:
+            raise ValueError(f"actions {actions} outside 0..{self.single_action_space.n - 1}")
+        E = self.num_envs
+        lives = np.zeros(E, np.int32)
+        frame_no = np.zeros(E, np.int64)
+        raw = np.zeros(E, np.float32)
+        life_lost = np.zeros(E, bool)
+        game_over = np.zeros(E, bool)
+        info: dict[str, Any] = {}
+        for i, env in enumerate(self.envs):
+            r, term, trunc, inf = env._step(int(actions[i]))
+            self._rewards[i], self._terminated[i], self._truncated[i] = r, term, trunc
+            lives[i], frame_no[i], raw[i] = inf["lives"], inf["episode_frame_number"], inf["raw_reward"]
+            life_lost[i], game_over[i] = inf["life_lost"], inf["game_over"]
+            if term or trunc:
+                if "final_obs" not in info:
+                    info["final_obs"] = np.zeros_like(self._obs)
+                    info["_final_obs"] = np.zeros(E, bool)
+                info["final_obs"][i] = env._frames.stack
+                info["_final_obs"][i] = True
+                if inf["game_over"]:
+                    if "episode" not in info:
+                        info["episode"] = {"r": np.zeros(E), "l": np.zeros(E, np.int64),
+                                           "frames": np.zeros(E, np.int64)}
+                        info["_episode"] = np.zeros(E, bool)
+                    for key in ("r", "l", "frames"):
+                        info["episode"][key][i] = inf["episode"][key]
+                    info["_episode"][i] = True
+                env.reset()
+            self._obs[i] = env._frames.stack
+        info.update(lives=lives, episode_frame_number=frame_no, raw_reward=raw,
+                    life_lost=life_lost, game_over=game_over)
+        if self.copy:
+            return (self._obs.copy(), self._rewards.copy(), self._terminated.copy(),
+                    self._truncated.copy(), info)
+        return self._obs, self._rewards, self._terminated, self._truncated, info
+
+    def close_extras(self, **kwargs):
+        for env in self.envs:
+            env.close()

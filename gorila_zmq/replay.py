@@ -1,0 +1,752 @@
+"""Shared-memory replay memory: one writer process (an actor, or a replay server), many reader
+processes (learners) on one host, each frame stored once, stacks and n-step returns rebuilt at sample
+time straight into a caller's preallocated batch.
+
+Writer (the process that steps the environments)::
+
+    rb = ReplayMemory(1_000_000, frame_shape=(84, 84), stack=4, dtype=np.uint8,
+                      n_step=1, gamma=0.99, lanes=1, name=None)   # creates the segment (rb.name)
+    rb.start_episode(first_frame, lane=0)          # the frame observed at reset
+    rb.add(action, reward, next_frame, terminated, truncated, lane=0)   # after every step
+    rb.add_batch(actions, rewards, next_frames, terminated, truncated, lanes=None)  # E steps at once
+
+Frames are single frames (84x84 for Atari), never stacks: the memory stacks them. For vector
+observations use frame_shape=(4,), dtype=np.float32, stack=1. Continuous actions: action_shape=(A,),
+action_dtype=np.float32 (default: scalar int64).
+
+Reader (any process on the same host)::
+
+    rb = ReplayMemory.attach(name)                 # validates the header; never unlinks it
+    batch = rb.allocate_batch(32)                  # pinned torch memory when CUDA is present
+    rb.sample(32, rng, out=batch)                  # fills batch in place (GIL released while copying)
+    batch.obs, batch.action, batch.reward, batch.discount, batch.next_obs, batch.index
+    t = batch.as_tensors()                          # torch views (the pinned tensors themselves)
+
+Batch fields, for B = batch_size: obs and next_obs (B, *rb.obs_shape) of `dtype`, where obs_shape is
+(stack, *frame_shape), or frame_shape when stack == 1; action (B, *action_shape); reward float32, the
+n-step return r_t + g r_{t+1} + ... + g^(k-1) r_{t+k-1}; discount float32, g^k, or 0 when the episode
+terminated within the k steps; index int64, the slot of obs's newest frame (lane = index //
+rb.lane_capacity). k = n_step, or fewer where the episode ends first: a window never extends past an
+episode end. At a truncation, next_obs is the real final observation and discount is g^k > 0
+(bootstrap); at a termination it is 0. Frames from before an episode's first frame are zeros.
+
+Sampling is uniform over the valid transitions of all lanes: transitions whose n-step window is
+fully written and within one episode, whose stack is still retained, and that do not touch the slot
+the writer overwrites next.
+
+Lanes: `lanes=E` splits the capacity into E independent rings (lane_capacity = capacity // E each),
+one per episode stream, so an actor stepping E environments writes into one memory. With a
+gymnasium vector env (autoreset NEXT_STEP), per step: call start_episode(obs[i], lane=i) for the envs
+whose previous step ended (that step is their reset), add_batch(..., lanes=the others) for the rest.
+
+Storage (gorila_zmq/_ext/replay from ext/replay.pyx, or _NumpyCore): each lane is a ring of slots;
+a slot holds one frame plus the action, reward and flags of the transition that led to it (START
+marks an episode's first frame: no transition). An episode of T steps takes T + 1 slots; `capacity`
+counts slots. Per slot: frame bytes + action bytes + 4 (reward) + 1 (flags), 7,069 bytes for Atari.
+
+Concurrency (seqlock): per lane, a monotonically increasing counter of slots written lives in the
+header; the writer publishes it (release store) after writing a slot. A reader snapshots the
+counters, draws and gathers, then re-reads them and redraws every row whose lowest slot may have been
+overwritten in between. A handle is safe to share between threads for sampling as long as each
+thread samples into its own batch; only one process (and thread) may write.
+
+Ownership: the creating handle owns the segment: `unlink()` (or leaving the `with` block) destroys
+its name, and Python's resource tracker unlinks it if the creator dies. Attached handles are not
+tracked (Python 3.11's tracker would otherwise unlink the segment when a reader exits). Pickling a
+handle (e.g. as an argument to a spawned process) attaches in the receiver.
+
+GORILA_PUREPYTHON=1 selects the NumPy implementation; both share the segment layout, so a Cython
+writer and a NumPy reader interoperate.
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import secrets
+import struct
+import sys
+import threading
+import weakref
+from dataclasses import dataclass, field, fields
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from gorila_zmq._native import load_ext, try_load_ext
+
+__all__ = ["ReplayMemory", "Batch", "IMPLEMENTATION", "START", "TERMINATED", "TRUNCATED"]
+
+_ext = load_ext("replay")
+IMPLEMENTATION = "numpy" if _ext is None else "cython"
+
+# Slot flags (the same values in ext/replay.pyx).
+START, TERMINATED, TRUNCATED = 1, 2, 4
+_ENDED = TERMINATED | TRUNCATED
+
+MAGIC = b"GZREPLAY"
+VERSION = 1
+_HEADER_BYTES = 512
+# magic, version, header bytes | lanes, lane capacity, stack, n_step | gamma |
+# frame dtype, ndim, shape[8] | action dtype, ndim, shape[4] | total bytes
+_HEAD = struct.Struct("<8sII qqqq d 16sq8q 16sq4q q")
+_MAX_FRAME_NDIM, _MAX_ACTION_NDIM = 8, 4
+_MAX_ROUNDS = 10_000      # seqlock redraw rounds before giving up (a writer lapping every gather)
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class _Layout:
+    lanes: int
+    lane_capacity: int
+    stack: int
+    n_step: int
+    gamma: float
+    frame_shape: tuple
+    dtype: np.dtype
+    action_shape: tuple
+    action_dtype: np.dtype
+
+    @property
+    def frame_nbytes(self) -> int:
+        return int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def action_nbytes(self) -> int:
+        return int(np.prod(self.action_shape, dtype=np.int64)) * self.action_dtype.itemsize
+
+    def offsets(self) -> dict[str, int]:
+        n = self.lanes * self.lane_capacity
+        o = {"writes": _HEADER_BYTES, "episodes": _HEADER_BYTES + 8 * self.lanes}
+        o["frames"] = _align(o["episodes"] + 8 * self.lanes, 4096)
+        o["actions"] = _align(o["frames"] + n * self.frame_nbytes, 64)
+        o["rewards"] = _align(o["actions"] + n * self.action_nbytes, 64)
+        o["flags"] = _align(o["rewards"] + 4 * n, 64)
+        o["total"] = o["flags"] + n
+        return o
+
+    def pack(self, total: int) -> bytes:
+        fs = list(self.frame_shape) + [0] * (_MAX_FRAME_NDIM - len(self.frame_shape))
+        acs = list(self.action_shape) + [0] * (_MAX_ACTION_NDIM - len(self.action_shape))
+        return _HEAD.pack(MAGIC, VERSION, _HEADER_BYTES, self.lanes, self.lane_capacity, self.stack,
+                          self.n_step, self.gamma, self.dtype.str.encode(), len(self.frame_shape), *fs,
+                          self.action_dtype.str.encode(), len(self.action_shape), *acs, total)
+
+    @staticmethod
+    def unpack(raw: bytes, name: str) -> tuple["_Layout", int]:
+        v = _HEAD.unpack_from(raw)
+        if v[0] != MAGIC:
+            raise ValueError(f"shared memory {name!r} is not a gorila-zmq replay memory "
+                             f"(magic {v[0]!r}, or it is still being created)")
+        if v[1] != VERSION or v[2] != _HEADER_BYTES:
+            raise ValueError(f"replay memory {name!r} has layout version {v[1]}, this code reads {VERSION}")
+        lanes, lcap, stack, n_step, gamma = v[3:8]
+        fdt, fnd = v[8], v[9]
+        fshape = v[10:10 + _MAX_FRAME_NDIM]
+        i = 10 + _MAX_FRAME_NDIM
+        adt, and_ = v[i], v[i + 1]
+        ashape = v[i + 2:i + 2 + _MAX_ACTION_NDIM]
+        total = v[-1]
+        try:
+            if not (0 <= fnd <= _MAX_FRAME_NDIM and 0 <= and_ <= _MAX_ACTION_NDIM):
+                raise ValueError("bad ndim")
+            lay = _Layout(lanes, lcap, stack, n_step, gamma, tuple(fshape[:fnd]),
+                          _check_dtype(fdt.rstrip(b"\0").decode()), tuple(ashape[:and_]),
+                          _check_dtype(adt.rstrip(b"\0").decode()))
+            _validate_params(lay)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"replay memory {name!r} has a corrupt header: {e}") from None
+        return lay, total
+
+
+def _check_dtype(dt) -> np.dtype:
+    d = np.dtype(dt)
+    if d.kind not in "biuf" or d.hasobject:
+        raise ValueError(f"dtype must be a plain numeric dtype, got {d}")
+    return d
+
+
+def _validate_params(lay: _Layout) -> None:
+    if lay.lanes < 1:
+        raise ValueError(f"lanes must be >= 1, got {lay.lanes}")
+    if lay.stack < 1 or lay.n_step < 1:
+        raise ValueError(f"stack and n_step must be >= 1, got stack={lay.stack}, n_step={lay.n_step}")
+    if lay.lane_capacity < lay.n_step + 2:
+        raise ValueError(f"each lane needs at least n_step + 2 = {lay.n_step + 2} slots "
+                         f"(capacity // lanes is {lay.lane_capacity})")
+    if not (0.0 <= lay.gamma <= 1.0) or math.isnan(lay.gamma):
+        raise ValueError(f"gamma must be in [0, 1], got {lay.gamma}")
+    for what, shape, mx in (("frame_shape", lay.frame_shape, _MAX_FRAME_NDIM),
+                            ("action_shape", lay.action_shape, _MAX_ACTION_NDIM)):
+        if len(shape) > mx or any(int(s) < 1 for s in shape):
+            raise ValueError(f"{what} must have at most {mx} positive dims, got {shape}")
+    if lay.frame_nbytes < 1:
+        raise ValueError("frames must not be empty")
+
+
+# ---------------------------------------------------------------- shared memory
+
+_attach_lock = threading.Lock()
+_open_handles: "weakref.WeakSet[ReplayMemory]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_handles() -> None:
+    # Unmap before interpreter teardown, which would otherwise close the segment while NumPy views
+    # of it are alive ("BufferError: cannot close exported pointers exist").
+    for rb in list(_open_handles):
+        rb.close()
+
+
+def _open_untracked(name: str) -> shared_memory.SharedMemory:
+    """Attach without registering with the resource tracker, which would unlink the segment when
+    this (reader) process exits; unregistering afterwards is not enough, because spawned children
+    share their parent's tracker and a shared registration would be dropped for the creator too."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    with _attach_lock:
+        register = resource_tracker.register
+        resource_tracker.register = lambda *a, **k: None
+        try:
+            return shared_memory.SharedMemory(name=name)
+        finally:
+            resource_tracker.register = register
+
+
+def _check_shm_space(nbytes: int) -> None:
+    """A tmpfs smaller than the segment (docker's 64 MB /dev/shm) fails with SIGBUS on first write
+    past the limit, long after creation; fail here instead, with the fix."""
+    if not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"):
+        return
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise MemoryError(f"replay memory needs {nbytes / 2**30:.2f} GiB of shared memory but /dev/shm "
+                          f"has {free / 2**30:.2f} GiB free (in docker: --shm-size)")
+
+
+# ---------------------------------------------------------------- batches
+
+@dataclass(eq=False)
+class Batch:
+    """One minibatch, filled in place by ReplayMemory.sample (see the module docstring)."""
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    discount: np.ndarray
+    next_obs: np.ndarray
+    index: np.ndarray
+    _tensors: "Batch | None" = field(default=None, repr=False)
+    _scratch: dict | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.reward.shape[0]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def as_tensors(self) -> "Batch":
+        """The same memory as torch tensors (no copy): the pinned tensors when allocated pinned.
+
+        With pinned memory, copy to the GPU with .to(device, non_blocking=True) and do not sample
+        into this batch again before that copy has finished (double-buffer two batches)."""
+        if self._tensors is None:
+            import torch
+            self._tensors = Batch(**{k: torch.from_numpy(v) for k, v in self.arrays().items()})
+        return self._tensors
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------- NumPy implementation
+
+class _NumpyCore:
+    """ext/replay.pyx's Core in NumPy: the same segment layout, the same results."""
+
+    def __init__(self, seg, off_writes, off_episodes, off_frames, off_actions, off_rewards, off_flags,
+                 lanes, cap, stack, nstep, fb, ab, gamma):
+        n = lanes * cap
+        self.writes = seg[off_writes:off_writes + 8 * lanes].view(np.int64)
+        self.episodes = seg[off_episodes:off_episodes + 8 * lanes].view(np.int64)
+        self.frames = seg[off_frames:off_frames + n * fb].reshape(lanes, cap, fb)
+        self.actions = seg[off_actions:off_actions + n * ab].reshape(lanes, cap, ab)
+        self.rewards = seg[off_rewards:off_rewards + 4 * n].view(np.float32).reshape(lanes, cap)
+        self.flags = seg[off_flags:off_flags + n].reshape(lanes, cap)
+        self.lanes, self.cap, self.stack, self.nstep = lanes, cap, stack, nstep
+        self.fb, self.ab, self.gamma = fb, ab, gamma
+
+    def release(self):
+        self.writes = self.episodes = self.frames = self.actions = self.rewards = self.flags = None
+
+    # writer
+    def write(self, lane, frame, action, reward, flags):
+        cap, lf = self.cap, self.flags[lane]
+        w = int(self.writes[lane])
+        last = (w - 1) % cap
+        open_ = w > 0 and not (lf[last] & _ENDED)
+        slot = w % cap
+        if flags & START:
+            if open_:
+                lf[last] |= TRUNCATED
+            self.actions[lane, slot] = 0
+            self.rewards[lane, slot] = 0
+            self.episodes[lane] += 1
+        else:
+            if not open_:
+                return False
+            self.actions[lane, slot] = np.ravel(action).view(np.uint8)
+            self.rewards[lane, slot] = reward
+        self.frames[lane, slot] = np.ravel(frame).view(np.uint8)
+        lf[slot] = flags
+        self.writes[lane] = w + 1        # publish after the data (numpy calls are not reordered)
+        return True
+
+    def write_many(self, lanes, frames, actions, rewards, flags):
+        for i in range(lanes.shape[0]):
+            if not self.write(int(lanes[i]), frames[i], actions[i], rewards[i], int(flags[i])):
+                return i
+        return -1
+
+    # readers
+    def snapshot(self, w, lo, cum):
+        np.copyto(w, self.writes)
+        np.maximum(w - self.cap + 1, 0, out=lo)
+        cnt = w - lo
+        cum[0] = 0
+        np.cumsum(cnt[:-1], out=cum[1:])
+        return int(cnt.sum())
+
+    def _valid(self, lane, L, w, lo):
+        cap, lf = self.cap, self.flags
+        ok = (L >= lo) & (L + 1 <= w - 1)
+        k = np.full(L.shape, self.nstep, np.int64)
+        term = np.zeros(L.shape, bool)
+        ended = np.zeros(L.shape, bool)
+        for i in range(1, self.nstep + 1):
+            x = L + i
+            ok &= ~(~ended & (x > w - 1))
+            f = lf[lane, x % cap]
+            live = ok & ~ended
+            ok &= ~(live & ((f & START) != 0))
+            e = ok & live & ((f & _ENDED) != 0)
+            k[e] = i
+            term |= e & ((f & TERMINATED) != 0)
+            ended |= e
+        low = L.copy()
+        stop = np.zeros(L.shape, bool)
+        for _ in range(self.stack - 1):
+            stop |= ~ok | ((lf[lane, low % cap] & START) != 0)
+            low -= ~stop
+            ok &= ~(~stop & (low < lo))
+        return ok, k, term, low
+
+    def gather(self, x, total, w, lo, cum, rows, filled, obs, next_obs, action, reward, discount,
+               index, row_lane, row_low):
+        want = rows.shape[0] - filled
+        if want <= 0 or x.shape[0] == 0:
+            return filled
+        u = np.minimum((x * total).astype(np.int64), total - 1)
+        lane = np.searchsorted(cum, u, side="right") - 1
+        L = lo[lane] + (u - cum[lane])
+        ok, k, term, low = self._valid(lane, L, w[lane], lo[lane])
+        sel = np.flatnonzero(ok)[:want]
+        if sel.size == 0:
+            return filled
+        lane, L, k, term, low = lane[sel], L[sel], k[sel], term[sel], low[sel]
+        r = rows[filled:filled + sel.size]
+        B, S, cap = reward.shape[0], self.stack, self.cap
+        back = (S - 1 - np.arange(S))[None, :]
+        for out, top in ((obs, L), (next_obs, L + k)):
+            x = top[:, None] - back
+            g = self.frames[lane[:, None], x % cap]
+            g[x < low[:, None]] = 0                       # before the episode's first frame
+            out.reshape(B, -1).view(np.uint8).reshape(B, S, self.fb)[r] = g
+        action.reshape(B, -1).view(np.uint8)[r] = self.actions[lane, (L + 1) % cap]
+        ret = np.zeros(sel.size)
+        g = np.ones(sel.size)
+        for i in range(1, self.nstep + 1):
+            act = i <= k
+            ret = np.where(act, ret + g * self.rewards[lane, (L + i) % cap].astype(np.float64), ret)
+            g = np.where(act, g * self.gamma, g)
+        reward[r] = ret
+        discount[r] = np.where(term, 0.0, g)
+        index[r] = lane * cap + L % cap
+        row_lane[r] = lane
+        row_low[r] = low
+        return filled + sel.size
+
+    def torn(self, rows, n, row_lane, row_low, out):
+        rr = rows[:n]
+        bad = rr[row_low[rr] <= self.writes.copy()[row_lane[rr]] - self.cap]
+        out[:bad.size] = bad
+        return bad.size
+
+    def valid_u(self, w, lo, cum, out=None):
+        n = 0
+        for l in range(self.lanes):
+            for a in range(int(lo[l]), int(w[l]), 1 << 16):
+                L = np.arange(a, min(a + (1 << 16), int(w[l])), dtype=np.int64)
+                lane = np.full(L.shape, l, np.int64)
+                ok = self._valid(lane, L, w[lane], lo[lane])[0]
+                u = cum[l] + (L[ok] - lo[l])
+                if out is not None:
+                    out[n:n + u.size] = u
+                n += u.size
+        return n
+
+
+# ---------------------------------------------------------------- the memory
+
+class ReplayMemory:
+    """A frame-deduplicated replay ring in shared memory (see the module docstring)."""
+
+    def __init__(self, capacity: int, frame_shape=(84, 84), stack: int = 4, dtype=np.uint8,
+                 n_step: int = 1, gamma: float = 0.99, lanes: int = 1, name: str | None = None, *,
+                 action_shape=(), action_dtype=np.int64, impl: str | None = None):
+        """Create the segment. capacity counts slots (frames) across all lanes; each lane gets
+        capacity // lanes. impl ("cython"/"numpy") overrides GORILA_PUREPYTHON, for tests."""
+        capacity, lanes = int(capacity), int(lanes)
+        frame_shape = (frame_shape,) if isinstance(frame_shape, (int, np.integer)) else frame_shape
+        if lanes < 1 or capacity < lanes:
+            raise ValueError(f"need capacity >= lanes >= 1, got capacity={capacity}, lanes={lanes}")
+        lay = _Layout(lanes, capacity // lanes, int(stack), int(n_step), float(gamma),
+                      tuple(int(s) for s in frame_shape),
+                      _check_dtype(dtype), tuple(int(s) for s in action_shape),
+                      _check_dtype(action_dtype))
+        _validate_params(lay)
+        off = lay.offsets()
+        _check_shm_space(off["total"])
+        name = name or f"gzrb_{os.getpid()}_{secrets.token_hex(4)}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=off["total"])
+        try:
+            head = lay.pack(off["total"])
+            shm.buf[8:len(head)] = head[8:]
+            shm.buf[_HEADER_BYTES:off["frames"]] = bytes(off["frames"] - _HEADER_BYTES)
+            shm.buf[:8] = MAGIC                  # last: an attacher never sees a half-made header
+            self._setup(shm, lay, owner=True, impl=impl)
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            raise
+
+    @classmethod
+    def attach(cls, name: str, *, impl: str | None = None, **expect) -> "ReplayMemory":
+        """Open an existing memory by name (any process on the host). Keyword arguments, e.g.
+        frame_shape=(84, 84), stack=4, dtype=np.uint8, are checked against its header."""
+        shm = _open_untracked(name)
+        try:
+            if shm.size < _HEAD.size:
+                raise ValueError(f"shared memory {name!r} ({shm.size} bytes) is too small to be a "
+                                 f"gorila-zmq replay memory")
+            lay, total = _Layout.unpack(bytes(shm.buf[:_HEAD.size]), name)
+            if total != lay.offsets()["total"] or shm.size < total:
+                raise ValueError(f"replay memory {name!r}: header says {total} bytes, layout needs "
+                                 f"{lay.offsets()['total']}, segment has {shm.size}")
+            self = cls.__new__(cls)
+            self._setup(shm, lay, owner=False, impl=impl)
+        except BaseException:
+            shm.close()
+            raise
+        for key, want in expect.items():
+            have = getattr(self, key, None) if not key.startswith("_") else None
+            ok = (np.dtype(want) == have if key in ("dtype", "action_dtype") else
+                  tuple(want) == have if key in ("frame_shape", "action_shape") else want == have)
+            if not ok:
+                self.close()
+                raise ValueError(f"replay memory {name!r} has {key}={have!r}, expected {want!r}")
+        return self
+
+    def _setup(self, shm, lay: _Layout, owner: bool, impl: str | None) -> None:
+        if impl is None:
+            ext = _ext
+        elif impl == "cython":
+            ext = try_load_ext("replay")
+            if ext is None:
+                raise ImportError("the compiled replay kernel is not built (python setup.py build_ext --inplace)")
+        elif impl == "numpy":
+            ext = None
+        else:
+            raise ValueError(f"impl must be 'cython', 'numpy' or None, got {impl!r}")
+        self._shm, self._lay, self._owner = shm, lay, owner
+        self.implementation = "numpy" if ext is None else "cython"
+        off = lay.offsets()
+        self._seg = np.frombuffer(shm.buf, np.uint8, count=off["total"])
+        self._writes = self._seg[off["writes"]:off["writes"] + 8 * lay.lanes].view(np.int64)
+        self._episodes = self._seg[off["episodes"]:off["episodes"] + 8 * lay.lanes].view(np.int64)
+        core_cls = _NumpyCore if ext is None else ext.Core
+        self._core = core_cls(self._seg, off["writes"], off["episodes"], off["frames"], off["actions"],
+                              off["rewards"], off["flags"], lay.lanes, lay.lane_capacity, lay.stack,
+                              lay.n_step, lay.frame_nbytes, lay.action_nbytes, lay.gamma)
+        self._zero_action = np.zeros(lay.action_nbytes, np.uint8)
+        self._rng = np.random.default_rng()
+        self._detect_torn = True          # tests switch it off to show that detection is needed
+        self._torn_redraws = 0
+        _open_handles.add(self)
+
+    # ------------------------------------------------------------ properties
+
+    name = property(lambda self: self._shm.name.lstrip("/"))
+    capacity = property(lambda self: self._lay.lanes * self._lay.lane_capacity)
+    lane_capacity = property(lambda self: self._lay.lane_capacity)
+    lanes = property(lambda self: self._lay.lanes)
+    frame_shape = property(lambda self: self._lay.frame_shape)
+    stack = property(lambda self: self._lay.stack)
+    dtype = property(lambda self: self._lay.dtype)
+    n_step = property(lambda self: self._lay.n_step)
+    gamma = property(lambda self: self._lay.gamma)
+    action_shape = property(lambda self: self._lay.action_shape)
+    action_dtype = property(lambda self: self._lay.action_dtype)
+    owner = property(lambda self: self._owner)
+    nbytes = property(lambda self: self._lay.offsets()["total"])
+
+    @property
+    def obs_shape(self) -> tuple:
+        """Per-sample obs shape: (stack, *frame_shape), or frame_shape when stack == 1."""
+        lay = self._lay
+        return lay.frame_shape if lay.stack == 1 else (lay.stack, *lay.frame_shape)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return self._lay.frame_nbytes + self._lay.action_nbytes + 5
+
+    def _live(self):
+        if self._core is None:
+            raise ValueError("replay memory is closed")
+        return self._core
+
+    def __len__(self) -> int:
+        """Slots in use (frames stored): about the transitions stored, plus one per episode."""
+        return int(np.minimum(self._writes_now(), self._lay.lane_capacity).sum())
+
+    def _writes_now(self) -> np.ndarray:
+        self._live()
+        return self._writes.copy()
+
+    def stats(self) -> dict:
+        w, ep = self._writes_now(), self._episodes.copy()
+        return {"capacity": self.capacity, "lanes": self.lanes, "size": len(self),
+                "frames_written": int(w.sum()), "episodes": int(ep.sum()),
+                "transitions_added": int((w - ep).sum()), "bytes": self.nbytes,
+                "torn_redraws": self._torn_redraws, "implementation": self.implementation}
+
+    # ------------------------------------------------------------ writer
+
+    def _lane(self, lane) -> int:
+        lane = int(lane)
+        if not 0 <= lane < self._lay.lanes:
+            raise IndexError(f"lane {lane} out of range [0, {self._lay.lanes})")
+        return lane
+
+    def _frame(self, frame, lead: tuple = ()) -> np.ndarray:
+        f = np.ascontiguousarray(frame, dtype=self._lay.dtype)
+        if f.shape != lead + self._lay.frame_shape:
+            raise ValueError(f"frame shape {f.shape} != {lead + self._lay.frame_shape}")
+        return f
+
+    def start_episode(self, first_frame, lane: int = 0) -> None:
+        """Begin an episode on `lane` with the frame observed at reset. An episode still open on
+        that lane (no terminated/truncated step) is ended as truncated at its last frame."""
+        self._live().write(self._lane(lane), self._frame(first_frame), self._zero_action, 0.0, START)
+
+    def add(self, action, reward: float, next_frame, terminated: bool, truncated: bool,
+            lane: int = 0) -> None:
+        """Record one step of `lane`: the action taken, its reward, and the frame it produced."""
+        a = np.asarray(action, dtype=self._lay.action_dtype)   # (ascontiguousarray makes 0-d 1-d)
+        if not a.flags.c_contiguous:
+            a = a.copy()
+        if a.shape != self._lay.action_shape:
+            raise ValueError(f"action shape {a.shape} != {self._lay.action_shape}")
+        fl = (TERMINATED if terminated else 0) | (TRUNCATED if truncated else 0)
+        lane = self._lane(lane)
+        if not self._live().write(lane, self._frame(next_frame), a, float(reward), fl):
+            raise RuntimeError(f"add: lane {lane} has no open episode; call start_episode first")
+
+    def add_batch(self, action, reward, next_frame, terminated, truncated, lanes=None) -> None:
+        """add() for E steps at once, in order: entry i goes to lanes[i] (default: lane i)."""
+        f = np.ascontiguousarray(next_frame, dtype=self._lay.dtype)
+        E = f.shape[0] if f.ndim > len(self._lay.frame_shape) else -1
+        f = self._frame(f, (E,))
+        a = np.ascontiguousarray(action, dtype=self._lay.action_dtype)
+        if a.shape != (E, *self._lay.action_shape):
+            raise ValueError(f"action shape {a.shape} != {(E, *self._lay.action_shape)}")
+        r = np.ascontiguousarray(np.broadcast_to(np.asarray(reward, np.float32), (E,)))
+        fl = (np.where(np.broadcast_to(terminated, (E,)), TERMINATED, 0)
+              | np.where(np.broadcast_to(truncated, (E,)), TRUNCATED, 0)).astype(np.uint8)
+        ln = np.arange(E, dtype=np.int64) if lanes is None else np.ascontiguousarray(lanes, np.int64)
+        if ln.shape != (E,) or (E and (ln.min() < 0 or ln.max() >= self._lay.lanes)):
+            raise IndexError(f"lanes must be {E} indices in [0, {self._lay.lanes})")
+        bad = self._live().write_many(ln, f, a, r, fl)
+        if bad >= 0:
+            raise RuntimeError(f"add_batch: entry {bad} (lane {ln[bad]}) has no open episode; "
+                               f"the {bad} entries before it were written")
+
+    # ------------------------------------------------------------ readers
+
+    def allocate_batch(self, batch_size: int, pinned: bool | None = None) -> Batch:
+        """An empty Batch to sample into. pinned=None pins (page-locked torch tensors, viewed as
+        NumPy arrays; Batch.as_tensors() returns the tensors) when torch.cuda.is_available(), so
+        the learner can copy to the GPU with non_blocking=True; otherwise plain NumPy arrays."""
+        B, lay = int(batch_size), self._lay
+        if B < 1:
+            raise ValueError(f"batch_size must be >= 1, got {B}")
+        spec = {"obs": ((B, *self.obs_shape), lay.dtype), "action": ((B, *lay.action_shape), lay.action_dtype),
+                "reward": ((B,), np.float32), "discount": ((B,), np.float32),
+                "next_obs": ((B, *self.obs_shape), lay.dtype), "index": ((B,), np.int64)}
+        if pinned is None:
+            pinned = _cuda_available()
+        if not pinned:
+            return Batch(**{k: np.zeros(s, d) for k, (s, d) in spec.items()})
+        import torch
+        t = {k: torch.zeros(s, dtype=torch.from_numpy(np.empty(0, d)).dtype, pin_memory=True)
+             for k, (s, d) in spec.items()}
+        return Batch(**{k: v.numpy() for k, v in t.items()}, _tensors=Batch(**t))
+
+    def _check_batch(self, out: Batch, B: int) -> dict:
+        sc = out._scratch
+        key = (id(self._lay), B, id(out.obs), id(out.action), id(out.reward), id(out.discount),
+               id(out.next_obs), id(out.index))
+        if sc is not None and sc["ok_for"] == key:
+            return sc              # validated before, and the same arrays
+        lay = self._lay
+        want = {"obs": ((B, *self.obs_shape), lay.dtype), "action": ((B, *lay.action_shape), lay.action_dtype),
+                "reward": ((B,), np.float32), "discount": ((B,), np.float32),
+                "next_obs": ((B, *self.obs_shape), lay.dtype), "index": ((B,), np.int64)}
+        for k, (shape, dt) in want.items():
+            a = getattr(out, k)
+            if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dt
+                    or not a.flags.c_contiguous or not a.flags.writeable):
+                got = (getattr(a, "shape", None), getattr(a, "dtype", type(a)))
+                raise ValueError(f"out.{k} must be a writeable C-contiguous {np.dtype(dt)} array of "
+                                 f"shape {shape}, got {got}")
+        sc = {"ok_for": key, "rows": np.arange(B, dtype=np.int64),
+              "row_lane": np.zeros(B, np.int64), "row_low": np.zeros(B, np.int64),
+              "torn": np.zeros(B, np.int64)}
+        sc["args"] = (out.obs, out.next_obs, out.action, out.reward, out.discount, out.index,
+                      sc["row_lane"], sc["row_low"])
+        out._scratch = sc
+        return sc
+
+    def sample(self, batch_size: int, rng: np.random.Generator | None = None,
+               out: Batch | None = None) -> Batch:
+        """Draw batch_size transitions uniformly from the valid ones into `out` (allocated if None;
+        its leading dim must be batch_size) and return it. Raises ValueError while none is valid."""
+        core = self._live()
+        B = int(batch_size)
+        if out is None:
+            out = self.allocate_batch(B, pinned=False)
+        sc = self._check_batch(out, B)
+        rng = self._rng if rng is None else rng
+        L = self._lay.lanes
+        w, lo, cum = np.empty(L, np.int64), np.empty(L, np.int64), np.empty(L, np.int64)
+        need = sc["rows"]
+        for _ in range(_MAX_ROUNDS):
+            total = core.snapshot(w, lo, cum)
+            if total == 0:
+                raise ValueError("sample: the replay memory holds no transition yet")
+            filled = self._fill(core, rng, total, w, lo, cum, need, out, sc)
+            if not self._detect_torn:
+                return out
+            nbad = core.torn(need, filled, sc["row_lane"], sc["row_low"], sc["torn"])
+            if nbad == 0:
+                return out
+            self._torn_redraws += nbad
+            need = sc["torn"][:nbad].copy()
+        raise RuntimeError("sample: every draw was overwritten while being gathered: the writer laps "
+                           "the ring faster than a batch is gathered (increase capacity)")
+
+    def _fill(self, core, rng, total, w, lo, cum, need, out, sc) -> int:
+        n, filled, drawn, tries = need.shape[0], 0, 0, 0
+        args = sc["args"]
+        # Rejection sampling: uniform over retained slots, conditioned on validity = uniform over
+        # valid ones. Few are invalid (episode starts, the head); where most are, enumerate.
+        while filled < n and (tries < 4 or filled * 8 >= drawn) and tries < 64:
+            m = n - filled
+            m += (m >> 2) + 4
+            filled = core.gather(rng.random(m), total, w, lo, cum, need, filled, *args)
+            drawn += m
+            tries += 1
+        for _ in range(4):
+            if filled >= n:
+                break
+            valid = np.empty(total, np.int64)
+            nv = core.valid_u(w, lo, cum, valid)
+            if nv == 0:
+                raise ValueError(f"sample: no valid transition yet ({total} slots stored; a transition "
+                                 f"needs its n_step={self._lay.n_step} window written)")
+            x = (valid[rng.integers(0, nv, size=n - filled, dtype=np.int64)] + 0.5) / total
+            filled = core.gather(x, total, w, lo, cum, need, filled, *args)
+        return filled
+
+    def _snapshot(self, listing: bool):
+        L = self._lay.lanes
+        w, lo, cum = np.empty(L, np.int64), np.empty(L, np.int64), np.empty(L, np.int64)
+        total = self._live().snapshot(w, lo, cum)
+        if not listing:
+            return w, lo, cum, self._core.valid_u(w, lo, cum)
+        valid = np.empty(total, np.int64)
+        nv = self._core.valid_u(w, lo, cum, valid)
+        return w, lo, cum, valid[:nv]
+
+    def num_valid(self) -> int:
+        """How many transitions sample() can return right now. A scan of the whole memory (a few
+        ms per million slots): to wait for data, poll len(rb) instead."""
+        return int(self._snapshot(False)[3])
+
+    def valid_indices(self) -> np.ndarray:
+        """The slots (Batch.index values) of every valid transition, by lane, oldest first."""
+        w, lo, cum, u = self._snapshot(True)
+        lane = np.searchsorted(cum, u, side="right") - 1
+        return lane * self._lay.lane_capacity + (lo[lane] + u - cum[lane]) % self._lay.lane_capacity
+
+    # ------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Unmap this handle (idempotent). The segment lives on until unlinked."""
+        if self._core is None:
+            return
+        self._core.release()
+        self._core = self._seg = self._writes = self._episodes = None
+        self._shm.close()
+        _open_handles.discard(self)
+
+    def unlink(self) -> None:
+        """Destroy the segment's name (existing mappings stay valid until closed)."""
+        if self._owner or sys.version_info >= (3, 13):
+            self._shm.unlink()
+        else:
+            from multiprocessing import _posixshmem  # unlink() would unregister a name never registered
+            _posixshmem.shm_unlink(self._shm._name)
+
+    def __enter__(self) -> "ReplayMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close, and unlink when this handle created the memory."""
+        self.close()
+        if self._owner:
+            try:
+                self.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __reduce__(self):
+        return (_attach_by_name, (self.name, self.implementation))
+
+    def __repr__(self) -> str:
+        lay = self._lay
+        return (f"ReplayMemory(name={self.name!r}, capacity={self.capacity}, lanes={lay.lanes}, "
+                f"frame_shape={lay.frame_shape}, stack={lay.stack}, dtype={lay.dtype}, "
+                f"n_step={lay.n_step}, gamma={lay.gamma}, impl={self.implementation})")
+
+
+def _attach_by_name(name: str, impl: str) -> ReplayMemory:
+    return ReplayMemory.attach(name, impl=None if impl == IMPLEMENTATION else impl)
