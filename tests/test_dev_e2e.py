@@ -168,3 +168,25 @@ def test_pong_smoke_through_every_role(tmp_path):
         raise
     finally:
         assert_clean_shutdown(dev, run_dir)
+
+
+def test_a_run_resumes_from_its_directory(tmp_path):
+    run_dir = str(tmp_path / "run")
+    dev = start_dev(run_dir, duration=25)
+    assert dev.wait(120) == 0, dump_logs(run_dir)
+    from gorila_zmq.ps import load_checkpoint
+    v1 = load_checkpoint(os.path.join(run_dir, "ckpt", "ps0.npz"))[2]["version"]
+    frames1 = json.load(open(os.path.join(run_dir, "state", "actor0.json")))["env_frames"]
+    assert v1 > 0 and frames1 > 0
+    # the second start names only the run directory: config, checkpoints and counters come from it
+    log = open(os.path.join(tmp_path, "dev2.log"), "wb")
+    dev = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "dev", "--duration", "20",
+                            f"run.run_dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                           start_new_session=True)
+    assert dev.wait(120) == 0, dump_logs(run_dir)
+    out = open(os.path.join(tmp_path, "dev2.log")).read()
+    assert "resuming the run" in out
+    assert "(resumed)" in open(os.path.join(run_dir, "logs", "ps0.log")).read()
+    v2 = load_checkpoint(os.path.join(run_dir, "ckpt", "ps0.npz"))[2]["version"]
+    frames2 = json.load(open(os.path.join(run_dir, "state", "actor0.json")))["env_frames"]
+    assert v2 > v1 and frames2 > frames1
