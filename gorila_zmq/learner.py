@@ -227,9 +227,15 @@ class Learner(Role):
         action = torch.as_tensor(t.action).to(self.device, non_blocking=nb).long()
         reward = torch.as_tensor(t.reward).to(self.device, non_blocking=nb)
         discount = torch.as_tensor(t.discount).to(self.device, non_blocking=nb)
+        copied = None
+        if nb:                  # the pinned buffer goes back to the loader only once the copies landed
+            copied = torch.cuda.Event()
+            copied.record()
         loss, info = td_loss(self.online, self.target, obs, action, reward, discount, next_obs,
                              double=self.cfg.agent.double_dqn, huber=self.cfg.agent.huber)
         self.last = info
+        if copied is not None:
+            copied.synchronize()
         if not self.filter.accept(info["loss"]):
             self.loader.release(batch)
             self.dropped += 1
