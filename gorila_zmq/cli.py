@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluator": ("gorila_zmq.evaluation", "evaluator_main", "run the evaluator role"),
     "eval": ("gorila_zmq.evaluation", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
     "status": ("gorila_zmq.status", "main", "ask every live role of a run for its stats"),
+    "keys": ("gorila_zmq.security", "keys_main", "make CurveZMQ keys for a cluster"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),
 }

@@ -40,6 +40,9 @@ class NetConfig:
     request_retries: int = _f(3, "retries (Lazy Pirate) before a request is given up as lost")
     in_flight: int = _f(2, "gradient pushes in flight per shard (bounded window)")
     sub_hwm: int = _f(2, "subscriber high-water mark: slow actors drop stale parameters, not queue them")
+    curve: bool = _f(False, "CurveZMQ on every socket: encryption + only the authorised keys get service")
+    keys_dir: str = _f("", "directory made by `gorila-zmq keys gen` (needed with net.curve)")
+    key_name: str = _f("local", "this host's client key name in keys_dir")
 
 
 @dataclass
@@ -156,6 +159,8 @@ class Config:
         errs = []
         if self.net.transport not in ("tcp", "ipc"):
             errs.append(f"net.transport must be 'tcp' or 'ipc', not {self.net.transport!r}")
+        if self.net.curve and not self.net.keys_dir:
+            errs.append("net.curve needs net.keys_dir (make keys with `gorila-zmq keys gen DIR --hosts ...`)")
         if self.ps.shards < 1:
             errs.append("ps.shards must be >= 1")
         if self.ps.optimizer not in ("adagrad",):

@@ -244,9 +244,13 @@ def error_reply(request: Header, status: Status, detail: str, shard: int = 0, in
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, linger: int = 0, rcvhwm: int | None = None,
-                sndhwm: int | None = None, maxmsgsize: int | None = None) -> zmq.Socket:
-    """Every socket in gorila-zmq is made here: linger 0, explicit high-water marks."""
+                sndhwm: int | None = None, maxmsgsize: int | None = None,
+                server: bool | None = None) -> zmq.Socket:
+    """Every socket in gorila-zmq is made here: linger 0, explicit high-water marks, and CurveZMQ when
+    this process runs with it (ROUTER/PUB are servers, DEALER/SUB clients, unless `server` says)."""
+    from gorila_zmq import security
     s = ctx.socket(kind)
+    security.apply(s, kind in (zmq.ROUTER, zmq.PUB) if server is None else server)
     s.setsockopt(zmq.LINGER, linger)
     if rcvhwm is not None:
         s.setsockopt(zmq.RCVHWM, rcvhwm)

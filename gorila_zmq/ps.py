@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 
 from gorila_zmq import config as C
-from gorila_zmq import optim, protocol as P, shm, topology
+from gorila_zmq import optim, protocol as P, security, shm, topology
 from gorila_zmq.layout import ParamLayout
 from gorila_zmq.models import build_model
 
@@ -155,6 +155,7 @@ class ParameterServerShard:
         maxmsg = int(4 * self.size * cfg.ps.max_payload_factor) + 65536
         self.router = P.make_socket(self.ctx, zmq.ROUTER, maxmsgsize=maxmsg, rcvhwm=64, sndhwm=256)
         self.pub = P.make_socket(self.ctx, zmq.PUB, sndhwm=2)
+        self.auth = [security.AuthMonitor(s) for s in (self.router, self.pub)] if security.current() else []
         self.router_ep = topology.ps_request(cfg, index)
         self.pub_ep = topology.ps_broadcast(cfg, index)
         try:
@@ -208,6 +209,8 @@ class ParameterServerShard:
         self._stop = True
 
     def close(self) -> None:
+        for m in getattr(self, "auth", []):
+            m.close()
         for s in (getattr(self, "router", None), getattr(self, "pub", None)):
             if s is not None:
                 s.close(linger=0)
@@ -239,6 +242,8 @@ class ParameterServerShard:
                     self.broadcast()
                 elif now - self._last_send >= self.cfg.net.heartbeat_interval_s:
                     self.heartbeat()
+                for m in self.auth:
+                    m.poll()
                 if pcfg.checkpoint_interval_s > 0 and now - self._last_ckpt >= pcfg.checkpoint_interval_s:
                     self.checkpoint()
         finally:
@@ -377,6 +382,8 @@ class ParameterServerShard:
         d = dict(self.stats)
         d["rejected"] = dict(self.stats["rejected"])
         d["staleness"] = {str(k): v for k, v in sorted(self.stats["staleness"].items())}
+        d["curve"] = bool(self.auth)
+        d["auth_failures"] = sum(m.poll() for m in self.auth)
         d["rejected_total"] = sum(self.stats["rejected"].values())
         d.update(role="ps", shard=self.index, version=self.state.version if self.state else None,
                  incarnation=self.incarnation, uptime_s=round(time.monotonic() - self.started, 3), pid=os.getpid())
@@ -405,6 +412,7 @@ def main(argv: list[str]) -> int:
     setup_logging(a.log_level, f"ps{a.index}")
     cfg = C.load(a.config, a.overrides)
     os.makedirs(cfg.run.run_dir, exist_ok=True)
+    security.configure_role(cfg, f"ps{a.index}")
     shard = ParameterServerShard(cfg, a.index)
     signal.signal(signal.SIGTERM, shard.request_stop)
     signal.signal(signal.SIGINT, shard.request_stop)

@@ -73,6 +73,8 @@ class ReplayServer(Role):
         self.sock = P.make_socket(self.ctx, zmq.ROUTER, rcvhwm=64, sndhwm=64,
                                   maxmsgsize=self.rec.itemsize * 4096 + 65536)
         self.sock.bind(topology.replay(cfg, index).bind)
+        from gorila_zmq import security
+        self.auth = security.AuthMonitor(self.sock) if security.current() else None
         self.started = time.monotonic()
         log.info("replay shard %d: %d lanes, capacity %d", index, self.lanes, cfg.agent.replay_capacity)
 
@@ -179,9 +181,12 @@ class ReplayServer(Role):
 
     def stats(self) -> dict:
         return {**self.memory.stats(), **self.counters, "role": "replay", "shard": self.index,
+                "auth_failures": self.auth.poll() if self.auth else 0,
                 "uptime_s": time.monotonic() - self.started}
 
     def close(self) -> None:
+        if self.auth is not None:
+            self.auth.close()
         self.sock.close(linger=0)
         self.memory.close()
         self.memory.unlink()

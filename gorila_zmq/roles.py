@@ -148,6 +148,8 @@ def role_main(argv: list[str], prog: str, description: str, make_role, index_req
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
                         format=f"%(asctime)s {prog}{a.index} %(levelname)s %(message)s")
     cfg = C.load(a.config, a.overrides)
+    from gorila_zmq import security
+    security.configure_role(cfg, f"{prog}{a.index}")
     from gorila_zmq.envs import resolve_model
     resolve_model(cfg)
     os.makedirs(cfg.run.run_dir, exist_ok=True)

@@ -43,6 +43,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=1.0)
     a = p.parse_args(argv)
     cfg = load_run(a.run_dir)
+    from gorila_zmq import security
+    security.configure(cfg)
     program = make_program(cfg)
     ctx = zmq.Context()
     try:

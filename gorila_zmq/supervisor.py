@@ -258,6 +258,8 @@ def dev_main(argv: list[str]) -> int:
         cfg = C.load(resumed, overrides)
         print(f"resuming the run in {cfg.run.run_dir} (its config.json, shard checkpoints, counters)")
     path = prepare_run(cfg)
+    from gorila_zmq import security
+    security.configure_role(cfg, "supervisor")
     program = make_program(cfg, path)
     print(f"gorila-zmq dev: {cfg.env.name}, {cfg.roles.mode} mode, {cfg.ps.shards} shard(s), "
           + (f"{cfg.roles.bundles} bundle(s)" if cfg.roles.mode == "bundled" else
