@@ -116,6 +116,8 @@ class Actor(Role):
         if self._throttled():
             self.throttled_s += 0.005
             time.sleep(0.005)
+            if hasattr(self.replay, "poll"):
+                self.replay.poll()          # buffered transitions must still reach the replay shard
             return
         if self.steps % self.cfg.agent.actor_sync_every == 0:
             self._refresh()

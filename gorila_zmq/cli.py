@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gorila-zmq: unknown command {cmd!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     mod, func, _ = COMMANDS[cmd]
+    import zmq
+
     from gorila_zmq.config import ConfigError
     try:
         return int(getattr(importlib.import_module(mod), func)(argv[1:]) or 0)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, RuntimeError, OSError, zmq.ZMQError) as e:
         # A wrong config, game name or argument: say what is wrong, not where (GORILA_DEBUG=1: traceback).
         if os.environ.get("GORILA_DEBUG"):
             raise

@@ -206,7 +206,10 @@ class GradientPusher:
         if hdr.command == P.Cmd.ERROR:
             self.stats.rejected += 1
             per["rejected"] += 1
-            detail = P.as_json(hdr, body).get("detail", "") if body is not None else ""
+            try:
+                detail = P.as_json(hdr, body).get("detail", "") if body is not None else ""
+            except P.ProtocolError:
+                detail = "(unreadable detail)"
             kind = (i, st)
             level = logging.DEBUG if kind in self._logged else logging.WARNING
             self._logged.add(kind)
@@ -284,6 +287,8 @@ class ParamSubscriber:
         self.latency_ns: list[int] = []     # broadcast delivery latencies (same-host clocks)
         self.record_latency = False
         self._bseq = [0] * n
+        self._said: set = set()
+        self.error: str | None = None       # the last unexpected error of the thread (it carries on)
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="param-subscriber", daemon=True)
@@ -329,6 +334,9 @@ class ParamSubscriber:
                                  socket_options=self._socket_options)
             arr = P.as_array(rhdr, body, P.Dtype.FLOAT32, b - a)
         except (ShardUnavailable, P.ProtocolError) as e:
+            if isinstance(e, P.ProtocolError) and e.status == P.Status.BAD_LAYOUT and "layout" not in self._said:
+                self._said.add("layout")
+                log.error("shard %d runs another model than this process: %s", i, e.detail)
             log.debug("snapshot of shard %d failed: %s", i, e)
             return False
         with self._lock:
@@ -353,41 +361,53 @@ class ParamSubscriber:
             poller.register(s, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                now = time.monotonic()
-                for i in range(n):
-                    if need_snapshot[i] and now >= next_try[i]:
-                        if self._snapshot(i):
-                            need_snapshot[i], backoff[i] = False, 1.0
-                        else:
-                            next_try[i] = now + backoff[i]
-                            backoff[i] = min(backoff[i] * 2, self.backoff_max)
-                for s, _ in poller.poll(100):
-                    i = subs.index(s)
-                    for _ in range(16):
-                        try:
-                            frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        if self._on_broadcast(i, frames):
-                            need_snapshot[i] = True
-                            next_try[i] = 0.0
-                now = time.monotonic()
-                for i in range(n):
-                    if self.alive[i] and now - self.last_seen[i] > dead_after:
-                        # Paranoid Pirate: silent for `liveness` intervals -> dead. New socket, and a
-                        # fresh snapshot once it answers again (with backoff).
-                        log.warning("shard %d silent for %.1fs: marking dead, reconnecting", i, now - self.last_seen[i])
-                        self.alive[i] = False
-                        self.counters["dead_events"] += 1
-                        self.counters["reconnects"] += 1
-                        poller.unregister(subs[i])
-                        subs[i].close(linger=0)
-                        subs[i] = self._new_sub(i)
-                        poller.register(subs[i], zmq.POLLIN)
-                        need_snapshot[i], next_try[i] = True, now + backoff[i]
+                try:
+                    self._once(subs, poller, need_snapshot, next_try, backoff, dead_after)
+                except Exception as e:  # noqa: BLE001 - the thread must outlive any one bad event
+                    self.error = f"{type(e).__name__}: {e}"
+                    self.counters["errors"] = self.counters.get("errors", 0) + 1
+                    if self.counters["errors"] == 1:
+                        log.exception("parameter subscriber: unexpected error (it carries on)")
+                    time.sleep(0.1)
         finally:
             for s in subs:
                 s.close(linger=0)
+
+    def _once(self, subs, poller, need_snapshot, next_try, backoff, dead_after) -> None:
+        """One turn of the agent loop: snapshots due, broadcasts waiting, liveness."""
+        n = self.shards.n
+        now = time.monotonic()
+        for i in range(n):
+            if need_snapshot[i] and now >= next_try[i]:
+                if self._snapshot(i):
+                    need_snapshot[i], backoff[i] = False, 1.0
+                else:
+                    next_try[i] = now + backoff[i]
+                    backoff[i] = min(backoff[i] * 2, self.backoff_max)
+        for s, _ in poller.poll(100):
+            i = subs.index(s)
+            for _ in range(16):
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if self._on_broadcast(i, frames):
+                    need_snapshot[i] = True
+                    next_try[i] = 0.0
+        now = time.monotonic()
+        for i in range(n):
+            if self.alive[i] and now - self.last_seen[i] > dead_after:
+                # Paranoid Pirate: silent for `liveness` intervals -> dead. New socket, and a
+                # fresh snapshot once it answers again (with backoff).
+                log.warning("shard %d silent for %.1fs: marking dead, reconnecting", i, now - self.last_seen[i])
+                self.alive[i] = False
+                self.counters["dead_events"] += 1
+                self.counters["reconnects"] += 1
+                poller.unregister(subs[i])
+                subs[i].close(linger=0)
+                subs[i] = self._new_sub(i)
+                poller.register(subs[i], zmq.POLLIN)
+                need_snapshot[i], next_try[i] = True, now + backoff[i]
 
     def _on_broadcast(self, i: int, frames) -> bool:
         """Apply one PUB message; True when the shard needs a re-snapshot."""

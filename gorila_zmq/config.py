@@ -186,6 +186,14 @@ class Config:
             errs.append("agent.batch_size and agent.n_step must be >= 1, agent.gamma in [0, 1]")
         if self.agent.replay_capacity < self.agent.batch_size:
             errs.append("agent.replay_capacity must be at least agent.batch_size")
+        if self.agent.learning_starts > self.agent.replay_capacity:
+            errs.append("agent.learning_starts must not exceed agent.replay_capacity (the learner would never start)")
+        if self.roles.mode == "global" and self.roles.replay_shards > self.roles.actors:
+            errs.append("roles.replay_shards must not exceed roles.actors (a shard nobody writes to stays empty)")
+        if self.agent.actor_sync_every < 1:
+            errs.append("agent.actor_sync_every must be >= 1")
+        if self.ps.max_payload_factor < 1:
+            errs.append("ps.max_payload_factor must be >= 1 (ZeroMQ would refuse every gradient)")
         if self.agent.name not in ("dqn",):
             errs.append(f"agent.name {self.agent.name!r} is not one of: dqn")
         if errs:

@@ -121,8 +121,14 @@ def save_params(path: str, theta: np.ndarray, layout: ParamLayout, cfg, meta: di
 
 
 def load_params(path: str) -> tuple[np.ndarray, dict]:
-    with np.load(path, allow_pickle=False) as z:
-        return z["theta"].astype(np.float32), json.loads(z["meta"].tobytes().decode())
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            theta, meta = z["theta"].astype(np.float32), json.loads(z["meta"].tobytes().decode())
+    except Exception as e:  # a truncated file, another format, a shard checkpoint ...
+        raise ValueError(f"{path} is not a readable evaluation checkpoint ({type(e).__name__}: {e})") from None
+    if "config" not in meta or "layout_hash" not in meta:
+        raise ValueError(f"{path} is not an evaluation checkpoint (RUN_DIR/best.npz): no config in it")
+    return theta, meta
 
 
 class Evaluator(Role):

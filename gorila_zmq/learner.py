@@ -41,14 +41,18 @@ def pick_device(name: str) -> torch.device:
 
 
 class LocalSource:
-    """Bundle replay in shared memory, owned by the bundle's actor. Re-attaches when the actor was
-    restarted (a new segment under the same name)."""
+    """Bundle replay in shared memory, owned by the bundle's actor. When the actor is restarted (a new
+    segment under the same name), the loader thread switches to the new memory between two samples,
+    once it holds `need` transitions; until then it keeps sampling the old one (its mapping stays
+    valid after the unlink)."""
 
     def __init__(self, cfg, index: int):
         self.name = topology.bundle_replay_name(cfg, index)
         self.rb = None
         self._ino = None
         self._next_check = 0.0
+        self._need = 1
+        self._pending = None          # (handle, inode) of a recreated memory still filling up
 
     def _path_ino(self):
         try:
@@ -56,22 +60,39 @@ class LocalSource:
         except OSError:
             return None
 
+    def _attach_new(self):
+        ino = self._path_ino()
+        if ino is None or ino == self._ino or (self._pending and self._pending[1] == ino):
+            return
+        from gorila_zmq.replay import ReplayMemory
+        try:
+            new = ReplayMemory.attach(self.name)
+        except (FileNotFoundError, ValueError):
+            return
+        if self._pending is not None:
+            self._pending[0].close()
+        self._pending = (new, ino)
+
     def ready(self, need: int) -> bool:
-        now = time.monotonic()
-        if self.rb is None or now >= self._next_check:
-            self._next_check = now + 1.0
-            ino = self._path_ino()
-            if ino is not None and ino != self._ino:
-                from gorila_zmq.replay import ReplayMemory
-                try:
-                    new = ReplayMemory.attach(self.name)
-                except (FileNotFoundError, ValueError):
-                    return False
-                if self.rb is not None:
-                    log.info("replay %s was recreated (actor restarted): re-attached", self.name)
-                    self.rb.close()
-                self.rb, self._ino = new, ino
+        """Before the loader starts (main thread): attached, and holding `need` transitions?"""
+        self._need = need
+        self.refresh(force=self.rb is None)
         return self.rb is not None and len(self.rb) >= need
+
+    def refresh(self, force: bool = False) -> None:
+        """Once a second: adopt a recreated memory when it is full enough. Only the thread that
+        samples calls this, so no sample is ever in flight on a handle being closed."""
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        self._attach_new()
+        if self._pending is not None and (self.rb is None or len(self._pending[0]) >= self._need):
+            if self.rb is not None:
+                log.info("replay %s was recreated (actor restarted): switched to the new memory", self.name)
+                self.rb.close()
+            self.rb, self._ino = self._pending
+            self._pending = None
 
     def allocate(self, batch_size: int, pinned):
         return None  # allocated lazily once attached (shapes come from the memory)
@@ -80,8 +101,9 @@ class LocalSource:
         return self.rb.sample(batch_size, rng, out=out)
 
     def close(self):
-        if self.rb is not None:
-            self.rb.close()
+        for rb in (self.rb, self._pending[0] if self._pending else None):
+            if rb is not None:
+                rb.close()
 
 
 class MemorySource:
@@ -121,6 +143,8 @@ class Loader(threading.Thread):
                     buf = self.free.get(timeout=0.2)
                 except queue.Empty:
                     continue
+                if hasattr(self.source, "refresh"):
+                    self.source.refresh()
                 t0 = time.perf_counter()
                 try:
                     out = self.source.sample(self.B, self.rng, buf)
@@ -173,8 +197,11 @@ class Learner(Role):
         self.compute_s = 0.0
         self.wait_s = 0.0
         self.started = time.monotonic()
-        if not self.sub.wait_ready(60):
-            log.warning("%s: no parameters from the shards after 60 s", self.name)
+        waited = 0
+        while not self.sub.wait_ready(30):            # never compute gradients against unknown theta
+            waited += 30
+            log.warning("%s: still no parameters from every shard after %d s (alive: %s)", self.name,
+                        waited, self.sub.alive)
         self._sync_target()
         self.target_every = Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
 
@@ -208,8 +235,6 @@ class Learner(Role):
                 self.pusher.poll(0)
                 return
             self._start_loader()
-        elif isinstance(self.source, LocalSource):
-            self.source.ready(need)       # notices a restarted actor's new segment (cheap, once a second)
         t0 = time.perf_counter()
         try:
             batch = self.loader.get(timeout=1.0)

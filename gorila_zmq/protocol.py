@@ -185,7 +185,7 @@ def as_json(hdr: Header, payload: memoryview | None, max_bytes: int = 1 << 16) -
         raise ProtocolError(Status.OVERSIZED, f"JSON payload of {payload.nbytes} bytes (max {max_bytes})")
     try:
         obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ProtocolError(Status.BAD_PAYLOAD, f"payload is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(Status.BAD_PAYLOAD, "JSON payload must be an object")

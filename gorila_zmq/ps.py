@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ log = logging.getLogger("gorila_zmq.ps")
 
 SHM_HEADER = 64          # bytes before theta in the segment: magic, version, size
 DEDUP_PER_CLIENT = 1024  # remembered (seq -> outcome) per client
+DEDUP_CLIENTS = 256      # clients remembered (least recently seen forgotten first)
 
 
 class ShardState:
@@ -135,7 +137,9 @@ class ParameterServerShard:
         self.ckpt_path = checkpoint_path(cfg.run.run_dir, index)
 
         self.state = ShardState(f"gz_{cfg.run_id}_ps{index}", self.size)
-        self.dedup: dict[int, collections.OrderedDict] = {}
+        self.dedup: collections.OrderedDict[int, collections.OrderedDict] = collections.OrderedDict()
+        for stale_tmp in glob.glob(self.ckpt_path + ".tmp-*"):   # left by a shard killed mid-write
+            os.unlink(stale_tmp)
         resumed = self._restore()
         if not resumed:
             self.state.theta[:] = init_theta[self.start:self.stop]
@@ -178,9 +182,11 @@ class ParameterServerShard:
     def _restore(self) -> bool:
         try:
             ck = load_checkpoint(self.ckpt_path)
-        except Exception as e:  # a corrupt file: say so, start fresh rather than serve garbage
-            log.error("shard %d: checkpoint %s unreadable (%s); starting from the initial parameters",
-                      self.index, self.ckpt_path, e)
+        except Exception as e:  # cannot happen with atomic writes, but a disk can fail: keep the evidence
+            aside = f"{self.ckpt_path}.corrupt-{int(time.time())}"
+            os.replace(self.ckpt_path, aside)
+            log.error("shard %d: checkpoint %s unreadable (%s): moved to %s; STARTING FROM THE INITIAL "
+                      "PARAMETERS", self.index, self.ckpt_path, e, aside)
             return False
         if ck is None:
             return False
@@ -345,6 +351,8 @@ class ParameterServerShard:
 
     def _push(self, ident, req, payload) -> None:
         seen = self.dedup.get(req.client)
+        if seen is not None:
+            self.dedup.move_to_end(req.client)
         if seen is not None and req.seq in seen:
             self.stats["duplicates"] += 1
             status, version = seen[req.seq]
@@ -366,6 +374,8 @@ class ParameterServerShard:
             status = P.Status.APPLIED
         if seen is None:
             seen = self.dedup[req.client] = collections.OrderedDict()
+            if len(self.dedup) > DEDUP_CLIENTS:
+                self.dedup.popitem(last=False)
         seen[req.seq] = (int(status), self.state.version)
         if len(seen) > DEDUP_PER_CLIENT:
             seen.popitem(last=False)

@@ -65,10 +65,11 @@ class ReplayServer(Role):
                                    stack=self.spec.stack, dtype=self.spec.dtype, n_step=cfg.agent.n_step,
                                    gamma=cfg.agent.gamma, lanes=self.lanes, name=f"gz_{cfg.run_id}_greplay{index}")
         self.open = np.zeros(self.lanes, bool)
+        self.seqs: dict[int, tuple[int, int]] = {}      # actor -> (writer incarnation, last batch seq)
         self.rng = np.random.default_rng([cfg.run.seed, 3, index])
         self._batches: dict[int, tuple] = {}
         self.counters = {"records_in": 0, "batches_in": 0, "orphans_restarted": 0, "samples_out": 0,
-                         "busy": 0, "rejected": 0}
+                         "busy": 0, "rejected": 0, "duplicates": 0, "gaps": 0}
         self._logged: set = set()
         self.sock = P.make_socket(self.ctx, zmq.ROUTER, rcvhwm=64, sndhwm=64,
                                   maxmsgsize=self.rec.itemsize * 4096 + 65536)
@@ -101,15 +102,18 @@ class ReplayServer(Role):
             if req.shard != self.index:
                 raise P.ProtocolError(P.Status.BAD_SHARD, f"request for replay shard {req.shard} reached {self.index}")
             if req.command == P.Cmd.REPLAY_ADD:
-                n = self._add(req, payload)
+                self._add(req, payload)
                 return self._send(ident, P.Header(P.Cmd.REPLY, shard=self.index, seq=req.seq, client=req.client,
-                                                  pversion=len(self.memory), status=P.Status.OK, length=n))
+                                                  pversion=len(self.memory), status=P.Status.OK))
             if req.command == P.Cmd.REPLAY_SAMPLE:
                 return self._sample(ident, req, payload)
             if req.command in (P.Cmd.STATS, P.Cmd.HELLO):
                 return self._send(ident, P.Header(P.Cmd.REPLY, shard=self.index, seq=req.seq), self.stats())
             raise P.ProtocolError(P.Status.BAD_COMMAND, f"{P.Cmd(req.command).name} is not served by a replay shard")
-        except P.ProtocolError as e:
+        except Exception as e:  # noqa: BLE001 - nothing a peer sends may take the server down
+            if not isinstance(e, P.ProtocolError):
+                log.exception("replay %d: internal error handling a request", self.index)
+                e = P.ProtocolError(P.Status.REJECTED, f"internal error: {type(e).__name__}")
             self.counters["rejected"] += 1
             if e.status not in self._logged:
                 self._logged.add(e.status)
@@ -133,11 +137,26 @@ class ReplayServer(Role):
             return 0
         if (recs["kind"] > ADD).any() or (recs["lane"] >= self.E).any():
             raise P.ProtocolError(P.Status.BAD_PAYLOAD, "record kind or lane out of range")
+        if ((recs["action"] < 0) | (recs["action"] >= self.spec.n_actions)).any() or \
+                (recs["terminated"] > 1).any() or (recs["truncated"] > 1).any():
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, f"action outside [0, {self.spec.n_actions}) or a flag not 0/1")
+        # Each actor's batches apply once and in order: a retry that crossed its original is skipped;
+        # a gap (a batch given up) or a restarted actor (new incarnation) closes its lanes, so the next
+        # record starts a new partial episode instead of joining unrelated frames.
+        inc, last = self.seqs.get(actor, (None, 0))
+        if inc == req.incarnation and req.seq <= last:
+            self.counters["duplicates"] += 1
+            return 0
+        base = (actor // R) * self.E
+        if inc != req.incarnation or req.seq != last + 1:
+            if inc is not None:
+                self.counters["gaps"] += 1
+            self.open[base:base + self.E] = False
+        self.seqs[actor] = (req.incarnation, req.seq)
         if self.spec.dtype.kind == "f" and not np.isfinite(recs["frame"]).all():
             raise P.ProtocolError(P.Status.NON_FINITE, "observation with NaN or Inf")
         if not np.isfinite(recs["reward"]).all():
             raise P.ProtocolError(P.Status.NON_FINITE, "reward with NaN or Inf")
-        base = (actor // R) * self.E
         for r in recs:
             lane = base + int(r["lane"])
             if r["kind"] == START:
@@ -161,17 +180,23 @@ class ReplayServer(Role):
 
     def _sample(self, ident, req, payload) -> None:
         body = P.as_json(req, payload)
-        B = body.get("batch")
-        if not isinstance(B, int) or not 1 <= B <= MAX_SAMPLE:
-            raise P.ProtocolError(P.Status.BAD_PAYLOAD, f"batch must be an integer in [1, {MAX_SAMPLE}]")
-        if len(self.memory) < body.get("min_size", 0) or self.memory.num_valid() == 0:
+        B, min_size = body.get("batch"), body.get("min_size", 0)
+        if type(B) is not int or not 1 <= B <= MAX_SAMPLE or type(min_size) is not int:
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, f"batch must be an integer in [1, {MAX_SAMPLE}], "
+                                  "min_size an integer")
+        if B not in self._batches:
+            if len(self._batches) >= 4:          # a client cycling through sizes must not grow memory
+                self._batches.clear()
+            self._batches[B] = self.memory.allocate_batch(B, pinned=False)
+        try:
+            if len(self.memory) < max(min_size, 1):
+                raise ValueError("not enough transitions")
+            batch = self.memory.sample(B, self.rng, out=self._batches[B])
+        except ValueError:                       # nothing valid yet: backpressure, not an error
             self.counters["busy"] += 1
             hdr, err = P.error_reply(req, P.Status.BUSY, f"replay holds {len(self.memory)} transitions", self.index)
             hdr.pversion = len(self.memory)
             return self._send(ident, hdr, err)
-        if B not in self._batches:
-            self._batches[B] = self.memory.allocate_batch(B, pinned=False)
-        batch = self.memory.sample(B, self.rng, out=self._batches[B])
         buf = b"".join(np.ascontiguousarray(getattr(batch, k), dtype=d).tobytes()
                        for k, d, _ in batch_layout(self.spec, B))
         self.counters["samples_out"] += 1
@@ -210,6 +235,7 @@ class ReplayWriter:
         self.window, self.timeout, self.retries = cfg.net.in_flight, cfg.net.request_timeout_s, cfg.net.request_retries
         self.pending: dict[int, list] = {}       # seq -> [payload, sent_at, tries]
         self.seq = 0
+        self.incarnation = new_client_id()
         self.counters = {"records_sent": 0, "batches_acked": 0, "batches_dropped": 0, "retries": 0, "waits": 0}
         self.sock = self._connect()
 
@@ -248,7 +274,8 @@ class ReplayWriter:
         self.n = 0
 
     def _send(self, seq, payload) -> None:
-        hdr = P.Header(P.Cmd.REPLAY_ADD, shard=self.shard, client=self.actor, seq=seq, dtype=P.Dtype.RAW)
+        hdr = P.Header(P.Cmd.REPLAY_ADD, shard=self.shard, client=self.actor, seq=seq, dtype=P.Dtype.RAW,
+                       incarnation=self.incarnation)
         self.sock.send_multipart(P.message(hdr, payload))
 
     def poll(self, timeout_s: float = 0.0) -> None:
@@ -287,8 +314,15 @@ class ReplayWriter:
     def stats(self) -> dict:
         return dict(self.counters, shard=self.shard, in_flight=len(self.pending))
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Send what is buffered and wait briefly for the acknowledgements."""
+        try:
+            self.flush()
+            end = time.monotonic() + timeout_s
+            while self.pending and time.monotonic() < end:
+                self._drain(0.05)
+        finally:
+            self.sock.close(linger=0)
 
 
 class RemoteBatch:

@@ -153,8 +153,14 @@ def role_main(argv: list[str], prog: str, description: str, make_role, index_req
     from gorila_zmq.envs import resolve_model
     resolve_model(cfg)
     os.makedirs(cfg.run.run_dir, exist_ok=True)
+    topology.ensure_ipc_dir(cfg)
     import torch
     torch.set_num_threads(max(1, cfg.agent.torch_threads))
+
+    def early_exit(*_):          # while the role is still being built (it may wait for the shards)
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, early_exit)
+    signal.signal(signal.SIGINT, early_exit)
     role = make_role(cfg, a.index)
     signal.signal(signal.SIGTERM, role.request_stop)
     signal.signal(signal.SIGINT, role.request_stop)

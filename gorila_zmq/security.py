@@ -53,8 +53,13 @@ def gen_keys(keys_dir: str, hosts: list[str]) -> list[str]:
             raise ValueError(f"bad key name {name!r}")
         pub = os.path.join(keys_dir, f"{name}.key")
         if not os.path.exists(pub):
-            pub, sec = zmq.auth.create_certificates(keys_dir, name)
+            old = os.umask(0o077)          # the secret key is never readable by others, not even briefly
+            try:
+                pub, sec = zmq.auth.create_certificates(keys_dir, name)
+            finally:
+                os.umask(old)
             os.chmod(sec, 0o600)
+            os.chmod(pub, 0o644)
             made += [pub, sec]
         if name != "server":
             with open(pub, "rb") as src, open(os.path.join(auth_dir, f"{name}.key"), "wb") as dst:

@@ -19,7 +19,7 @@ def collect(cfg, program, ctx: zmq.Context, timeout_s: float = 0.5) -> dict[str,
     for spec in program:
         if spec.stats_endpoint is None:
             continue
-        hdr = P.Header(P.Cmd.STATS, shard=spec.index if spec.role == "ps" else 0, layout=spec.layout_hash)
+        hdr = P.Header(P.Cmd.STATS, shard=spec.index if spec.role in ("ps", "replay") else 0, layout=spec.layout_hash)
         try:
             rhdr, body = request(ctx, spec.stats_endpoint, hdr, timeout_s=timeout_s, retries=0)
             out[spec.name] = P.as_json(rhdr, body, max_bytes=1 << 20)

@@ -66,6 +66,15 @@ def make_program(cfg: C.Config, config_path: str | None = None, host: str | None
     return prog
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class _Proc:
     spec: RoleSpec
@@ -96,7 +105,8 @@ class Supervisor:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {p.spec.name} ====\n".encode())
         out.flush()
         p.popen = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", *p.spec.argv], stdout=out,
-                                   stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+                                   stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
         out.close()
         p.started = time.monotonic()
         with open(os.path.join(self.log_dir, f"{p.spec.name}.pid"), "w") as f:
@@ -128,6 +138,8 @@ class Supervisor:
 
     def start_all(self) -> None:
         for stage in sorted({s.stage for s in self.program}):
+            if self._stop:
+                return
             for p in self.procs.values():
                 if p.spec.stage == stage:
                     self._start(p)
@@ -253,6 +265,9 @@ def dev_main(argv: list[str]) -> int:
     overrides = list(a.overrides) + ([f"env.name={a.env}"] if a.env else [])
     cfg = C.load(a.config, overrides, preset=a.preset)
     resumed = os.path.join(cfg.run.run_dir, "config.json")
+    if os.path.exists(resumed) and a.config:
+        raise C.ConfigError(f"{cfg.run.run_dir} already holds a run: drop --config to resume it (overrides "
+                            "still apply), or choose a new run.run_dir")
     if os.path.exists(resumed) and not a.config:
         # A run resumes from its directory: its config, then this command's overrides.
         cfg = C.load(resumed, overrides)

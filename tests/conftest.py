@@ -31,10 +31,14 @@ def _port_free(port: int) -> bool:
 
 
 def free_base_port(count: int = 16) -> int:
-    """A base port with `count` consecutive free ports after it."""
+    """A base port whose offsets used by a run are free: shards [0, count), replay shards, and the
+    control sockets (see gorila_zmq.topology)."""
+    from gorila_zmq import topology
+    offsets = list(range(count)) + [o + k for o in (topology.REPLAY_PORT, topology.ACTOR_CTL,
+                                                     topology.LEARNER_CTL, topology.EVAL_CTL) for k in range(8)]
     for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        if all(_port_free(base + k) for k in range(count)):
+        base = random.randrange(10000, 32768 - topology.EVAL_CTL - 16)   # below the ephemeral range
+        if all(_port_free(base + k) for k in offsets):
             return base
     raise RuntimeError("no free port range found")
 

@@ -148,7 +148,8 @@ def test_learner_syncs_target_every_n_global_updates(shard, ctx):
 def test_actor_epsilon_follows_the_global_count(shard, ctx):
     from gorila_zmq.actor import Actor
     cfg, s = shard("agent.eps_anneal_updates=20", "agent.eps_start=1.0", "agent.eps_end=0.1",
-                   "ps.broadcast_every=1", "agent.replay_capacity=1000", "ps.max_staleness=100000")
+                   "ps.broadcast_every=1", "agent.replay_capacity=1000", "agent.learning_starts=100",
+                   "ps.max_staleness=100000")
     actor = Actor(cfg, 0, ctx)
     try:
         actor.step()
@@ -164,3 +165,12 @@ def test_actor_epsilon_follows_the_global_count(shard, ctx):
         assert len(actor.replay) >= 3
     finally:
         actor.close()
+
+
+def test_outlier_filter_relearns_a_new_loss_level_instead_of_locking_out():
+    rng = np.random.default_rng(1)
+    f = OutlierFilter(k=5.0, warmup=100, rewarm_after=50)
+    for x in np.abs(rng.normal(1.0, 0.1, 500)):
+        assert f.accept(x)
+    accepted = [f.accept(x) for x in np.abs(rng.normal(2.5, 0.25, 1000))]
+    assert f.rewarms == 1 and not any(accepted[:50]) and all(accepted[150:])

@@ -33,12 +33,14 @@ class OutlierFilter:
     warm-up. Running moments are exponential (window ~ 1/alpha) and only accepted losses update them,
     so one spike cannot widen the band for the next."""
 
-    def __init__(self, k: float = 5.0, warmup: int = 100, alpha: float = 0.01):
-        self.k, self.warmup, self.alpha = k, warmup, alpha
+    def __init__(self, k: float = 5.0, warmup: int = 100, alpha: float = 0.01, rewarm_after: int = 50):
+        self.k, self.warmup, self.alpha, self.rewarm_after = k, warmup, alpha, rewarm_after
         self.n = 0
         self.mean = 0.0
         self.var = 0.0
         self.dropped = 0
+        self.in_a_row = 0
+        self.rewarms = 0
 
     def accept(self, loss: float) -> bool:
         x = abs(loss)
@@ -47,7 +49,14 @@ class OutlierFilter:
             return False
         if self.n >= self.warmup and x > self.mean + self.k * math.sqrt(self.var):
             self.dropped += 1
+            self.in_a_row += 1
+            if self.in_a_row >= self.rewarm_after:
+                # Not a spike but a new level of loss (e.g. after a target sync): learn it again
+                # rather than drop every gradient from now on.
+                self.n, self.mean, self.var, self.in_a_row = 0, 0.0, 0.0, 0
+                self.rewarms += 1
             return False
+        self.in_a_row = 0
         self.n += 1
         if self.n <= self.warmup:               # exact running moments while warming up
             d = x - self.mean
@@ -60,7 +69,8 @@ class OutlierFilter:
         return True
 
     def state(self) -> dict:
-        return {"outlier_mean": self.mean, "outlier_std": math.sqrt(self.var), "outliers_dropped": self.dropped}
+        return {"outlier_mean": self.mean, "outlier_std": math.sqrt(self.var), "outliers_dropped": self.dropped,
+                "outlier_rewarms": self.rewarms}
 
 
 def linear_schedule(start: float, end: float, duration: int, t: int) -> float:

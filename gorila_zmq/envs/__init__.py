@@ -164,7 +164,8 @@ def make_env(cfg, *, evaluation: bool = False, seed: int | None = None):
                         terminal_on_life_loss=False if evaluation else cfg.env.terminal_on_life_loss,
                         clip_rewards=False if evaluation else cfg.env.clip_rewards,
                         max_frames=ev.max_frames if evaluation else cfg.env.max_frames,
-                        repeat_action_probability=cfg.env.repeat_action_probability, seed=seed)
+                        repeat_action_probability=0.0 if evaluation else cfg.env.repeat_action_probability,
+                        seed=seed)
     import gymnasium as gym
     env = gym.make(cfg.env.name)
     env.reset(seed=seed)

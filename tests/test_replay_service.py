@@ -1,0 +1,124 @@
+"""The global replay server on real sockets: adds, samples, idempotent retries, and bad input."""
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import wait_for
+from gorila_zmq import protocol as P
+from gorila_zmq.envs import resolve_model, spec
+from gorila_zmq.replay_service import ADD, START, RemoteSource, ReplayServer, ReplayWriter, record_dtype
+
+CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "roles.mode=global", "roles.actors=2",
+            "roles.replay_shards=2", "agent.replay_capacity=2000", "agent.learning_starts=10"]
+
+
+@pytest.fixture
+def server(make_cfg, ctx):
+    cfg = make_cfg(*CARTPOLE)
+    resolve_model(cfg)
+    servers = [ReplayServer(cfg, r, ctx) for r in range(2)]
+    threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    yield cfg, servers
+    for s in servers:
+        s.request_stop()
+    for t in threads:
+        t.join(10)
+
+
+def ask(ctx, cfg, shard, hdr, payload=None):
+    from gorila_zmq.client import request
+    from gorila_zmq import topology
+    try:
+        return request(ctx, topology.replay(cfg, shard).connect, hdr, payload, timeout_s=2.0, retries=0)
+    except P.ProtocolError as e:
+        return e.status, None
+
+
+def records(cfg, n, actions=None, kinds=None):
+    rec = np.zeros(n, record_dtype(spec(cfg)))
+    rec["kind"] = ADD if kinds is None else kinds
+    rec["kind"][0] = START
+    rec["action"] = 0 if actions is None else actions
+    rec["frame"] = np.arange(n, dtype=np.float32)[:, None]
+    return rec.tobytes()
+
+
+def test_writer_to_sampler_round_trip(server, ctx):
+    cfg, servers = server
+    s = spec(cfg)
+    for actor in (0, 1):                              # actor j writes to shard j % 2
+        w = ReplayWriter(ctx, cfg, actor, s)
+        w.start_episode(np.zeros(4, np.float32), lane=0)
+        for t in range(40):
+            w.add(t % 2, 1.0, np.full(4, t + 1, np.float32), t == 39, False, lane=0)
+        w.close()
+    assert servers[0].counters["records_in"] == servers[1].counters["records_in"] == 41
+    src = RemoteSource(ctx, cfg, 0, s)
+    assert src.ready(20)
+    for _ in range(2):                                # one batch from each shard in turn
+        b = src.sample(8, None, src.allocate(8, pinned=False))
+        assert b.obs.shape == (8, 4) and (b.next_obs[:, 0] == b.obs[:, 0] + 1).all()   # consecutive frames
+        assert ((b.action == b.obs[:, 0].astype(int) % 2)).all()
+    src.close()
+
+
+def test_retried_batch_applies_once_and_a_gap_restarts_the_episode(server, ctx):
+    cfg, servers = server
+    hdr = lambda seq, inc=7: P.Header(P.Cmd.REPLAY_ADD, shard=0, client=0, seq=seq, incarnation=inc, dtype=P.Dtype.RAW)
+    assert ask(ctx, cfg, 0, hdr(1), records(cfg, 5))[0].command == P.Cmd.REPLY
+    assert ask(ctx, cfg, 0, hdr(1), records(cfg, 5))[0].command == P.Cmd.REPLY   # the retry: skipped
+    assert servers[0].counters["duplicates"] == 1 and servers[0].counters["records_in"] == 5
+    no_start = records(cfg, 3, kinds=ADD)[:]
+    rec = np.frombuffer(no_start, record_dtype(spec(cfg))).copy()
+    rec["kind"] = ADD
+    ask(ctx, cfg, 0, hdr(3), rec.tobytes())                                 # seq 2 was lost: a gap
+    assert servers[0].counters["gaps"] == 1 and servers[0].counters["orphans_restarted"] == 1
+    ask(ctx, cfg, 0, hdr(1, inc=8), records(cfg, 2))                        # a restarted actor
+    assert servers[0].counters["gaps"] == 2
+
+
+@pytest.mark.parametrize("name, frames, status", [
+    ("action out of range", lambda cfg: records(cfg, 3, actions=np.array([0, 5, 0])), P.Status.BAD_PAYLOAD),
+    ("negative action", lambda cfg: records(cfg, 3, actions=np.array([0, -1, 0])), P.Status.BAD_PAYLOAD),
+    ("partial record", lambda cfg: records(cfg, 3)[:-1], P.Status.BAD_SIZE),
+])
+def test_bad_adds_are_refused_and_the_server_keeps_serving(server, ctx, name, frames, status):
+    cfg, servers = server
+    hdr = P.Header(P.Cmd.REPLAY_ADD, shard=0, client=0, seq=1, incarnation=1, dtype=P.Dtype.RAW)
+    assert ask(ctx, cfg, 0, hdr, frames(cfg))[0] == status
+    assert servers[0].counters["records_in"] == 0
+    rh, body = ask(ctx, cfg, 0, P.Header(P.Cmd.STATS, shard=0))
+    assert P.as_json(rh, body)["rejected"] == 1
+
+
+@pytest.mark.parametrize("body", [{"batch": 4, "min_size": "x"}, {"batch": "4"}, {"batch": 10**9}, {"batch": 4.0}])
+def test_bad_sample_requests(server, ctx, body):
+    cfg, servers = server
+    assert ask(ctx, cfg, 0, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), body)[0] == P.Status.BAD_PAYLOAD
+    deep = P.Header(P.Cmd.REPLAY_SAMPLE, shard=0, dtype=P.Dtype.JSON)
+    payload = b"[" * 60000
+    deep.length = len(payload)
+    from gorila_zmq.client import request
+    from gorila_zmq import topology
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(topology.replay(cfg, 0).connect)
+    s.send_multipart([deep.pack(), payload])
+    assert s.poll(2000)
+    rh, _ = P.parse(s.recv_multipart())
+    assert rh.command == P.Cmd.ERROR and rh.status == P.Status.BAD_PAYLOAD
+    s.close()
+    # still serving: an empty memory answers BUSY, not a crash
+    assert ask(ctx, cfg, 0, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), {"batch": 4})[0] == P.Status.BUSY
+
+
+def test_status_reaches_every_replay_shard(server, ctx):
+    cfg, servers = server
+    from gorila_zmq.status import collect
+    from gorila_zmq.supervisor import make_program
+    st = collect(cfg, [s for s in make_program(cfg) if s.role == "replay"], ctx, 1.0)
+    assert set(st) == {"replay0", "replay1"} and all(v is not None for v in st.values())
