@@ -230,8 +230,8 @@ PRESETS: dict[str, dict] = {
         "roles": {"mode": "bundled", "bundles": 1},
         "agent": {"replay_capacity": 50_000, "learning_starts": 1_000, "batch_size": 64, "target_sync_every": 250,
                   "eps_anneal_updates": 2_000, "eps_end": 0.05, "n_step": 3, "double_dqn": True,
-                  "outlier_k": 10.0},
-        "eval": {"interval_s": 10.0, "episodes": 10, "epsilon": 0.0},
+                  "outlier_k": 10.0, "max_steps_per_update": 8.0},
+        "eval": {"interval_s": 10.0, "episodes": 10, "epsilon": 0.05},
         "run": {"run_dir": "runs/cartpole"},
     },
 }
