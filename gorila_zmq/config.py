@@ -352,6 +352,8 @@ def save_json(cfg, path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -52,8 +52,9 @@ def human_normalized(game: str, score: float) -> float | None:
 
 
 def run_episodes(model, cfg, episodes: int, epsilon: float, seed: int = 0, video_path: str | None = None,
-                 on_episode=None) -> list[float]:
-    """Play `episodes` whole episodes with the evaluation protocol; their raw returns."""
+                 on_episode=None, should_stop=None) -> list[float]:
+    """Play `episodes` whole episodes with the evaluation protocol; their raw returns (fewer if
+    `should_stop()` turns true: a role asked to stop does not finish a long evaluation first)."""
     env = make_env(cfg, evaluation=True, seed=seed)
     rng = np.random.default_rng(seed)
     n_actions = env.action_space.n
@@ -66,6 +67,8 @@ def run_episodes(model, cfg, episodes: int, epsilon: float, seed: int = 0, video
             total, done = 0.0, False
             record = video_path is not None and ep == 0
             while not done:
+                if should_stop is not None and should_stop():
+                    return returns
                 if record:
                     writer = _video_frame(writer, env, video_path)
                 if rng.random() < epsilon:
@@ -116,7 +119,10 @@ def save_params(path: str, theta: np.ndarray, layout: ParamLayout, cfg, meta: di
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     body = dict(meta, layout_hash=layout.hash, config=C.to_dict(cfg))
     tmp = path + ".tmp.npz"
-    np.savez(tmp, theta=theta, meta=np.frombuffer(json.dumps(body).encode(), np.uint8))
+    with open(tmp, "wb") as f:
+        np.savez(f, theta=theta, meta=np.frombuffer(json.dumps(body).encode(), np.uint8))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -165,7 +171,10 @@ class Evaluator(Role):
         t0 = time.monotonic()
         returns = run_episodes(self.model, self.cfg, self.cfg.eval.episodes, self.cfg.eval.epsilon,
                                seed=self.cfg.run.seed + 7919 * (self.evaluations + 1),
-                               on_episode=lambda *_: self.control and self.control.poll(self.stats))
+                               on_episode=lambda *_: self.control and self.control.poll(self.stats),
+                               should_stop=lambda: self._stop)
+        if self._stop:
+            return
         res = summarize(self.cfg.env.name, returns)
         res.update(global_updates=versions[0], wall_time=time.time(), eval_seconds=time.monotonic() - t0,
                    env_frames=self._env_frames())
