@@ -34,5 +34,16 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Every benchmark, one after another, each writing docs/bench/NAME.json (about 15 minutes; run it on
+# an otherwise idle machine: each compares against its baseline in the same run, but 2 cores are few).
+bench: build
+	mkdir -p docs/bench
+	$(VENV)/bin/gorila-zmq bench adagrad --json docs/bench/adagrad.json
+	$(VENV)/bin/gorila-zmq bench ps --curve --json docs/bench/ps.json
+	$(VENV)/bin/gorila-zmq bench preprocess --json docs/bench/preprocess.json
+	$(VENV)/bin/gorila-zmq bench replay --json docs/bench/replay.json
+	$(VENV)/bin/gorila-zmq bench learner --json docs/bench/learner.json
+	$(VENV)/bin/gorila-zmq bench e2e --json docs/bench/e2e.json
+
 clean:
 	rm -rf build gorila_zmq/_ext/*.so ext/*.c
