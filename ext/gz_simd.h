@@ -25,6 +25,21 @@ GZ_CLONES static void gz_adagrad(float *restrict theta, float *restrict accum, c
     }
 }
 
+/* Adam (as torch.optim.Adam, no weight decay, no amsgrad), one pass over (theta, m, v, g):
+ * m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  theta -= step_size * m / (sqrt(v) * inv_sqrt_bc2 + eps)
+ * with step_size = lr / (1 - b1^t) and inv_sqrt_bc2 = 1 / sqrt(1 - b2^t), computed by the caller. */
+GZ_CLONES static void gz_adam(float *restrict theta, float *restrict m, float *restrict v, const float *restrict grad,
+                              ptrdiff_t n, float b1, float b2, float step_size, float inv_sqrt_bc2, float eps) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float g = grad[i];
+        float mi = b1 * m[i] + (1.0f - b1) * g;
+        float vi = b2 * v[i] + (1.0f - b2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        theta[i] -= step_size * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps);
+    }
+}
+
 /* 1 when no element is NaN or +-Inf: OR-reduce "exponent bits all ones" over the bit patterns. */
 GZ_CLONES static int gz_all_finite(const float *restrict x, ptrdiff_t n) {
     const uint32_t *u = (const uint32_t *)x;

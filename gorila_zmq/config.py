@@ -48,10 +48,13 @@ class NetConfig:
 @dataclass
 class PSConfig:
     shards: int = _f(1, "number of parameter-server shards (the paper: N_param = 31)")
-    optimizer: str = _f("adagrad", "server-side optimiser")
+    optimizer: str = _f("adagrad", "server-side optimiser: adagrad (Gorila) or adam (DrQ-v2)")
     lr: float = _f(0.01, "AdaGrad learning rate")
     eps: float = _f(1e-10, "AdaGrad epsilon added to sqrt(G)")
     initial_accumulator: float = _f(0.1, "initial value of the AdaGrad accumulator G")
+    adam_beta1: float = _f(0.9, "Adam: first-moment decay")
+    adam_beta2: float = _f(0.999, "Adam: second-moment decay")
+    adam_eps: float = _f(1e-8, "Adam: epsilon added to the bias-corrected sqrt(v)")
     max_staleness: int = _f(50, "discard a gradient computed more than this many of the shard's updates ago")
     broadcast_every: int = _f(10, "broadcast the slice after this many applied updates ...")
     broadcast_interval_ms: float = _f(100.0, "... or this many milliseconds after the last send, if any is unbroadcast")
@@ -163,8 +166,8 @@ class Config:
             errs.append("net.curve needs net.keys_dir (make keys with `gorila-zmq keys gen DIR --hosts ...`)")
         if self.ps.shards < 1:
             errs.append("ps.shards must be >= 1")
-        if self.ps.optimizer not in ("adagrad",):
-            errs.append(f"ps.optimizer {self.ps.optimizer!r} is not one of: adagrad")
+        if self.ps.optimizer not in ("adagrad", "adam"):
+            errs.append(f"ps.optimizer {self.ps.optimizer!r} is not one of: adagrad, adam")
         if self.ps.lr <= 0 or self.ps.eps < 0 or self.ps.initial_accumulator < 0:
             errs.append("ps.lr must be > 0, ps.eps and ps.initial_accumulator >= 0")
         if self.ps.max_staleness < 0:

@@ -1,8 +1,10 @@
-"""Server-side optimisers on flat float32 slices: the fused Cython AdaGrad kernel and its NumPy twin.
+"""Server-side optimisers on flat float32 slices: fused Cython kernels and their NumPy twins.
 
-AdaGrad (Duchi et al., 2011), as torch.optim.Adagrad with lr_decay=0 and weight_decay=0:
+AdaGrad (Duchi et al., 2011; Gorila), as torch.optim.Adagrad with lr_decay=0 and weight_decay=0:
     G += g * g;   theta -= lr * g / (sqrt(G) + eps)
-with G starting at `initial_accumulator`. `GORILA_PUREPYTHON=1` selects the NumPy versions.
+with G starting at `initial_accumulator`. Adam (Kingma & Ba; DrQ-v2), as torch.optim.Adam without
+weight decay: m, v moving averages with bias correction at step t = the shard's version + 1.
+`GORILA_PUREPYTHON=1` selects the NumPy versions. `make_server_optimizer(ps_cfg)` picks by config.
 """
 from __future__ import annotations
 
@@ -76,3 +78,65 @@ def all_finite(x: np.ndarray) -> bool:
 
 
 IMPLEMENTATION = "numpy" if _ext is None else "cython"
+
+
+def adam_update_numpy(theta, m, v, grad, b1: float, b2: float, step_size: float, inv_sqrt_bc2: float,
+                      eps: float, nthreads: int = 0) -> None:
+    m *= np.float32(b1)
+    m += np.float32(1 - b1) * grad
+    v *= np.float32(b2)
+    v += np.float32(1 - b2) * grad * grad
+    denom = np.sqrt(v)
+    denom *= np.float32(inv_sqrt_bc2)
+    denom += np.float32(eps)
+    theta -= np.float32(step_size) * m / denom
+
+
+def adam_update(theta, m, v, grad, lr: float, step: int, b1: float = 0.9, b2: float = 0.999,
+                eps: float = 1e-8, nthreads: int = 0) -> None:
+    """In-place Adam step number `step` (1-based) on flat float32 arrays."""
+    _check(theta, m, grad)
+    _check(theta, v, grad)
+    if step < 1:
+        raise ValueError("Adam steps count from 1")
+    step_size = lr / (1 - b1 ** step)
+    inv_sqrt_bc2 = 1.0 / (1 - b2 ** step) ** 0.5
+    if _ext is None:
+        adam_update_numpy(theta, m, v, grad, b1, b2, step_size, inv_sqrt_bc2, eps)
+    else:
+        _ext.adam_update(theta, m, v, grad, float(b1), float(b2), float(step_size), float(inv_sqrt_bc2),
+                         float(eps), int(nthreads) or _THREADS)
+
+
+class ServerOptimizer:
+    """What a shard needs of an optimiser: how many state arrays, their initial value, one step."""
+
+    name = "adagrad"
+    n_states = 1
+
+    def __init__(self, ps_cfg):
+        self.cfg = ps_cfg
+
+    def init_states(self, states: list[np.ndarray]) -> None:
+        states[0][:] = self.cfg.initial_accumulator
+
+    def apply(self, theta, states, grad, version: int) -> None:
+        adagrad_update(theta, states[0], grad, self.cfg.lr, self.cfg.eps, self.cfg.apply_threads)
+
+
+class ServerAdam(ServerOptimizer):
+    name = "adam"
+    n_states = 2
+
+    def init_states(self, states) -> None:
+        states[0][:] = 0.0
+        states[1][:] = 0.0
+
+    def apply(self, theta, states, grad, version: int) -> None:
+        c = self.cfg
+        adam_update(theta, states[0], states[1], grad, c.lr, version + 1, c.adam_beta1, c.adam_beta2,
+                    c.adam_eps, c.apply_threads)
+
+
+def make_server_optimizer(ps_cfg) -> ServerOptimizer:
+    return {"adagrad": ServerOptimizer, "adam": ServerAdam}[ps_cfg.optimizer](ps_cfg)

@@ -1,9 +1,10 @@
-"""One parameter-server shard: owns a contiguous slice of theta and its AdaGrad accumulator.
+"""One parameter-server shard: owns a contiguous slice of theta and its optimiser state (AdaGrad's
+accumulator, or Adam's moments).
 
 Sockets: a ROUTER for requests (HELLO, PUSH_GRAD, GET_PARAMS, STATS) and a PUB for the parameter
 broadcast (PARAMS every `broadcast_every` updates or `broadcast_interval_ms`, HEARTBEAT when idle).
-theta and G live in one shared-memory segment `gz_<run>_ps<i>` ([header | theta | G]), released on
-shutdown. The version (updates applied) is the shard's clock; shard 0's is the global update count.
+theta and the optimiser state live in one shared-memory segment `gz_<run>_ps<i>`
+([header | theta | state 0 | state 1 ...]), released on shutdown. The version (updates applied) is the shard's clock; shard 0's is the global update count.
 
 Every request is validated before it touches state; a bad one is counted by reason, logged once per
 reason, and answered with an ERROR. A (client, seq) pair is applied at most once: a retried push gets
@@ -38,16 +39,22 @@ DEDUP_CLIENTS = 256      # clients remembered (least recently seen forgotten fir
 
 
 class ShardState:
-    """theta and G for one shard, as views of a shared-memory segment."""
+    """theta and the optimiser's state arrays for one shard, as views of a shared-memory segment."""
 
-    def __init__(self, name: str, size: int):
+    def __init__(self, name: str, size: int, n_states: int = 1):
         self.name = name
-        self.seg = shm.create(name, SHM_HEADER + 8 * size)
-        self.meta = np.ndarray((8,), np.int64, self.seg.buf, 0)   # [magic, version, size, ...]
+        self.seg = shm.create(name, SHM_HEADER + 4 * size * (1 + n_states))
+        self.meta = np.ndarray((8,), np.int64, self.seg.buf, 0)   # [magic, version, size, n_states ...]
         self.theta = np.ndarray((size,), np.float32, self.seg.buf, SHM_HEADER)
-        self.accum = np.ndarray((size,), np.float32, self.seg.buf, SHM_HEADER + 4 * size)
+        self.states = [np.ndarray((size,), np.float32, self.seg.buf, SHM_HEADER + 4 * size * (1 + k))
+                       for k in range(n_states)]
         self.meta[:] = 0
-        self.meta[0], self.meta[2] = 0x475A5053, size
+        self.meta[0], self.meta[2], self.meta[3] = 0x475A5053, size, n_states
+
+    @property
+    def accum(self) -> np.ndarray:
+        """AdaGrad's accumulator G (the first state array)."""
+        return self.states[0]
 
     @property
     def version(self) -> int:
@@ -58,7 +65,8 @@ class ShardState:
         self.meta[1] = v
 
     def close(self) -> None:
-        self.meta = self.theta = self.accum = None
+        self.meta = self.theta = None
+        self.states = []
         shm.release(self.seg, unlink=True)
 
 
@@ -68,15 +76,16 @@ def checkpoint_path(run_dir: str, index: int) -> str:
     return os.path.join(run_dir, "ckpt", f"ps{index}.npz")
 
 
-def save_checkpoint(path: str, theta: np.ndarray, accum: np.ndarray, meta: dict) -> None:
+def save_checkpoint(path: str, theta: np.ndarray, states, meta: dict) -> None:
     """Atomic: write a temporary file, fsync it, rename over the old one, fsync the directory.
     A crash at any point leaves the previous checkpoint (or none) intact and loadable."""
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        np.savez(f, theta=theta, accum=accum,
-                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        states = [states] if isinstance(states, np.ndarray) else list(states)
+        np.savez(f, theta=theta, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                 **{f"state{k}": s for k, s in enumerate(states)})
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -87,12 +96,14 @@ def save_checkpoint(path: str, theta: np.ndarray, accum: np.ndarray, meta: dict)
         os.close(dfd)
 
 
-def load_checkpoint(path: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
+def load_checkpoint(path: str) -> tuple[np.ndarray, list[np.ndarray], dict] | None:
+    """(theta, [state arrays], meta), or None when there is no checkpoint."""
     if not os.path.exists(path):
         return None
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(z["meta"].tobytes().decode())
-        return z["theta"].astype(np.float32), z["accum"].astype(np.float32), meta
+        n = sum(1 for k in z.files if k.startswith("state"))
+        return z["theta"].astype(np.float32), [z[f"state{k}"].astype(np.float32) for k in range(n)], meta
 
 
 def _bucket(staleness: int) -> int:
@@ -136,14 +147,15 @@ class ParameterServerShard:
         self.incarnation = random.getrandbits(32) or 1
         self.ckpt_path = checkpoint_path(cfg.run.run_dir, index)
 
-        self.state = ShardState(f"gz_{cfg.run_id}_ps{index}", self.size)
+        self.optimizer = optim.make_server_optimizer(cfg.ps)
+        self.state = ShardState(f"gz_{cfg.run_id}_ps{index}", self.size, self.optimizer.n_states)
         self.dedup: collections.OrderedDict[int, collections.OrderedDict] = collections.OrderedDict()
         for stale_tmp in glob.glob(self.ckpt_path + ".tmp-*"):   # left by a shard killed mid-write
             os.unlink(stale_tmp)
         resumed = self._restore()
         if not resumed:
             self.state.theta[:] = init_theta[self.start:self.stop]
-            self.state.accum[:] = cfg.ps.initial_accumulator
+            self.optimizer.init_states(self.state.states)
             self.state.version = 0
 
         self.stats = {"updates_applied": 0, "discarded_stale": 0, "duplicates": 0,
@@ -190,14 +202,18 @@ class ParameterServerShard:
             return False
         if ck is None:
             return False
-        theta, accum, meta = ck
+        theta, states, meta = ck
         if meta.get("layout_hash") != self.layout.hash or meta.get("start") != self.start \
                 or meta.get("stop") != self.stop:
             raise RuntimeError(f"checkpoint {self.ckpt_path} is for another model or sharding "
                                f"(hash {meta.get('layout_hash')}, range {meta.get('start')}-{meta.get('stop')}); "
                                f"this shard is hash {self.layout.hash}, range {self.start}-{self.stop}")
+        if meta.get("optimizer", "adagrad") != self.optimizer.name or len(states) != self.optimizer.n_states:
+            raise RuntimeError(f"checkpoint {self.ckpt_path} holds {meta.get('optimizer', 'adagrad')} state; "
+                               f"this shard runs ps.optimizer={self.optimizer.name}")
         self.state.theta[:] = theta
-        self.state.accum[:] = accum
+        for dst, src in zip(self.state.states, states):
+            dst[:] = src
         self.state.version = int(meta["version"])
         for client, seqs in meta.get("dedup", {}).items():
             self.dedup[int(client)] = collections.OrderedDict((int(s), tuple(o)) for s, o in seqs)
@@ -205,9 +221,10 @@ class ParameterServerShard:
 
     def checkpoint(self) -> None:
         meta = {"version": self.state.version, "layout_hash": self.layout.hash, "start": self.start,
+                "optimizer": self.optimizer.name,
                 "stop": self.stop, "shard": self.index, "time": time.time(),
                 "dedup": {str(c): list(d.items()) for c, d in self.dedup.items()}}
-        save_checkpoint(self.ckpt_path, self.state.theta, self.state.accum, meta)
+        save_checkpoint(self.ckpt_path, self.state.theta, self.state.states, meta)
         self.stats["checkpoints"] += 1
         self._last_ckpt = time.monotonic()
 
@@ -367,8 +384,7 @@ class ParameterServerShard:
         elif not optim.all_finite(grad):
             raise P.ProtocolError(P.Status.NON_FINITE, "gradient contains NaN or Inf")
         else:
-            optim.adagrad_update(self.state.theta, self.state.accum, grad, self.cfg.ps.lr, self.cfg.ps.eps,
-                                 self.cfg.ps.apply_threads)
+            self.optimizer.apply(self.state.theta, self.state.states, grad, version)
             self.state.version = version + 1
             self.stats["updates_applied"] += 1
             status = P.Status.APPLIED

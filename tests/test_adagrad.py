@@ -67,3 +67,35 @@ def test_wrapper_validates_inputs():
         optim.adagrad_update(np.zeros((2, 5), np.float32), np.zeros(10, np.float32), t, 0.1, 1e-10)
     with pytest.raises(ValueError):
         optim.all_finite(np.zeros(3, np.float64))
+
+
+ADAM = {"numpy": lambda *a: optim.adam_update_numpy(*a)}
+if _ext is not None:
+    ADAM["cython"] = lambda *a: _ext.adam_update(*a, 2)
+    ADAM["cython-1thread"] = lambda *a: _ext.adam_update(*a, 1)
+
+
+@pytest.mark.parametrize("impl", sorted(ADAM))
+@pytest.mark.parametrize("n", [1, 200_003])
+def test_adam_matches_torch_adam_over_100_steps(impl, n):
+    lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-8
+    rng = np.random.default_rng(n)
+    theta0 = rng.standard_normal(n).astype(np.float32)
+    p = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
+    opt = torch.optim.Adam([p], lr=lr, betas=(b1, b2), eps=eps)
+    theta, m, v = theta0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for t in range(1, 101):
+        g = (rng.standard_normal(n) * rng.choice([1e-3, 1.0, 30.0])).astype(np.float32)
+        p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        ADAM[impl](theta, m, v, g, b1, b2, lr / (1 - b1 ** t), 1 / (1 - b2 ** t) ** 0.5, eps)
+    ref = p.detach().numpy()
+    assert np.abs(theta - ref).max() / np.abs(ref).max() <= 1e-5
+    # m cancels towards 0 from gradients up to ~30: compare on the gradients' scale (lerp vs mul-add rounding)
+    np.testing.assert_allclose(m, opt.state[p]["exp_avg"].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_adam_wrapper_counts_steps_from_one():
+    t = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="from 1"):
+        optim.adam_update(t, t.copy(), t.copy(), t.copy(), 1e-3, 0)

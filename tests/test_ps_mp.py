@@ -160,6 +160,6 @@ def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path):
         time.sleep(rng.uniform(0.0, 0.3))
         p.send_signal(signal.SIGKILL)
         p.wait(10)
-        theta, accum, meta = load_checkpoint(path)
+        theta, (accum,), meta = load_checkpoint(path)
         v = meta["version"]
         assert v >= 1 and theta[0] == v and theta[-1] == v and np.array_equal(accum, theta * 2)
