@@ -188,6 +188,7 @@ class Learner(Role):
         self.loader = None
         self.filter = OutlierFilter(cfg.agent.outlier_k, cfg.agent.outlier_warmup)
         self._flat = np.empty(self.layout.size, np.float32)
+        self._grad_bufs: list[tuple[int, np.ndarray]] = []
         self._seen = -1
         self.versions = [0] * self.shards.n
         self.updates = 0
@@ -204,6 +205,15 @@ class Learner(Role):
                         waited, self.sub.alive)
         self._sync_target()
         self.target_every = Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
+
+    def _free_grad_buffer(self) -> np.ndarray:
+        """A gradient buffer no push still needs (every shard answered it), else a new one: no 6.7 MB
+        allocation and page faults per update once the window's worth of buffers exists."""
+        for k, (seq, buf) in enumerate(self._grad_bufs):
+            if all(seq not in pend for pend in self.pusher.pending):
+                del self._grad_bufs[k]
+                return buf
+        return np.empty(self.layout.size, np.float32)
 
     def _sync_target(self) -> None:
         theta, _ = fetch_params(self.ctx, self.shards)
@@ -269,8 +279,9 @@ class Learner(Role):
         self.online.zero_grad(set_to_none=True)
         loss.backward()
         self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
-        grad = self.layout.flatten_grads(self.online)      # a new array: the pusher owns it now
-        self.pusher.push(grad, versions)
+        grad = self.layout.flatten_grads(self.online, out=self._free_grad_buffer())
+        seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until every shard replied
+        self._grad_bufs.append((seq, grad))
         self.pusher.poll(0)
         self.updates += 1
         self.compute_s += time.perf_counter() - t1
