@@ -1,0 +1,90 @@
+"""DrQ-v2 pieces: the augmentation, the n-step clipped double-Q target, the actor update leaving the
+encoder alone, the schedule, and the networks' shapes."""
+import copy
+
+import pytest
+import torch
+
+from gorila_zmq.agents.drqv2 import (Critic, DrQV2, critic_target, random_shift, schedule, soft_update,
+                                     update_actor, update_critic)
+
+
+def test_random_shift_equals_an_integer_crop_of_the_padded_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 9, 84, 84), generator=g).float()
+    shift = torch.randint(0, 9, (6, 2), generator=g)
+    out = random_shift(x, pad=4, shift=shift)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="replicate")
+    for i in range(6):
+        dx, dy = int(shift[i, 0]), int(shift[i, 1])          # grid x is the width axis
+        crop = padded[i, :, dy:dy + 84, dx:dx + 84]
+        assert (out[i] - crop).abs().max().item() < 1e-2     # grey levels: float rounding of the grid only
+    # random shifts stay within the pad
+    r = random_shift(x, pad=4, generator=g)
+    assert r.shape == x.shape
+
+
+def test_schedule():
+    assert schedule("0.2", 10) == 0.2
+    assert schedule("linear(1.0,0.1,100000)", 0) == 1.0
+    assert schedule("linear(1.0, 0.1, 100000)", 50000) == pytest.approx(0.55)
+    assert schedule("linear(1.0,0.1,100000)", 10**7) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        schedule("cosine(1,2)", 0)
+
+
+def small_agent():
+    torch.manual_seed(0)
+    return DrQV2((9, 84, 84), action_dim=2, feature_dim=8, hidden_dim=16)
+
+
+def test_shapes():
+    a = small_agent()
+    assert a.encoder.repr_dim == 32 * 35 * 35
+    obs = torch.randint(0, 256, (3, 9, 84, 84), dtype=torch.uint8)
+    act = a.act(obs, std=0.2, explore=True)
+    assert act.shape == (3, 2) and act.abs().max() <= 1.0
+    q1, q2 = a.critic(a.encoder(obs), act)
+    assert q1.shape == q2.shape == (3, 1)
+
+
+def test_n_step_clipped_double_q_target_by_hand():
+    a = small_agent()
+    tgt = copy.deepcopy(a.critic)
+    h = torch.randn(4, a.encoder.repr_dim)
+    reward = torch.tensor([[1.0], [0.5], [0.0], [2.0]])            # n-step discounted returns
+    discount = torch.tensor([[0.99 ** 3], [0.99 ** 3], [0.0], [0.99 ** 2]])   # 0: terminated
+    torch.manual_seed(5)
+    target = critic_target(a, tgt, h, reward, discount, std=0.0, clip=0.3)
+    with torch.no_grad():
+        next_a = a.actor(h)                                      # std 0: the mean action
+        q1, q2 = tgt(h, next_a)
+        expected = reward + discount * torch.minimum(q1, q2)
+    assert torch.allclose(target, expected, atol=1e-6)
+    assert target[2].item() == pytest.approx(0.0)                # terminal: the reward alone
+
+
+def test_actor_update_leaves_the_encoder_untouched_and_critic_trains_it():
+    a = small_agent()
+    obs = torch.randint(0, 256, (4, 9, 84, 84), dtype=torch.uint8)
+    h = a.encoder(obs)
+    loss, _ = update_actor(a, h, std=0.2, clip=0.3)
+    loss.backward()
+    assert all(p.grad is None for p in a.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in a.actor.parameters())
+    a.zero_grad(set_to_none=True)
+    tgt = copy.deepcopy(a.critic)
+    h = a.encoder(obs)
+    closs, info = update_critic(a, tgt, h, torch.zeros(4, 2), torch.ones(4, 1), torch.full((4, 1), 0.97),
+                                a.encoder(obs).detach(), std=0.2, clip=0.3)
+    closs.backward()
+    assert all(p.grad is not None for p in a.encoder.parameters())
+    assert all(p.grad is None for p in a.actor.parameters())     # the target's action is no_grad
+
+
+def test_soft_update():
+    a, b = Critic(10, 2, 4, 8), Critic(10, 2, 4, 8)
+    before = [p.clone() for p in a.parameters()]
+    soft_update(a, b, 0.01)
+    for p0, p, q in zip(before, a.parameters(), b.parameters()):
+        assert torch.allclose(p, 0.99 * p0 + 0.01 * q, atol=1e-6)
