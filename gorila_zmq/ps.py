@@ -360,6 +360,8 @@ class ParameterServerShard:
     def _hello(self, ident, req, payload) -> None:
         info = P.as_json(req, payload) if payload is not None else {}
         want = info.get("layout_hash", req.layout)
+        if type(want) is not int:
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, "HELLO's layout_hash must be an integer")
         if want != self.layout.hash:
             raise P.ProtocolError(P.Status.BAD_LAYOUT,
                                   f"client layout hash {want:016x} ({info.get('n_params', '?')} params) != shard's "

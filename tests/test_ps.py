@@ -139,6 +139,7 @@ def _malformed(r):
                                   np.zeros(n, np.float32)), P.Status.BAD_SHARD),
         "too_many_frames": (good + [b"extra"], P.Status.BAD_FRAMES),
         "command_not_served": (P.message(P.Header(P.Cmd.PARAMS, shard=0, layout=L.hash)), P.Status.BAD_COMMAND),
+        "hello_hash_not_int": (P.message(P.Header(P.Cmd.HELLO, shard=0), {"layout_hash": "abc"}), P.Status.BAD_PAYLOAD),
         "bad_hello_json": ([P.Header(P.Cmd.HELLO, shard=0, dtype=P.Dtype.JSON, length=4).pack(), b"\xff\xfe{]"],
                            P.Status.BAD_PAYLOAD),
     }
