@@ -64,13 +64,12 @@ def request(ctx: zmq.Context, endpoint: str, hdr: P.Header, payload=None, *, tim
 class ShardSet:
     """What a client knows about the shards of one model: endpoints and slice ranges."""
 
-    def __init__(self, cfg, layout: ParamLayout, hosts: list[str] | None = None):
+    def __init__(self, cfg, layout: ParamLayout):
         self.cfg, self.layout = cfg, layout
         self.n = cfg.ps.shards
         self.ranges = layout.shard_ranges(self.n)
-        host = (lambda i: hosts[i]) if hosts else (lambda i: None)
-        self.req = [topology.ps_request(cfg, i, host(i)).connect for i in range(self.n)]
-        self.pub = [topology.ps_broadcast(cfg, i, host(i)).connect for i in range(self.n)]
+        self.req = [topology.ps_request(cfg, i).connect for i in range(self.n)]
+        self.pub = [topology.ps_broadcast(cfg, i).connect for i in range(self.n)]
 
     def hello(self, ctx, i: int, client: int = 0, timeout_s: float | None = None) -> dict:
         """Check the layout with shard i; a mismatch raises ProtocolError(BAD_LAYOUT) with the reason."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class NetConfig:
     curve: bool = _f(False, "CurveZMQ on every socket: encryption + only the authorised keys get service")
     keys_dir: str = _f("", "directory made by `gorila-zmq keys gen` (needed with net.curve)")
     key_name: str = _f("local", "this host's client key name in keys_dir")
+    placement: dict = _f({}, "role name (ps0, replay1, actor3, learner0, evaluator) -> address of its host; "
+                             "servers bind that address only; unplaced roles use net.host")
 
 
 @dataclass
@@ -162,6 +165,10 @@ class Config:
         errs = []
         if self.net.transport not in ("tcp", "ipc"):
             errs.append(f"net.transport must be 'tcp' or 'ipc', not {self.net.transport!r}")
+        bad = [r for r in self.net.placement
+               if not re.fullmatch(r"(ps|replay|actor|learner)\d+|evaluator", r)]
+        if bad:
+            errs.append(f"net.placement names unknown roles {bad} (ps0, replay0, actor0, learner0, evaluator ...)")
         if self.net.curve and not self.net.keys_dir:
             errs.append("net.curve needs net.keys_dir (make keys with `gorila-zmq keys gen DIR --hosts ...`)")
         if self.ps.shards < 1:
@@ -268,6 +275,16 @@ def _coerce(value, tp, where: str):
     elif origin is str:
         if isinstance(value, str):
             return value
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return dict(value)
+        if isinstance(value, str):
+            try:
+                v = json.loads(value)
+                if isinstance(v, dict):
+                    return _coerce(v, tp, where)
+            except json.JSONDecodeError:
+                pass
     elif origin is list:
         if isinstance(value, list):
             return value
@@ -294,7 +311,9 @@ def apply_dict(cfg, data: dict, where: str = "config"):
             valid = ", ".join(sorted(hints))
             raise ConfigError(f"{where}: unknown key {key!r} (valid: {valid})")
         cur = getattr(cfg, key)
-        if dataclasses.is_dataclass(cur):
+        if isinstance(cur, dict) and isinstance(value, dict):      # a mapping field: entries merge
+            setattr(cfg, key, {**cur, **_coerce(value, hints[key], f"{where}.{key}")})
+        elif dataclasses.is_dataclass(cur):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{key}: expected a table of fields, got {value!r}")
             apply_dict(cur, value, f"{where}.{key}")
@@ -309,6 +328,8 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} must look like section.field=value")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
+    if len(parts) == 3 and parts[:2] == ["net", "placement"]:          # net.placement.ps0=10.0.0.1
+        return {"net": {"placement": {parts[2]: value}}}
     out: dict = {}
     d = out
     for p in parts[:-1]:

@@ -11,7 +11,6 @@ then SIGKILL after a timeout, and removes the run's shared-memory segments.
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import signal
@@ -38,8 +37,8 @@ class RoleSpec:
     stage: int = 0                  # start order
 
 
-def make_program(cfg: C.Config, config_path: str | None = None, host: str | None = None) -> list[RoleSpec]:
-    """Every process of a run, from its config."""
+def make_program(cfg: C.Config, config_path: str | None = None, only_host: str | None = None) -> list[RoleSpec]:
+    """Every process of a run, from its config (only those placed on `only_host`, if given)."""
     config_path = config_path or os.path.join(cfg.run.run_dir, "config.json")
     from gorila_zmq.envs import resolve_model
     from gorila_zmq.layout import ParamLayout
@@ -51,19 +50,32 @@ def make_program(cfg: C.Config, config_path: str | None = None, host: str | None
         return RoleSpec(name or f"{role}{i}", role, i, [role, "--index", str(i), "--config", config_path],
                         ep, lhash, stage)
 
-    prog = [spec("ps", i, 0, topology.ps_request(cfg, i, host).connect) for i in range(cfg.ps.shards)]
+    prog = [spec("ps", i, 0, topology.ps_request(cfg, i).connect) for i in range(cfg.ps.shards)]
     r = cfg.roles
     if r.mode == "bundled":
         for b in range(r.bundles):
-            prog.append(spec("actor", b, 1, topology.control(cfg, "actor", b, host).connect))
-            prog.append(spec("learner", b, 2, topology.control(cfg, "learner", b, host).connect))
+            prog.append(spec("actor", b, 1, topology.control(cfg, "actor", b).connect))
+            prog.append(spec("learner", b, 2, topology.control(cfg, "learner", b).connect))
     else:
-        prog += [spec("replay", i, 1, topology.replay(cfg, i, host).connect) for i in range(r.replay_shards)]
-        prog += [spec("actor", i, 2, topology.control(cfg, "actor", i, host).connect) for i in range(r.actors)]
-        prog += [spec("learner", i, 2, topology.control(cfg, "learner", i, host).connect) for i in range(r.learners)]
+        prog += [spec("replay", i, 1, topology.replay(cfg, i).connect) for i in range(r.replay_shards)]
+        prog += [spec("actor", i, 2, topology.control(cfg, "actor", i).connect) for i in range(r.actors)]
+        prog += [spec("learner", i, 2, topology.control(cfg, "learner", i).connect) for i in range(r.learners)]
     if r.evaluator:
-        prog.append(spec("evaluator", 0, 3, topology.control(cfg, "evaluator", 0, host).connect, "evaluator"))
+        prog.append(spec("evaluator", 0, 3, topology.control(cfg, "evaluator", 0).connect, "evaluator"))
+    if only_host is not None:
+        prog = [p for p in prog if topology.address(cfg, p.name) == only_host]
     return prog
+
+
+def owned_segments(cfg: C.Config, spec: RoleSpec) -> list[str]:
+    """Shared-memory segments a role creates (what its supervisor removes if the role could not)."""
+    if spec.role == "ps":
+        return [f"gz_{cfg.run_id}_ps{spec.index}"]
+    if spec.role == "replay":
+        return [f"gz_{cfg.run_id}_greplay{spec.index}"]
+    if spec.role == "actor" and cfg.roles.mode == "bundled":
+        return [topology.bundle_replay_name(cfg, spec.index)]
+    return []
 
 
 def _die_with_parent() -> None:
@@ -183,12 +195,13 @@ class Supervisor:
                     log.warning("%s did not stop after SIGTERM; killing it", p.spec.name)
                     os.killpg(p.popen.pid, signal.SIGKILL)
                     p.popen.wait(5)
-        for path in glob.glob(f"/dev/shm/gz_{self.cfg.run_id}_*"):
-            try:
-                os.unlink(path)
-                log.info("removed leftover shared memory %s", path)
-            except OSError:
-                pass
+        for spec in self.program:
+            for name in owned_segments(self.cfg, spec):
+                try:
+                    os.unlink(f"/dev/shm/{name}")
+                    log.info("removed leftover shared memory %s", name)
+                except OSError:
+                    pass
         self.ctx.destroy(linger=0)
 
     def request_stop(self, *_) -> None:
@@ -257,6 +270,8 @@ def dev_main(argv: list[str]) -> int:
     p.add_argument("--config", help="TOML configuration file")
     p.add_argument("--env", help="shorthand for env.name=...")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--only-host", metavar="ADDRESS",
+                   help="run only the roles net.placement puts on this address (one supervisor per host)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.add_argument("--log-level", default=os.environ.get("GORILA_LOG", "INFO"))
     a = p.parse_args(argv)
@@ -275,7 +290,9 @@ def dev_main(argv: list[str]) -> int:
     path = prepare_run(cfg)
     from gorila_zmq import security
     security.configure_role(cfg, "supervisor")
-    program = make_program(cfg, path)
+    program = make_program(cfg, path, a.only_host)
+    if not program:
+        raise C.ConfigError(f"no role is placed on {a.only_host} (net.placement: {cfg.net.placement})")
     print(f"gorila-zmq dev: {cfg.env.name}, {cfg.roles.mode} mode, {cfg.ps.shards} shard(s), "
           + (f"{cfg.roles.bundles} bundle(s)" if cfg.roles.mode == "bundled" else
              f"{cfg.roles.actors} actor(s), {cfg.roles.replay_shards} replay shard(s), {cfg.roles.learners} learner(s)")

@@ -1,7 +1,9 @@
-"""Where every role listens: one function from a config (plus a host map) to endpoints.
+"""Where every role listens: one function from a config to endpoints.
 
-Addresses are bound late (launchpad style): roles are built with a config, and resolve their
-endpoints here when they start. Dev mode uses one host; the cluster launcher supplies `hosts`.
+Addresses are bound late (launchpad style): roles are built with a config and resolve their
+endpoints here when they start. `net.placement` maps a role name (ps0, replay1, actor3, learner0,
+evaluator) to the address of the host it runs on; a server binds that address only (not every
+interface) and clients connect to it. Roles without a placement use `net.host`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ class Endpoint:
     connect: str   # what a client connects to
 
 
+def address(cfg, role: str) -> str:
+    """The host address of role `role` (e.g. "ps0")."""
+    return cfg.net.placement.get(role) or cfg.net.host
+
+
 def _ep(cfg, name: str, port_offset: int, host: str | None = None) -> Endpoint:
+    if host is None:
+        host = address(cfg, name.split(".")[0])
     if cfg.net.transport == "ipc":
         path = os.path.join(os.path.abspath(cfg.run.run_dir), "sock", f"{name}")
         if len(path) > 100:
@@ -52,7 +61,8 @@ def replay(cfg, r: int, host: str | None = None) -> Endpoint:
 def control(cfg, role: str, i: int = 0, host: str | None = None) -> Endpoint:
     """A role's control socket (stats on request); shards answer on their request socket."""
     base = {"actor": ACTOR_CTL, "learner": LEARNER_CTL, "evaluator": EVAL_CTL}[role]
-    return _ep(cfg, f"{role}{i}.ctl", base + i, host)
+    name = "evaluator" if role == "evaluator" else f"{role}{i}"
+    return _ep(cfg, f"{name}.ctl", base + i, host)
 
 
 def bundle_replay_name(cfg, i: int) -> str:

@@ -23,6 +23,7 @@ WALL_BUDGET = 240.0               # seconds, on 2 cores with every role running
 def start_dev(run_dir, *overrides, preset="cartpole", duration=600):
     log = open(os.path.join(os.path.dirname(run_dir), "dev.log"), "ab")
     argv = [sys.executable, "-m", "gorila_zmq.cli", "dev", "--preset", preset, "--duration", str(duration),
+            *(["--only-host", "127.0.0.2"] if any("placement" in o for o in overrides) else []),
             f"run.run_dir={run_dir}", f"net.base_port={free_base_port(64)}", "dev.progress_interval_s=5",
             *overrides]
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -190,3 +191,35 @@ def test_a_run_resumes_from_its_directory(tmp_path):
     v2 = load_checkpoint(os.path.join(run_dir, "ckpt", "ps0.npz"))[2]["version"]
     frames2 = json.load(open(os.path.join(run_dir, "state", "actor0.json")))["env_frames"]
     assert v2 > v1 and frames2 > frames1
+
+
+def test_two_hosts_split_by_placement(tmp_path):
+    """Two supervisors, one per "host" (loopback addresses 127.0.0.2 for the shards, 127.0.0.3 for the
+    rest), as the cluster launcher runs them: servers bind only their host's address, and the run
+    learns across the two."""
+    run_dir = str(tmp_path / "run")
+    place = ["net.placement.ps0=127.0.0.2", "net.placement.ps1=127.0.0.2", "net.placement.actor0=127.0.0.3",
+             "net.placement.learner0=127.0.0.3", "net.placement.evaluator=127.0.0.3"]
+    shards = start_dev(run_dir, "ps.shards=2", *place, duration=600)
+    wait_for(lambda: os.path.exists(os.path.join(run_dir, "config.json")), 60, 0.2, "the run's config")
+    log = open(os.path.join(tmp_path, "dev-b.log"), "wb")
+    rest = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "dev", "--only-host", "127.0.0.3",
+                             "--duration", "600", f"run.run_dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        wait_for(lambda: solved(run_dir) or rest.poll() is not None or shards.poll() is not None, WALL_BUDGET, 1.0,
+                 "CartPole across two hosts")
+        assert solved(run_dir), dump_logs(run_dir)
+        from gorila_zmq import config as C
+        cfg = C.load(os.path.join(run_dir, "config.json"))
+        for i in range(2):
+            conns = [c for c in psutil.Process(pid_of(run_dir, f"ps{i}")).net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN]
+            assert conns and all(c.laddr.ip == "127.0.0.2" for c in conns), conns   # not 0.0.0.0
+        assert cfg.net.placement["ps0"] == "127.0.0.2"
+    except BaseException:
+        print(dump_logs(run_dir))
+        raise
+    finally:
+        assert stop_proc(rest, signal.SIGTERM, timeout=60) == 0
+        assert_clean_shutdown(shards, run_dir)

@@ -105,6 +105,10 @@ def test_config_toml_overrides_and_json(tmp_path):
     cfg = C.load(str(f), ["ps.lr=0.25", "net.transport=ipc", "model.hidden=32,32"])
     assert cfg.ps.shards == 3 and cfg.ps.lr == 0.25 and cfg.net.transport == "ipc"
     assert cfg.model.obs_shape == [4] and cfg.model.hidden == [32, 32]
+    cfg2 = C.load(None, ["net.placement.ps0=10.1.0.1", "net.placement.actor0=10.1.0.2"])
+    assert cfg2.net.placement == {"ps0": "10.1.0.1", "actor0": "10.1.0.2"}
+    with pytest.raises(C.ConfigError, match="unknown roles"):
+        C.load(None, ["net.placement.shard0=10.1.0.1"])
     out = tmp_path / "resolved.json"
     C.save_json(cfg, str(out))
     assert C.from_dict(json.loads(out.read_text())) == cfg
