@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("gorila_zmq.evaluation", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
     "status": ("gorila_zmq.status", "main", "ask every live role of a run for its stats"),
     "keys": ("gorila_zmq.security", "keys_main", "make CurveZMQ keys for a cluster"),
+    "cluster": ("gorila_zmq.cluster", "main", "start, stop and inspect a run on several hosts over ssh"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),
 }

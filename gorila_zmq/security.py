@@ -89,7 +89,8 @@ def configure(cfg) -> Curve | None:
     if not cfg.net.curve:
         _current = None
         return None
-    _current = load(cfg.net.keys_dir, cfg.net.key_name)
+    # GORILA_KEY_NAME: the cluster launcher says which host this is without rewriting the config.
+    _current = load(cfg.net.keys_dir, os.environ.get("GORILA_KEY_NAME") or cfg.net.key_name)
     return _current
 
 

@@ -287,7 +287,15 @@ def dev_main(argv: list[str]) -> int:
         # A run resumes from its directory: its config, then this command's overrides.
         cfg = C.load(resumed, overrides)
         print(f"resuming the run in {cfg.run.run_dir} (its config.json, shard checkpoints, counters)")
-    path = prepare_run(cfg)
+    if a.only_host and os.path.exists(resumed):
+        # One of several per-host supervisors: the roles read the run's config.json as written (by
+        # the first supervisor or the cluster launcher); run.run_dir only locates it.
+        path = resumed
+        from gorila_zmq.envs import resolve_model
+        resolve_model(cfg)
+        topology.ensure_ipc_dir(cfg)
+    else:
+        path = prepare_run(cfg)
     from gorila_zmq import security
     security.configure_role(cfg, "supervisor")
     program = make_program(cfg, path, a.only_host)
