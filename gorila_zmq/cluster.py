@@ -212,7 +212,40 @@ def up(spec: Spec, timeout: float = 180.0, launcher_key: str | None = None) -> d
         started.append(host.name)
         print(f"{host.name}: supervisor started")
     answered = wait_up(spec, timeout, launcher_key)
-    return {"started": started, "seconds": time.monotonic() - t0, "roles": answered}
+    res = {"started": started, "seconds": time.monotonic() - t0, "roles": answered}
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:          # the figure: from `up` to the first applied gradient
+        if (_collect(spec, launcher_key, 0.5).get("ps0") or {}).get("version", 0) > 0:
+            res["up_to_first_update_s"] = time.monotonic() - t0
+            print(f"first gradient applied {res['up_to_first_update_s']:.1f}s after `up`")
+            break
+        time.sleep(0.5)
+    return res
+
+
+def bootstrap(spec: Spec, wheel_dir: str | None = None) -> str:
+    """Build a wheel here and install it on every host over ssh (hosts without a shared filesystem).
+    Dependencies come from each host's package index as usual; torch should be installed first."""
+    import glob
+    import tempfile
+    out = wheel_dir or tempfile.mkdtemp(prefix="gz-wheel-")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out,
+                        root], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ClusterError(f"building the wheel failed: {r.stderr.strip()[-500:]}")
+    wheel = sorted(glob.glob(os.path.join(out, "gorila_zmq-*.whl")))[-1]
+    name = os.path.basename(wheel)
+    for host in spec.hosts.values():
+        with open(wheel, "rb") as f:
+            host.ssh(f"cat > /tmp/{name}", input=f.read(), timeout=120)
+        r = host.ssh(f"{shlex.quote(host.python)} -m pip install -q --no-deps --force-reinstall /tmp/{name}",
+                     check=False, timeout=300)
+        if r.returncode != 0:
+            raise ClusterError(f"host {host.name}: installing {name} failed: "
+                               f"{r.stderr.decode(errors='replace').strip()[-300:]}")
+        print(f"{host.name}: installed {name}")
+    return wheel
 
 
 def _collect(spec: Spec, launcher_key: str | None, timeout_s: float = 1.0) -> dict:
@@ -276,7 +309,7 @@ def leftovers(spec: Spec) -> dict[str, list[str]]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gorila-zmq cluster", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["up", "down", "status", "logs", "restart", "check"])
+    p.add_argument("command", choices=["up", "down", "status", "logs", "restart", "check", "bootstrap"])
     p.add_argument("spec", help="cluster spec (TOML), e.g. cluster/example.toml")
     p.add_argument("role", nargs="?", help="logs/restart: the role (ps0, actor1, learner0, evaluator ...)")
     p.add_argument("--timeout", type=float, default=180.0)
@@ -299,6 +332,8 @@ def main(argv: list[str]) -> int:
             print(f"{name:<12} {host:<10} " + ("DOWN" if st is None else
                   "up  " + " ".join(f"{k}={st[k]}" for k in ("version", "env_frames", "updates", "evaluations",
                                                               "auth_failures") if k in st)))
+    elif a.command == "bootstrap":
+        bootstrap(spec)
     elif a.command == "check":
         for host in spec.hosts.values():
             _check_host(spec, host)
