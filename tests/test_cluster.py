@@ -135,6 +135,12 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
             "            sys.exit('got an answer')\n"
             "        except ShardUnavailable:\n"
             "            pass\n"
+            "        sub = P.make_socket(ctx, zmq.SUB)\n"
+            "        sub.setsockopt(zmq.SUBSCRIBE, b'')\n"
+            f"        sub.connect({spec_pub(spec)!r})\n"
+            "        if sub.poll(3000):\n"
+            "            sys.exit('the publisher sent parameters to a stranger')\n"
+            "        sub.close(linger=0)\n"
             "print('refused')\n")
         before = _collect(spec, "launcher")["ps0"]["auth_failures"]
         out = subprocess.run(["ip", "netns", "exec", f"{TAG}stranger", sys.executable, "-c", probe],
@@ -189,6 +195,11 @@ def test_bootstrap_installs_a_locally_built_wheel_over_ssh(hosts, keys, tmp_path
     out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "show", "-f", "gorila-zmq"], capture_output=True,
                          text=True)
     assert "gorila_zmq/_ext/adagrad" in out.stdout and "site-packages" in out.stdout   # the compiled kernels too
+
+
+def spec_pub(spec):
+    from gorila_zmq import topology
+    return topology.ps_broadcast(spec.cfg, 0).connect
 
 
 def spec_endpoint(spec):

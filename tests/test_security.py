@@ -107,3 +107,38 @@ def test_unauthorised_client_gets_nothing_and_is_counted(curve_shard, ctx, who):
     after = _stats(ctx, shards, authorised)
     assert after["version"] == 0                          # nothing was applied
     assert after["auth_failures"] > before                # and the attempts show in the stats
+
+
+def test_replay_shard_serves_only_authorised_keys(make_cfg, tmp_path, ctx):
+    import threading
+    from gorila_zmq import topology
+    from gorila_zmq.envs import resolve_model
+    from gorila_zmq.replay_service import ReplayServer
+    keys = str(tmp_path / "keys")
+    security.gen_keys(keys, ["hostA", "hostB"])
+    security.gen_keys(str(tmp_path / "stranger"), ["intruder"])
+    cfg = make_cfg("env.name=CartPole-v1", "model.kind=mlp", "roles.mode=global", "agent.replay_capacity=1000",
+                   "agent.learning_starts=10", "net.curve=true", f"net.keys_dir={keys}")
+    resolve_model(cfg)
+    with security.use(security.load(keys, "hostA")):
+        server = ReplayServer(cfg, 0, ctx)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    ep = topology.replay(cfg, 0).connect
+    try:
+        with security.use(security.load(keys, "hostB")):
+            rh, body = request(ctx, ep, P.Header(P.Cmd.STATS, shard=0), timeout_s=2.0, retries=2)
+            assert P.as_json(rh, body)["auth_failures"] == 0
+        s = security.load(str(tmp_path / "stranger"), "intruder")
+        intruder = security.Curve(security.load(keys, "hostB").server_public, None, s.client_public,
+                                  s.client_secret, s.authorized_dir)
+        for who in (intruder, None):
+            with security.use(who):
+                with pytest.raises(ShardUnavailable):
+                    request(ctx, ep, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), {"batch": 4}, timeout_s=0.5, retries=1)
+        with security.use(security.load(keys, "hostB")):
+            rh, body = request(ctx, ep, P.Header(P.Cmd.STATS, shard=0), timeout_s=2.0, retries=2)
+            assert P.as_json(rh, body)["auth_failures"] >= 2
+    finally:
+        server.request_stop()
+        t.join(10)
