@@ -1,0 +1,47 @@
+"""DeepMind Control from pixels: shapes, action repeat, truncation at the time limit, fast rendering,
+clear errors. Skips with the reason where dm_control (the dmc extra) or headless GL is missing."""
+import numpy as np
+import pytest
+
+dm_control = pytest.importorskip("dm_control", reason="the dmc extra (dm_control, mujoco) is not installed")
+
+
+@pytest.fixture(scope="module")
+def env_cls():
+    from gorila_zmq.envs.dmc import DMCEnv
+    try:
+        DMCEnv("cartpole_swingup", seed=0).reset()
+    except Exception as e:  # no EGL/OSMesa on this machine
+        pytest.skip(f"headless MuJoCo rendering unavailable: {e}")
+    return DMCEnv
+
+
+def test_pixels_stack_and_truncation(env_cls):
+    env = env_cls("cartpole_swingup", seed=1, time_limit=0.1)      # 10 physics steps = 5 agent steps
+    obs, _ = env.reset(seed=1)
+    assert obs.shape == (9, 84, 84) and obs.dtype == np.uint8
+    assert not obs[:6].any() and obs[6:].any()                        # zeros before the first frame
+    assert env.last_frame.shape == (3, 84, 84)
+    steps, done = 0, False
+    while not done:
+        obs, r, term, trunc, _ = env.step(env.action_space.sample())
+        steps += 1
+        done = term or trunc
+    assert steps == 5 and trunc and not term                          # the time limit truncates
+    assert (obs[6:] == env.last_frame).all() and (obs[3:6] != 0).any()
+    env.close()
+
+
+def test_fast_render_turns_shadows_and_multisampling_off(env_cls):
+    env = env_cls("cartpole_swingup", seed=0, fast_render=True)
+    obs, _ = env.reset()
+    m = env._env.physics.model
+    assert m.vis.quality.shadowsize == 0 and m.vis.quality.offsamples == 0 and not m.light_castshadow.any()
+    assert obs[6:].any()
+    env.close()
+
+
+def test_unknown_task_lists_the_available_ones(env_cls):
+    from gorila_zmq.envs.dmc import UnknownTaskError
+    with pytest.raises(UnknownTaskError, match="cartpole_swingup"):
+        env_cls("cartpole_swingdown")
