@@ -37,6 +37,7 @@ def add_arguments(p):
     p.add_argument("--window", type=int, default=2, help="requests in flight per shard (both sides)")
     p.add_argument("--broadcasts", type=int, default=100, help="broadcasts timed per subscriber count")
     p.add_argument("--curve", action="store_true", help="also measure with CurveZMQ on (cluster mode)")
+    p.add_argument("--apply-threads", type=int, default=None, help="ps.apply_threads for the shards (default: config)")
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -231,6 +232,8 @@ def run(args) -> Report:
             port += 20
             cfg = _base_cfg(tmp, transport, S, port, broadcast_every=10**9, broadcast_interval_ms=1e9)
             cfg.net.in_flight = args.window
+            if args.apply_threads is not None:
+                cfg.ps.apply_threads = args.apply_threads
             print(f"  {transport}, {S} shard(s): ours ...", flush=True)
             procs = _start_shards(cfg, tmp)
             try:
