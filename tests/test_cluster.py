@@ -94,6 +94,7 @@ def cluster(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def keys(hosts):
+    from gorila_zmq import security
     k = str(hosts["dir"] / "keys")
     security.gen_keys(k, ["alpha", "beta", "launcher"])
     security.gen_keys(str(hosts["dir"] / "stranger_keys"), ["stranger"])
