@@ -145,11 +145,8 @@ def _raw_ale(game: str, seed: int):
     return run
 
 
-def _ours(game: str, seed: int, impl: str | None):
-    from gorila_zmq.envs.atari import make_atari
-    env = make_atari(game, frame_impl=impl)
-    env.reset(seed=seed)            # seeding reloads the ROM (~70 ms): kept out of the timing
-
+def _stepper(env):
+    """A timed loop over a gymnasium env: the same for ours and the baseline."""
     def run(actions):
         env.reset()
         step = env.step
@@ -158,6 +155,13 @@ def _ours(game: str, seed: int, impl: str | None):
             if term or trunc:
                 env.reset()
     return run
+
+
+def _ours(game: str, seed: int, impl: str | None):
+    from gorila_zmq.envs.atari import make_atari
+    env = make_atari(game, frame_impl=impl)
+    env.reset(seed=seed)            # seeding reloads the ROM (~70 ms): kept out of the timing
+    return _stepper(env)
 
 
 def _gymnasium(game: str, seed: int):
@@ -172,15 +176,7 @@ def _gymnasium(game: str, seed: int):
         gym.make(env_id, frameskip=1, repeat_action_probability=0.0), frame_skip=4, noop_max=30,
         screen_size=84, grayscale_obs=True), 4)
     env.reset(seed=seed)
-
-    def run(actions):
-        env.reset()
-        step = env.step
-        for a in actions:
-            _, _, term, trunc, _ = step(a)
-            if term or trunc:
-                env.reset()
-    return run
+    return _stepper(env)
 
 
 def _env_section(rep: Report, game: str, steps: int, rounds: int, seed: int) -> None:
