@@ -66,6 +66,7 @@ class ScalarLog:
         self._w = csv.writer(self._csv)
         if self._csv.tell() == 0:
             self._w.writerow(["wall_time", "step", "name", "value"])
+            self._csv.flush()
         try:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(run_dir, "tb", role))

@@ -94,7 +94,8 @@ def test_cartpole_learns_in_dev_mode(tmp_path, layout):
         for name in ("ps0", "actor0", "learner0", "evaluator"):
             assert f"{name} " in out.stdout and "DOWN" not in out.stdout, out.stdout
         assert glob.glob(os.path.join(run_dir, "tb", "learner0", "events.*"))
-        assert os.path.getsize(os.path.join(run_dir, "scalars", "actor0.csv")) > 0
+        actor_csv = os.path.join(run_dir, "scalars", "actor0.csv")   # a row every dev.stats_interval_s
+        wait_for(lambda: sum(1 for _ in open(actor_csv)) > 1, 60, 1.0, "a scalar row in actor0.csv")
     except BaseException:
         print(dump_logs(run_dir))
         raise
