@@ -54,7 +54,9 @@ class PSConfig:
     optimizer: str = _f("adagrad", "server-side optimiser: adagrad (Gorila) or adam (DrQ-v2)")
     lr: float = _f(0.01, "AdaGrad learning rate")
     eps: float = _f(1e-10, "AdaGrad epsilon added to sqrt(G)")
-    initial_accumulator: float = _f(0.1, "initial value of the AdaGrad accumulator G")
+    # Atari DQN gradients are ~1e-5 per parameter at the start (measured on Pong), so TF's 0.1 would
+    # shrink every AdaGrad step ~300x below Adam's; 1e-6 gives ~1e-4 early and ~3e-5 by 100k updates.
+    initial_accumulator: float = _f(1e-6, "initial value of the AdaGrad accumulator G (small: steps ~ lr*g/sqrt(G))")
     adam_beta1: float = _f(0.9, "Adam: first-moment decay")
     adam_beta2: float = _f(0.999, "Adam: second-moment decay")
     adam_eps: float = _f(1e-8, "Adam: epsilon added to the bias-corrected sqrt(v)")
@@ -227,7 +229,7 @@ PRESETS: dict[str, dict] = {
         "ps": {"shards": 1, "checkpoint_interval_s": 60.0},
         "roles": {"mode": "bundled", "bundles": 1},
         "agent": {"replay_capacity": 200_000, "learning_starts": 10_000, "target_sync_every": 2_000,
-                  "eps_anneal_updates": 100_000, "eps_end": 0.02, "n_step": 3, "double_dqn": True,
+                  "eps_anneal_updates": 30_000, "eps_end": 0.02, "n_step": 3, "double_dqn": True,
                   "max_steps_per_update": 4.0},
         "eval": {"interval_s": 600.0, "episodes": 3},
         "run": {"run_dir": "runs/dev-pong"},
@@ -235,7 +237,7 @@ PRESETS: dict[str, dict] = {
     "cartpole": {
         "env": {"name": "CartPole-v1", "num_envs": 1, "clip_rewards": False},
         "model": {"kind": "mlp", "hidden": [64, 64]},
-        "ps": {"shards": 1, "lr": 0.01, "checkpoint_interval_s": 5.0, "broadcast_every": 1,
+        "ps": {"shards": 1, "lr": 0.01, "initial_accumulator": 0.1, "checkpoint_interval_s": 5.0, "broadcast_every": 1,
                "broadcast_interval_ms": 20.0, "max_staleness": 50},
         "roles": {"mode": "bundled", "bundles": 1},
         "agent": {"replay_capacity": 50_000, "learning_starts": 1_000, "batch_size": 64, "target_sync_every": 250,
