@@ -1,5 +1,9 @@
-"""The actor role: steps E environments together, acts epsilon-greedily with its replica of the
-Q-network (batched inference), and writes every transition to replay.
+"""The actor role: steps E environments together, acts with its replica of the network (batched
+inference), and writes every transition to replay.
+
+- DQN: epsilon-greedy on the Q-network, epsilon annealed on the *global* update count.
+- DrQ-v2: uniform random actions for this actor's share of `agent.seed_frames`, then the actor's mean
+  plus N(0, std^2) noise (clamped to [-1, 1]), std on `agent.std_schedule` over the global update count.
 
 Parameters come from the background subscriber without blocking (after the first snapshot); epsilon
 is annealed on the *global* update count (shard 0's version). Replay is the bundle's shared-memory
@@ -18,6 +22,7 @@ import torch
 
 from gorila_zmq import shm, topology
 from gorila_zmq.agents.dqn import actor_epsilon
+from gorila_zmq.agents.drqv2 import exploration_std
 from gorila_zmq.client import ParamSubscriber, ShardSet
 from gorila_zmq.envs import make_vec_env, spec
 from gorila_zmq.layout import ParamLayout
@@ -59,7 +64,8 @@ class Actor(Role):
             shm.release(_stale(topology.bundle_replay_name(cfg, index)), unlink=True)
             self.replay = ReplayMemory(cfg.agent.replay_capacity, frame_shape=self.spec.frame_shape,
                                        stack=self.spec.stack, dtype=self.spec.dtype, n_step=cfg.agent.n_step,
-                                       gamma=cfg.agent.gamma, lanes=E, name=topology.bundle_replay_name(cfg, index))
+                                       gamma=cfg.agent.gamma, lanes=E, name=topology.bundle_replay_name(cfg, index),
+                                       action_shape=self.spec.action_shape, action_dtype=self.spec.action_dtype)
             self.lane0 = 0
         else:
             from gorila_zmq.replay_service import ReplayWriter
@@ -73,6 +79,9 @@ class Actor(Role):
         self.throttled_s = 0.0
         self.returns = collections.deque(maxlen=20)
         self.epsilon = cfg.agent.eps_start
+        self.std = None
+        self.seed_steps = 0               # DrQ-v2: steps taken with uniform random actions
+        self.torch_gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + index)
         self.started = time.monotonic()
         if not self.sub.wait_ready(60):
             log.warning("%s: no parameters from the shards after 60 s; acting once they answer", self.name)
@@ -121,17 +130,13 @@ class Actor(Role):
             return
         if self.steps % self.cfg.agent.actor_sync_every == 0:
             self._refresh()
-        self.epsilon = actor_epsilon(self.cfg.agent, max(self.sub.global_version, 0), self.index,
-                                     num_actors(self.cfg))
         E = self.vec.n
-        with torch.no_grad():
-            greedy = self.model(torch.from_numpy(self.obs)).argmax(1).numpy()
-        explore = self.rng.random(E) < self.epsilon
-        actions = np.where(explore, self.rng.integers(self.spec.n_actions, size=E), greedy)
+        actions = self._continuous_actions() if self.spec.continuous else self._epsilon_greedy()
         res = self.vec.step(actions)
         for e in range(E):
             lane = self.lane0 + e
-            self.replay.add(int(actions[e]), float(res.reward[e]), res.frames[e], bool(res.terminated[e]),
+            a = actions[e] if self.spec.continuous else int(actions[e])
+            self.replay.add(a, float(res.reward[e]), res.frames[e], bool(res.terminated[e]),
                             bool(res.truncated[e]), lane=lane)
             if e in res.reset_frames:
                 self.replay.start_episode(res.reset_frames[e], lane=lane)
@@ -146,6 +151,26 @@ class Actor(Role):
         if hasattr(self.replay, "poll"):
             self.replay.poll()
 
+    def _epsilon_greedy(self) -> np.ndarray:
+        self.epsilon = actor_epsilon(self.cfg.agent, max(self.sub.global_version, 0), self.index,
+                                     num_actors(self.cfg))
+        E = self.vec.n
+        with torch.no_grad():
+            greedy = self.model(torch.from_numpy(self.obs)).argmax(1).numpy()
+        explore = self.rng.random(E) < self.epsilon
+        return np.where(explore, self.rng.integers(self.spec.n_actions, size=E), greedy)
+
+    def _continuous_actions(self) -> np.ndarray:
+        """DrQ-v2: seed frames uniformly at random, then the policy mean plus scheduled noise."""
+        E, a = self.vec.n, self.cfg.agent
+        self.std = exploration_std(a.std_schedule, a.seed_frames, self.env_frames, num_actors(self.cfg),
+                                   max(self.sub.global_version, 0))
+        if self.std is None:
+            self.seed_steps += 1
+            return self.rng.uniform(-1.0, 1.0, (E, self.spec.n_actions)).astype(np.float32)
+        return self.model.act(torch.from_numpy(self.obs), self.std, explore=True,
+                              generator=self.torch_gen).numpy().astype(np.float32)
+
     def log_step(self) -> int:
         return self.env_frames
 
@@ -153,7 +178,9 @@ class Actor(Role):
         up = time.monotonic() - self.started
         return {"env_frames": self.env_frames, "agent_steps": self.steps, "episodes": self.episodes,
                 "recent_return": float(np.mean(self.returns)) if self.returns else None,
-                "epsilon": self.epsilon, "global_updates": self.sub.global_version,
+                "epsilon": None if self.spec.continuous else self.epsilon, "exploration_std": self.std,
+                "seed_steps": self.seed_steps,
+                "global_updates": self.sub.global_version,
                 "param_versions": self.sub.versions, "shards_alive": self.sub.alive,
                 "steps_per_s": self.steps / up if up > 0 else 0.0, "uptime_s": up, "throttled_s": self.throttled_s,
                 "replay": self.replay.stats() if hasattr(self.replay, "stats") else {}}

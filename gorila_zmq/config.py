@@ -73,17 +73,18 @@ class PSConfig:
 class EnvConfig:
     name: str = _f("Pong", "an Atari game (ALE ROM name, e.g. Pong, Breakout) or a gymnasium id such as CartPole-v1")
     num_envs: int = _f(1, "environments per actor, stepped together for batched inference")
-    frame_skip: int = _f(4, "Atari: action repeat (max over the last two frames)")
+    frame_skip: int = _f(4, "action repeat (Atari: 4, max over the last two frames; DeepMind Control: 2, rewards summed)")
     noop_max: int = _f(30, "Atari: up to this many random no-ops at the start of an episode")
     terminal_on_life_loss: bool = _f(True, "Atari, training only: a lost life ends the episode for the learner")
     clip_rewards: bool = _f(True, "training only: rewards clipped to their sign")
     max_frames: int = _f(108_000, "training episode cap in emulator frames (reported as truncation)")
     repeat_action_probability: float = _f(0.0, "sticky actions (0: the DQN protocol)")
+    fast_render: bool = _f(False, "DeepMind Control: shadows and multisampling off (about 4x faster on a CPU)")
 
 
 @dataclass
 class AgentConfig:
-    name: str = _f("dqn", "the agent: dqn (Gorila)")
+    name: str = _f("dqn", "the agent: dqn (Gorila, discrete actions) or drqv2 (DrQ-v2, continuous, from pixels)")
     gamma: float = _f(0.99, "discount")
     n_step: int = _f(1, "n-step returns (1: the paper)")
     double_dqn: bool = _f(False, "Double DQN targets")
@@ -97,7 +98,7 @@ class AgentConfig:
     eps_end: float = _f(0.1, "actor epsilon after the anneal")
     eps_anneal_updates: int = _f(1_000_000, "global updates over which epsilon anneals")
     eps_per_actor: bool = _f(False, "spread the final epsilon over actors (eps_end ** (1 + 7 i / (N-1)))")
-    outlier_k: float = _f(5.0, "drop gradients whose |loss| > mean + k*std of recent losses (Gorila 4.2)")
+    outlier_k: float = _f(5.0, "drop gradients whose |loss| > mean + k*std of recent losses (Gorila 4.2); 0: off")
     outlier_warmup: int = _f(100, "losses seen before the outlier filter starts dropping")
     actor_sync_every: int = _f(1, "actor steps between reads of the latest parameters (non-blocking)")
     max_steps_per_update: float = _f(0.0, "rate limit (0: off): actors pause while all actors' steps exceed "
@@ -106,6 +107,12 @@ class AgentConfig:
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
     device: str = _f("auto", "torch device for learners: auto (cuda when present), cpu, cuda, cuda:1 ...")
     torch_threads: int = _f(1, "torch intra-op threads per role process")
+    # DrQ-v2 (agent.name = drqv2)
+    std_schedule: str = _f("linear(1.0,0.1,50000)", "drqv2: exploration std, a number or linear(init,final,"
+                                                     "global updates) (paper: 100k steps = 50k updates on easy tasks)")
+    std_clip: float = _f(0.3, "drqv2: the policy noise is clipped to +-this in the critic and actor updates")
+    seed_frames: int = _f(4000, "drqv2: uniform random actions for this many env frames (summed over actors)")
+    critic_tau: float = _f(0.01, "drqv2: soft update rate of the learner's critic target")
 
 
 @dataclass
@@ -137,10 +144,12 @@ class DevConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = _f("auto", "auto (from the environment), nature_cnn (Atari, 4x84x84 uint8) or mlp (vectors)")
+    kind: str = _f("auto", "auto (from the environment and agent), nature_cnn (Atari, 4x84x84 uint8), mlp "
+                           "(vectors) or drqv2 (encoder + actor + critic, 9x84x84 RGB)")
     obs_shape: list = _f([4, 84, 84], "observation shape the network takes")
-    n_actions: int = _f(6, "number of discrete actions (Pong: 6)")
-    hidden: list = _f([64, 64], "hidden layer sizes of the mlp")
+    n_actions: int = _f(6, "number of discrete actions (Pong: 6); drqv2: the action dimension")
+    hidden: list = _f([64, 64], "hidden layer sizes of the mlp (drqv2: hidden[0] is the actor/critic width)")
+    feature_dim: int = _f(50, "drqv2: trunk feature size (linear -> LayerNorm -> tanh)")
 
 
 @dataclass
@@ -185,8 +194,8 @@ class Config:
             errs.append("ps.broadcast_every must be >= 1")
         if self.net.in_flight < 1:
             errs.append("net.in_flight must be >= 1")
-        if self.model.kind not in ("auto", "nature_cnn", "mlp"):
-            errs.append(f"model.kind {self.model.kind!r} is not one of: auto, nature_cnn, mlp")
+        if self.model.kind not in ("auto", "nature_cnn", "mlp", "drqv2"):
+            errs.append(f"model.kind {self.model.kind!r} is not one of: auto, nature_cnn, mlp, drqv2")
         if self.roles.mode not in ("bundled", "global"):
             errs.append(f"roles.mode must be 'bundled' or 'global', not {self.roles.mode!r}")
         for k in ("bundles", "actors", "learners", "replay_shards"):
@@ -206,8 +215,16 @@ class Config:
             errs.append("agent.actor_sync_every must be >= 1")
         if self.ps.max_payload_factor < 1:
             errs.append("ps.max_payload_factor must be >= 1 (ZeroMQ would refuse every gradient)")
-        if self.agent.name not in ("dqn",):
-            errs.append(f"agent.name {self.agent.name!r} is not one of: dqn")
+        if self.agent.name not in ("dqn", "drqv2"):
+            errs.append(f"agent.name {self.agent.name!r} is not one of: dqn, drqv2")
+        if self.agent.name == "drqv2":
+            try:
+                from gorila_zmq.agents.drqv2 import schedule
+                schedule(self.agent.std_schedule, 0)
+            except ValueError as e:
+                errs.append(f"agent.std_schedule: {e}")
+            if not 0 < self.agent.critic_tau <= 1 or self.agent.std_clip < 0:
+                errs.append("agent.critic_tau must be in (0, 1], agent.std_clip >= 0")
         if errs:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
         return self
@@ -233,6 +250,22 @@ PRESETS: dict[str, dict] = {
                   "max_steps_per_update": 4.0},
         "eval": {"interval_s": 600.0, "episodes": 3},
         "run": {"run_dir": "runs/dev-pong"},
+    },
+    # DrQ-v2 on the runtime (Gorila section 4: parallel actors into a global replay, one learner),
+    # with the paper's agent settings except the batch: 256 takes ~1.9 s per update on a 2-core CPU,
+    # so this box uses 64 (agent.batch_size=256 for the paper's value, e.g. on a GPU).
+    "drqv2": {
+        "env": {"name": "cartpole_swingup", "frame_skip": 2, "clip_rewards": False, "num_envs": 1,
+                "fast_render": True},
+        "ps": {"shards": 1, "optimizer": "adam", "lr": 1e-4, "broadcast_every": 1, "broadcast_interval_ms": 20.0,
+               "checkpoint_interval_s": 60.0},
+        "roles": {"mode": "global", "actors": 2, "replay_shards": 1, "learners": 1},
+        "agent": {"name": "drqv2", "n_step": 3, "gamma": 0.99, "batch_size": 64, "replay_capacity": 100_000,
+                  "learning_starts": 2_000, "seed_frames": 4_000, "max_steps_per_update": 2.0, "outlier_k": 0.0,
+                  "std_schedule": "linear(1.0,0.1,50000)", "std_clip": 0.3, "critic_tau": 0.01},
+        "model": {"kind": "drqv2", "hidden": [1024], "feature_dim": 50},
+        "eval": {"interval_s": 300.0, "episodes": 10, "epsilon": 0.0},
+        "run": {"run_dir": "runs/drqv2-cartpole_swingup"},
     },
     "cartpole": {
         "env": {"name": "CartPole-v1", "num_envs": 1, "clip_rewards": False},

@@ -1,7 +1,10 @@
 """Evaluation: the null-op-starts protocol (DQN/Gorila), human-normalised scores, the evaluator role
 and `gorila-zmq eval`.
 
-Protocol: no sticky actions, up to `eval.noop_max` random no-ops at the start, epsilon
+DrQ-v2 (continuous actions): the policy's mean action (no noise), `eval.episodes` whole episodes
+(10 in the drqv2 preset, as the paper reports), the mean return.
+
+Atari protocol: no sticky actions, up to `eval.noop_max` random no-ops at the start, epsilon
 `eval.epsilon` (0.05), episodes capped at `eval.max_frames` emulator frames (18,000 = 5 minutes),
 `eval.episodes` episodes (30); raw rewards, whole games (no life-loss terminals).
 
@@ -57,7 +60,8 @@ def run_episodes(model, cfg, episodes: int, epsilon: float, seed: int = 0, video
     `should_stop()` turns true: a role asked to stop does not finish a long evaluation first)."""
     env = make_env(cfg, evaluation=True, seed=seed)
     rng = np.random.default_rng(seed)
-    n_actions = env.action_space.n
+    continuous = not hasattr(env.action_space, "n")
+    n_actions = None if continuous else env.action_space.n
     writer = None
     returns = []
     model.eval()
@@ -71,7 +75,9 @@ def run_episodes(model, cfg, episodes: int, epsilon: float, seed: int = 0, video
                     return returns
                 if record:
                     writer = _video_frame(writer, env, video_path)
-                if rng.random() < epsilon:
+                if continuous:                   # DrQ-v2: the deterministic (mean) action
+                    a = model.act(torch.as_tensor(np.asarray(obs)[None]), 0.0, explore=False)[0].numpy()
+                elif rng.random() < epsilon:
                     a = int(rng.integers(n_actions))
                 else:
                     with torch.no_grad():
@@ -92,9 +98,12 @@ def run_episodes(model, cfg, episodes: int, epsilon: float, seed: int = 0, video
 def _video_frame(writer, env, path: str):
     """Append the current screen (RGB) to an mp4 (opencv), opening the writer on first use."""
     import cv2
-    if not hasattr(env, "ale"):
+    if hasattr(env, "ale"):
+        frame = env.ale.getScreenRGB()
+    elif hasattr(env, "last_frame") and env.last_frame.ndim == 3:      # DeepMind Control: (3, H, W) RGB
+        frame = np.ascontiguousarray(env.last_frame.transpose(1, 2, 0))
+    else:
         return writer                      # vector-observation tasks have no screen to record
-    frame = env.ale.getScreenRGB()
     if writer is None:
         h, w = frame.shape[:2]
         writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 15, (w, h))
@@ -171,8 +180,7 @@ class Evaluator(Role):
         t0 = time.monotonic()
         returns = run_episodes(self.model, self.cfg, self.cfg.eval.episodes, self.cfg.eval.epsilon,
                                seed=self.cfg.run.seed + 7919 * (self.evaluations + 1),
-                               on_episode=lambda *_: self.control and self.control.poll(self.stats),
-                               should_stop=lambda: self._stop)
+                               should_stop=self._poll_and_check_stop)
         if self._stop:
             return
         res = summarize(self.cfg.env.name, returns)
@@ -189,6 +197,12 @@ class Evaluator(Role):
         if res["return_mean"] > self.best:
             self.best = res["return_mean"]
             save_params(self.best_path, theta, self.layout, self.cfg, res)
+
+    def _poll_and_check_stop(self) -> bool:
+        """Called every step of an evaluation: status requests are answered while it plays."""
+        if self.control is not None:
+            self.control.poll(self.stats)
+        return self._stop
 
     def _env_frames(self) -> int:
         total = 0

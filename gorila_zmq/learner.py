@@ -1,5 +1,10 @@
-"""The learner role: samples minibatches from replay, computes the DQN gradient against its target
-network, drops loss outliers (Gorila 4.2), and pushes the gradient to every shard.
+"""The learner role: samples minibatches from replay, computes the agent's gradient, drops loss
+outliers (Gorila 4.2), and pushes the gradient to every shard.
+
+- DQN: the TD loss against the target network theta^- (below).
+- DrQ-v2: augmentation, critic loss (encoder + critic) and actor loss (actor only) as one flat
+  gradient for the parameter server's Adam; the critic target is local to the learner and
+  soft-updated (tau) toward the critic after every update.
 
 - A loader thread samples into a ring of preallocated batches (pinned when CUDA is present) while the
   main thread computes the gradient; batches move to the device with non-blocking copies.
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 from gorila_zmq import topology
+from gorila_zmq.agents import drqv2
 from gorila_zmq.agents.dqn import Every, OutlierFilter, td_loss
 from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
 from gorila_zmq.envs import spec
@@ -204,7 +210,10 @@ class Learner(Role):
             log.warning("%s: still no parameters from every shard after %d s (alive: %s)", self.name,
                         waited, self.sub.alive)
         self._sync_target()
-        self.target_every = Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
+        self.drq = cfg.agent.name == "drqv2"
+        # DQN: theta^- synced every N global updates. DrQ-v2: self.target.critic is the soft-updated
+        # critic target (starting from the parameter server's critic).
+        self.target_every = None if self.drq else Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
 
     def _free_grad_buffer(self) -> np.ndarray:
         """A gradient buffer no push still needs (every shard answered it), else a new one: no 6.7 MB
@@ -259,36 +268,55 @@ class Learner(Role):
         nb = self.device.type == "cuda"
         obs = torch.as_tensor(t.obs).to(self.device, non_blocking=nb)
         next_obs = torch.as_tensor(t.next_obs).to(self.device, non_blocking=nb)
-        action = torch.as_tensor(t.action).to(self.device, non_blocking=nb).long()
+        action = torch.as_tensor(t.action).to(self.device, non_blocking=nb)
+        action = action.float() if self.drq else action.long()
         reward = torch.as_tensor(t.reward).to(self.device, non_blocking=nb)
         discount = torch.as_tensor(t.discount).to(self.device, non_blocking=nb)
         copied = None
         if nb:                  # the pinned buffer goes back to the loader only once the copies landed
             copied = torch.cuda.Event()
             copied.record()
-        loss, info = td_loss(self.online, self.target, obs, action, reward, discount, next_obs,
-                             double=self.cfg.agent.double_dqn, huber=self.cfg.agent.huber)
-        self.last = info
+        if self.drq:
+            ok = self._drqv2_gradients(obs, action, reward, discount, next_obs)
+        else:
+            ok = self._dqn_gradients(obs, action, reward, discount, next_obs)
         if copied is not None:
             copied.synchronize()
-        if not self.filter.accept(info["loss"]):
-            self.loader.release(batch)
+        self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
+        if not ok:
             self.dropped += 1
             self.compute_s += time.perf_counter() - t1
             return
-        self.online.zero_grad(set_to_none=True)
-        loss.backward()
-        self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
         grad = self.layout.flatten_grads(self.online, out=self._free_grad_buffer())
         seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until every shard replied
         self._grad_bufs.append((seq, grad))
         self.pusher.poll(0)
         self.updates += 1
         self.compute_s += time.perf_counter() - t1
-        if self.target_every(max(self.pusher.versions[0], self.sub.global_version)):
+        if self.drq:
+            drqv2.soft_update(self.target.critic, self.online.critic, self.cfg.agent.critic_tau)
+        elif self.target_every(max(self.pusher.versions[0], self.sub.global_version)):
             self._sync_target()
         if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:
             self.request_stop()
+
+    def _dqn_gradients(self, obs, action, reward, discount, next_obs) -> bool:
+        loss, info = td_loss(self.online, self.target, obs, action, reward, discount, next_obs,
+                             double=self.cfg.agent.double_dqn, huber=self.cfg.agent.huber)
+        self.last = info
+        if not self.filter.accept(info["loss"]):
+            return False
+        self.online.zero_grad(set_to_none=True)
+        loss.backward()
+        return True
+
+    def _drqv2_gradients(self, obs, action, reward, discount, next_obs) -> bool:
+        a = self.cfg.agent
+        std = drqv2.schedule(a.std_schedule, max(self.sub.global_version, 0))
+        info, ok = drqv2.gradients(self.online, self.target.critic, obs, action, reward, discount, next_obs,
+                                   std, a.std_clip, accept=self.filter.accept)
+        self.last = {"loss": info["critic_loss"], "q_mean": info["critic_q1"], "std": std, **info}
+        return ok
 
     def log_step(self) -> int:
         return max(self.sub.global_version, 0)
@@ -298,7 +326,8 @@ class Learner(Role):
         return {"updates": self.updates, "updates_per_s": self.updates / up if up > 0 else 0.0,
                 "outliers_dropped": self.dropped, "target_syncs": self.target_syncs,
                 "global_updates": self.sub.global_version, "loss": self.last.get("loss"),
-                "q_mean": self.last.get("q_mean"), "push": self.pusher.stats.as_dict(),
+                "q_mean": self.last.get("q_mean"), "actor_loss": self.last.get("actor_loss"),
+                "exploration_std": self.last.get("std"), "push": self.pusher.stats.as_dict(),
                 "device": str(self.device), "compute_s": self.compute_s, "wait_for_batch_s": self.wait_s,
                 "sample_s": self.loader.sample_s if self.loader else 0.0, **self.filter.state()}
 

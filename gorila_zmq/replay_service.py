@@ -33,13 +33,15 @@ MAX_SAMPLE = 4096
 
 def record_dtype(spec) -> np.dtype:
     return np.dtype([("kind", "u1"), ("terminated", "u1"), ("truncated", "u1"), ("_pad", "u1"),
-                     ("lane", "<u4"), ("reward", "<f4"), ("action", "<i8"),
+                     ("lane", "<u4"), ("reward", "<f4"),
+                     ("action", spec.action_dtype.newbyteorder("<"), spec.action_shape),
                      ("frame", spec.dtype.newbyteorder("<"), tuple(spec.frame_shape))])
 
 
 def batch_layout(spec, B: int) -> list[tuple[str, np.dtype, tuple]]:
     obs = (spec.stack, *spec.frame_shape) if spec.stack > 1 else tuple(spec.frame_shape)
-    return [("obs", spec.dtype, (B, *obs)), ("next_obs", spec.dtype, (B, *obs)), ("action", np.dtype("<i8"), (B,)),
+    return [("obs", spec.dtype, (B, *obs)), ("next_obs", spec.dtype, (B, *obs)),
+            ("action", spec.action_dtype.newbyteorder("<"), (B, *spec.action_shape)),
             ("reward", np.dtype("<f4"), (B,)), ("discount", np.dtype("<f4"), (B,))]
 
 
@@ -63,7 +65,8 @@ class ReplayServer(Role):
         self.rec = record_dtype(self.spec)
         self.memory = ReplayMemory(cfg.agent.replay_capacity, frame_shape=self.spec.frame_shape,
                                    stack=self.spec.stack, dtype=self.spec.dtype, n_step=cfg.agent.n_step,
-                                   gamma=cfg.agent.gamma, lanes=self.lanes, name=f"gz_{cfg.run_id}_greplay{index}")
+                                   gamma=cfg.agent.gamma, lanes=self.lanes, name=f"gz_{cfg.run_id}_greplay{index}",
+                                   action_shape=self.spec.action_shape, action_dtype=self.spec.action_dtype)
         self.open = np.zeros(self.lanes, bool)
         self.seqs: dict[int, tuple[int, int]] = {}      # actor -> (writer incarnation, last batch seq)
         self.rng = np.random.default_rng([cfg.run.seed, 3, index])
@@ -137,9 +140,14 @@ class ReplayServer(Role):
             return 0
         if (recs["kind"] > ADD).any() or (recs["lane"] >= self.E).any():
             raise P.ProtocolError(P.Status.BAD_PAYLOAD, "record kind or lane out of range")
-        if ((recs["action"] < 0) | (recs["action"] >= self.spec.n_actions)).any() or \
-                (recs["terminated"] > 1).any() or (recs["truncated"] > 1).any():
-            raise P.ProtocolError(P.Status.BAD_PAYLOAD, f"action outside [0, {self.spec.n_actions}) or a flag not 0/1")
+        if (recs["terminated"] > 1).any() or (recs["truncated"] > 1).any():
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, "a terminated/truncated flag not 0/1")
+        a = recs["action"]
+        if self.spec.continuous:
+            if not (np.isfinite(a).all() and (np.abs(a) <= 1.0).all()):
+                raise P.ProtocolError(P.Status.BAD_PAYLOAD, "continuous action not finite or outside [-1, 1]")
+        elif ((a < 0) | (a >= self.spec.n_actions)).any():
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, f"action outside [0, {self.spec.n_actions})")
         # Each actor's batches apply once and in order: a retry that crossed its original is skipped;
         # a gap (a batch given up) or a restarted actor (new incarnation) closes its lanes, so the next
         # record starts a new partial episode instead of joining unrelated frames.
@@ -170,7 +178,7 @@ class ReplayServer(Role):
                     self.memory.start_episode(r["frame"], lane=lane)
                     self.open[lane] = True
             else:
-                self.memory.add(int(r["action"]), float(r["reward"]), r["frame"], bool(r["terminated"]),
+                self.memory.add(r["action"] if self.spec.continuous else int(r["action"]), float(r["reward"]), r["frame"], bool(r["terminated"]),
                                 bool(r["truncated"]), lane=lane)
                 if r["terminated"] or r["truncated"]:
                     self.open[lane] = False

@@ -217,6 +217,7 @@ class Supervisor:
         returns = [v["recent_return"] for k, v in st.items()
                    if v and k.startswith("actor") and v.get("recent_return") is not None]
         eps = next((v.get("epsilon") for k, v in st.items() if v and k.startswith("actor")), None)
+        std = next((v.get("exploration_std") for k, v in st.items() if v and k.startswith("actor")), None)
         ev = (st.get("evaluator") or {}).get("last") or {}
         fps = ups = 0.0
         if self._prev is not None:
@@ -229,6 +230,8 @@ class Supervisor:
         line = (f"frames {frames:,} ({fps:,.0f}/s)  updates {updates if updates is not None else '-'} "
                 f"({ups:,.1f}/s)  eps {eps:.3f}" if eps is not None else
                 f"frames {frames:,} ({fps:,.0f}/s)  updates {updates if updates is not None else '-'} ({ups:,.1f}/s)")
+        if std is not None:
+            line += f"  std {std:.3f}"
         if returns:
             line += f"  return {sum(returns) / len(returns):.1f}"
         if ev:
@@ -268,6 +271,8 @@ def dev_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gorila-zmq dev", description="Run every role on this host, supervised.")
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="start from a preset (dev: Pong on a small box)")
     p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--agent", choices=["dqn", "drqv2"],
+                   help="shorthand for agent.name=...; drqv2 without --preset starts from the drqv2 preset")
     p.add_argument("--env", help="shorthand for env.name=...")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--only-host", metavar="ADDRESS",
@@ -277,8 +282,10 @@ def dev_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
                         format="%(asctime)s supervisor %(levelname)s %(message)s")
-    overrides = list(a.overrides) + ([f"env.name={a.env}"] if a.env else [])
-    cfg = C.load(a.config, overrides, preset=a.preset)
+    overrides = ([f"agent.name={a.agent}"] if a.agent else []) + list(a.overrides) + \
+        ([f"env.name={a.env}"] if a.env else [])
+    preset = a.preset or ("drqv2" if a.agent == "drqv2" and not a.config else None)
+    cfg = C.load(a.config, overrides, preset=preset)
     resumed = os.path.join(cfg.run.run_dir, "config.json")
     if os.path.exists(resumed) and a.config:
         raise C.ConfigError(f"{cfg.run.run_dir} already holds a run: drop --config to resume it (overrides "
@@ -301,7 +308,7 @@ def dev_main(argv: list[str]) -> int:
     program = make_program(cfg, path, a.only_host)
     if not program:
         raise C.ConfigError(f"no role is placed on {a.only_host} (net.placement: {cfg.net.placement})")
-    print(f"gorila-zmq dev: {cfg.env.name}, {cfg.roles.mode} mode, {cfg.ps.shards} shard(s), "
+    print(f"gorila-zmq dev: {cfg.agent.name} on {cfg.env.name}, {cfg.roles.mode} mode, {cfg.ps.shards} shard(s), "
           + (f"{cfg.roles.bundles} bundle(s)" if cfg.roles.mode == "bundled" else
              f"{cfg.roles.actors} actor(s), {cfg.roles.replay_shards} replay shard(s), {cfg.roles.learners} learner(s)")
           + f"; run dir {cfg.run.run_dir} (logs/, tb/, scalars/, ckpt/); Ctrl-C stops", flush=True)

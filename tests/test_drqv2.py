@@ -88,3 +88,62 @@ def test_soft_update():
     soft_update(a, b, 0.01)
     for p0, p, q in zip(before, a.parameters(), b.parameters()):
         assert torch.allclose(p, 0.99 * p0 + 0.01 * q, atol=1e-6)
+
+
+def test_exploration_seed_frames_then_schedule_on_global_updates():
+    from gorila_zmq.agents.drqv2 import exploration_std
+    sched = "linear(1.0,0.1,1000)"
+    # 4000 seed frames over 2 actors: each actor explores uniformly for its first 2000 frames
+    assert exploration_std(sched, 4000, 0, 2, 0) is None
+    assert exploration_std(sched, 4000, 1998, 2, 500) is None
+    assert exploration_std(sched, 4000, 2000, 2, 500) == pytest.approx(0.55)
+    assert exploration_std(sched, 4000, 10**6, 2, 10**6) == pytest.approx(0.1)
+    assert exploration_std(sched, 0, 0, 1, 0) == pytest.approx(1.0)
+
+
+def _batch(B=4, A=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, 256, (B, 3, 3, 84, 84), dtype=torch.uint8, generator=g)     # as replay gives it
+    nxt = torch.randint(0, 256, (B, 3, 3, 84, 84), dtype=torch.uint8, generator=g)
+    act = torch.rand(B, A, generator=g) * 2 - 1
+    return obs, act, torch.rand(B, generator=g), torch.full((B,), 0.99 ** 3), nxt
+
+
+def test_combined_gradient_is_critic_loss_on_encoder_and_critic_and_actor_loss_on_actor():
+    from gorila_zmq.agents.drqv2 import gradients
+    a = small_agent()
+    tgt = copy.deepcopy(a.critic)
+    obs, act, rew, disc, nxt = _batch()
+    torch.manual_seed(7)
+    info, ok = gradients(a, tgt, obs, act, rew, disc, nxt, std=0.3, clip=0.3)
+    assert ok and {"critic_loss", "actor_loss"} <= set(info)
+    got = {n: p.grad.clone() for n, p in a.named_parameters()}
+
+    # by hand, consuming the random numbers in the same order: shift obs, shift next_obs, target
+    # noise, actor noise; the critic loss alone for encoder + critic, the actor loss alone for the actor
+    b = small_agent()
+    torch.manual_seed(7)
+    o = random_shift(obs.reshape(4, 9, 84, 84))
+    n = random_shift(nxt.reshape(4, 9, 84, 84))
+    h = b.encoder(o)
+    with torch.no_grad():
+        nh = b.encoder(n)
+    closs, _ = update_critic(b, tgt, h, act, rew.view(-1, 1), disc.view(-1, 1), nh, 0.3, 0.3)
+    closs.backward()
+    assert closs.item() == pytest.approx(info["critic_loss"], rel=1e-5)
+    enc_critic = {k: p.grad.clone() for k, p in b.named_parameters() if not k.startswith("actor.")}
+    b.zero_grad(set_to_none=True)
+    aloss, _ = update_actor(b, h.detach(), 0.3, 0.3)
+    aloss.backward()
+    for k, p in b.named_parameters():
+        want = p.grad if k.startswith("actor.") else enc_critic[k]
+        assert torch.allclose(got[k], want, atol=1e-6, rtol=1e-4), k
+    assert all(got[k].abs().sum() > 0 for k in got if k.startswith(("encoder.", "actor.policy")))
+
+
+def test_a_vetoed_update_touches_no_gradient():
+    from gorila_zmq.agents.drqv2 import gradients
+    a = small_agent()
+    info, ok = gradients(a, copy.deepcopy(a.critic), *_batch(), std=0.2, clip=0.3, accept=lambda loss: False)
+    assert not ok and "critic_loss" in info
+    assert all(p.grad is None for p in a.parameters())

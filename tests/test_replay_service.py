@@ -122,3 +122,48 @@ def test_status_reaches_every_replay_shard(server, ctx):
     from gorila_zmq.supervisor import make_program
     st = collect(cfg, [s for s in make_program(cfg) if s.role == "replay"], ctx, 1.0)
     assert set(st) == {"replay0", "replay1"} and all(v is not None for v in st.values())
+
+
+DMC = ["env.name=cartpole_swingup", "agent.name=drqv2", "roles.mode=global", "roles.actors=1",
+       "roles.replay_shards=1", "agent.replay_capacity=200", "agent.learning_starts=10", "agent.n_step=3",
+       "env.frame_skip=2"]
+
+
+def test_continuous_actions_and_rgb_frames_round_trip_and_bad_actions_are_refused(make_cfg, ctx):
+    pytest.importorskip("dm_control")
+    cfg = make_cfg(*DMC)
+    resolve_model(cfg)
+    s = spec(cfg)
+    assert s.continuous and s.action_shape == (1,) and s.frame_shape == (3, 84, 84)
+    srv = ReplayServer(cfg, 0, ctx)
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    try:
+        w = ReplayWriter(ctx, cfg, 0, s)
+        w.start_episode(np.zeros((3, 84, 84), np.uint8))
+        for k in range(30):
+            w.add(np.array([k / 30 - 0.5], np.float32), 0.5, np.full((3, 84, 84), k + 1, np.uint8), False,
+                  k == 29)
+        w.close()
+        assert srv.counters["records_in"] == 31
+        src = RemoteSource(ctx, cfg, 0, s)
+        assert src.ready(10)
+        b = src.sample(8, None, src.allocate(8, pinned=False))
+        assert b.obs.shape == (8, 3, 3, 84, 84) and b.action.shape == (8, 1) and b.action.dtype == np.float32
+        newest = b.obs[:, -1, 0, 0, 0].astype(np.float32)            # action k was taken on frame k
+        np.testing.assert_allclose(b.action[:, 0], (newest / 30 - 0.5), atol=1e-6)
+        src.close()
+        hdr = P.Header(P.Cmd.REPLAY_ADD, shard=0, client=0, seq=1, incarnation=99, dtype=P.Dtype.RAW)
+        for bad in (np.nan, 1.5, -3.0):
+            rec = np.zeros(2, record_dtype(s))
+            rec["kind"] = [START, ADD]
+            rec["action"][1] = bad
+            status, _ = ask(ctx, cfg, 0, hdr, rec.tobytes())
+            assert status == P.Status.BAD_PAYLOAD
+        assert srv.counters["rejected"] == 3 and srv.counters["records_in"] == 31   # nothing half-applied
+        src = RemoteSource(ctx, cfg, 0, s)
+        assert src.sample(4, None, src.allocate(4, pinned=False)).action.shape == (4, 1)   # still serving
+        src.close()
+    finally:
+        srv.request_stop()
+        t.join(10)

@@ -47,7 +47,7 @@ class OutlierFilter:
         if not math.isfinite(x):
             self.dropped += 1
             return False
-        if self.n >= self.warmup and x > self.mean + self.k * math.sqrt(self.var):
+        if self.k > 0 and self.n >= self.warmup and x > self.mean + self.k * math.sqrt(self.var):
             self.dropped += 1
             self.in_a_row += 1
             if self.in_a_row >= self.rewarm_after:

@@ -45,6 +45,7 @@ class Encoder(nn.Module):
         self.apply(weight_init)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        obs = obs.reshape(obs.shape[0], -1, *obs.shape[-2:])    # (B, 3, 3, 84, 84) from replay -> (B, 9, 84, 84)
         obs = obs.float() / 255.0 - 0.5
         return self.convnet(obs).flatten(1)
 
@@ -134,6 +135,15 @@ def schedule(spec: str, step: int) -> float:
     return (1.0 - mix) * init + mix * final
 
 
+def exploration_std(std_schedule: str, seed_frames: int, actor_frames: int, num_actors: int,
+                    global_updates: int) -> float | None:
+    """An actor's exploration: None (uniform random actions) while its own frames are within its share
+    of the seed frames, else the scheduled std on the global update count."""
+    if actor_frames < seed_frames / max(num_actors, 1):
+        return None
+    return schedule(std_schedule, global_updates)
+
+
 def policy_sample(mu: torch.Tensor, std: float, clip: float) -> torch.Tensor:
     """A ~ N(mu, std^2) with the noise clipped to +-clip, then clamped to the action box."""
     noise = (torch.randn_like(mu) * std).clamp(-clip, clip)
@@ -172,3 +182,32 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     with torch.no_grad():
         for t, s in zip(target.parameters(), source.parameters()):
             t.lerp_(s, tau)
+
+
+def gradients(agent: DrQV2, critic_target_net: Critic, obs, action, reward, discount, next_obs,
+              std: float, clip: float, accept=None) -> tuple[dict, bool]:
+    """One DrQ-v2 update as a single gradient over every parameter the parameter server holds:
+    encoder + critic from the critic loss, actor from the actor loss (via autograd.grad on the actor's
+    parameters only, so the actor loss trains neither the encoder nor the critic). obs/next_obs are
+    uint8 stacks (B, 9, 84, 84) or (B, 3, 3, 84, 84); reward/discount (B,) or (B, 1).
+
+    Returns (info, accepted); `accept(critic_loss) -> bool` may veto the update before any backward
+    pass (the learner's outlier filter), and then no .grad is touched."""
+    B = obs.shape[0]
+    obs = random_shift(obs.reshape(B, -1, *obs.shape[-2:]))
+    next_obs = random_shift(next_obs.reshape(B, -1, *next_obs.shape[-2:]))
+    reward, discount = reward.reshape(B, 1).float(), discount.reshape(B, 1).float()
+    obs_h = agent.encoder(obs)
+    with torch.no_grad():
+        next_h = agent.encoder(next_obs)
+    critic_loss, info = update_critic(agent, critic_target_net, obs_h, action, reward, discount, next_h, std, clip)
+    if accept is not None and not accept(info["critic_loss"]):
+        return info, False
+    agent.zero_grad(set_to_none=True)
+    critic_loss.backward()                        # encoder + critic (the actor is not in this graph)
+    actor_loss, ainfo = update_actor(agent, obs_h, std, clip)
+    actor_params = list(agent.actor.parameters())
+    for p, g in zip(actor_params, torch.autograd.grad(actor_loss, actor_params)):
+        p.grad = g
+    info.update(ainfo)
+    return info, True

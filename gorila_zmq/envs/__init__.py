@@ -1,5 +1,6 @@
-"""Environments for actors and evaluators: Atari (our ALE-based env) and gymnasium vector-observation
-tasks such as CartPole, behind one small vector interface (`VecEnv`).
+"""Environments for actors and evaluators: Atari (our ALE-based env), DeepMind Control tasks from
+pixels (DrQ-v2) and gymnasium vector-observation tasks such as CartPole, behind one small vector
+interface (`VecEnv`).
 
 `spec(cfg)` says what the environment looks like (observation and replay-frame shapes, actions);
 `resolve_model(cfg)` fills `model.*` from it when `model.kind = "auto"`.
@@ -9,6 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def is_dmc(name: str) -> bool:
+    """A DeepMind Control task name (domain_task, e.g. cartpole_swingup). Names that look like one
+    need the dmc extra: without it this raises the ImportError that says how to install it."""
+    if "_" not in name or "-v" in name or "/" in name:
+        return False
+    from gorila_zmq.envs.dmc import UnknownTaskError, resolve_task
+    try:
+        resolve_task(name)
+        return True
+    except UnknownTaskError:
+        return False
 
 
 def is_atari(name: str) -> bool:
@@ -27,9 +41,19 @@ class EnvSpec:
     frame_shape: tuple        # what replay stores per step (84, 84) / (4,)
     stack: int                # frames per observation in replay
     dtype: np.dtype           # replay frame dtype
-    n_actions: int
+    n_actions: int            # discrete: the number of actions; continuous: the action dimension
     atari: bool
-    frames_per_step: int = 1  # emulator frames per agent step (frame skip)
+    frames_per_step: int = 1  # emulator frames per agent step (frame skip / action repeat)
+    continuous: bool = False  # actions are float vectors in [-1, 1]^n_actions
+    dmc: bool = False
+
+    @property
+    def action_shape(self) -> tuple:
+        return (self.n_actions,) if self.continuous else ()
+
+    @property
+    def action_dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self.continuous else np.dtype(np.int64)
 
 
 _SPEC_CACHE: dict = {}
@@ -38,7 +62,14 @@ _SPEC_CACHE: dict = {}
 def spec(cfg) -> EnvSpec:
     key = (cfg.env.name, cfg.env.frame_skip)
     if key not in _SPEC_CACHE:
-        if is_atari(cfg.env.name):
+        if is_dmc(cfg.env.name):
+            from gorila_zmq.envs.dmc import DMCEnv
+            env = DMCEnv(cfg.env.name, frame_stack=3)
+            n = int(env.action_space.shape[0])
+            env.close()
+            _SPEC_CACHE[key] = EnvSpec((9, 84, 84), (3, 84, 84), 3, np.dtype(np.uint8), n, False,
+                                       cfg.env.frame_skip, continuous=True, dmc=True)
+        elif is_atari(cfg.env.name):
             from gorila_zmq.envs.atari import AtariEnv
             env = AtariEnv(cfg.env.name, frame_skip=cfg.env.frame_skip)
             n = env.action_space.n
@@ -63,10 +94,18 @@ def spec(cfg) -> EnvSpec:
 def resolve_model(cfg):
     """Fill model.kind/obs_shape/n_actions from the environment when model.kind is 'auto'."""
     s = spec(cfg)
+    if cfg.agent.name == "drqv2" and not s.continuous:
+        raise ValueError(f"agent drqv2 needs continuous actions (a DeepMind Control task such as "
+                         f"cartpole_swingup); {cfg.env.name} has {s.n_actions} discrete actions")
+    if cfg.agent.name == "dqn" and s.continuous:
+        raise ValueError(f"agent dqn needs discrete actions; {cfg.env.name} has continuous actions "
+                         f"(use --agent drqv2)")
     if cfg.model.kind == "auto":
-        cfg.model.kind = "nature_cnn" if s.atari else "mlp"
+        cfg.model.kind = "drqv2" if cfg.agent.name == "drqv2" else "nature_cnn" if s.atari else "mlp"
     if cfg.model.kind == "nature_cnn" and not s.atari:
         raise ValueError(f"model.kind nature_cnn needs Atari frames; {cfg.env.name} has observations {s.obs_shape}")
+    if (cfg.model.kind == "drqv2") != (cfg.agent.name == "drqv2"):
+        raise ValueError(f"model.kind {cfg.model.kind} does not fit agent {cfg.agent.name}")
     cfg.model.obs_shape = list(s.obs_shape)
     cfg.model.n_actions = s.n_actions
     return cfg
@@ -94,7 +133,8 @@ class VecEnv:
         self._len = np.zeros(self.n, np.int64)
 
     def _frame(self, e: int, obs) -> np.ndarray:
-        return self.envs[e].last_frame if self.atari else np.asarray(obs, np.float32)
+        env = self.envs[e]
+        return env.last_frame if hasattr(env, "last_frame") else np.asarray(obs, np.float32)
 
     def reset(self, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         obs, frames = [], []
@@ -108,7 +148,8 @@ class VecEnv:
         obs, rew, term, trunc, frames = [], [], [], [], []
         res = StepResult(None, None, None, None, None)
         for e, env in enumerate(self.envs):
-            o, r, te, tr, info = env.step(int(actions[e]))
+            a = actions[e]
+            o, r, te, tr, info = env.step(int(a) if np.ndim(a) == 0 else a)
             self._ret[e] += info.get("raw_reward", r)
             self._len[e] += 1
             frames.append(np.array(self._frame(e, o)))
@@ -156,6 +197,10 @@ class _ClipReward:
 
 def make_env(cfg, *, evaluation: bool = False, seed: int | None = None):
     """One environment, set up for training or for the evaluation protocol."""
+    if is_dmc(cfg.env.name):
+        from gorila_zmq.envs.dmc import DMCEnv
+        return DMCEnv(cfg.env.name, frame_stack=3, action_repeat=cfg.env.frame_skip,
+                      fast_render=cfg.env.fast_render, seed=seed)
     if is_atari(cfg.env.name):
         from gorila_zmq.envs.atari import AtariEnv
         ev = cfg.eval

@@ -1,0 +1,197 @@
+"""DrQ-v2: one full update through our learner against a single-process torch DrQ-v2, and actor frames/s.
+
+Ours: a Learner (loader thread sampling RGB frame stacks from a shared-memory replay, augmentation,
+critic + actor gradients as one flat vector, push to a real shard process that applies Adam,
+parameter refresh from the subscriber before every update, critic-target soft update).
+Reference: the update as the paper's code does it in one process on tensors already in memory
+(random shift, critic loss -> encoder and critic Adam steps, actor loss -> actor Adam step, soft
+update). Same device, batch, networks and torch threads, same run.
+
+Actor frames/s: a DeepMind Control task stepped with the policy's noisy action (what an actor does
+per step, less the replay write), with default rendering and with fast rendering (no shadows, no
+multisampling). Frames count the action repeat, as the paper does.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from gorila_zmq import config as C
+from gorila_zmq.agents import drqv2 as D
+from gorila_zmq.bench import Report
+from gorila_zmq.models import build_model
+
+DESCRIPTION = __doc__.splitlines()[0]
+
+
+def add_arguments(p):
+    p.add_argument("--updates", type=int, default=12, help="timed updates per side")
+    p.add_argument("--batch", type=int, default=256, help="minibatch (the paper: 256)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--task", default="cartpole_swingup")
+    p.add_argument("--env-steps", type=int, default=300, help="agent steps per rendering mode")
+
+
+def _reference(cfg, device, B, n) -> float:
+    """The paper's update in one process: three Adam optimisers, tensors already on the device."""
+    agent = build_model(cfg.model).to(device)
+    critic_target = copy.deepcopy(agent.critic).requires_grad_(False)
+    lr = cfg.ps.lr
+    enc_opt = torch.optim.Adam(agent.encoder.parameters(), lr=lr)
+    critic_opt = torch.optim.Adam(agent.critic.parameters(), lr=lr)
+    actor_opt = torch.optim.Adam(agent.actor.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randint(0, 256, (B, 9, 84, 84), dtype=torch.uint8, generator=g).to(device)
+    nxt = torch.randint(0, 256, (B, 9, 84, 84), dtype=torch.uint8, generator=g).to(device)
+    act = (torch.rand(B, cfg.model.n_actions, generator=g) * 2 - 1).to(device)
+    rew = torch.rand(B, 1, generator=g).to(device)
+    disc = torch.full((B, 1), 0.99 ** 3, device=device)
+    std, clip = 0.2, cfg.agent.std_clip
+
+    def one():
+        o = agent.encoder(D.random_shift(obs))
+        with torch.no_grad():
+            nh = agent.encoder(D.random_shift(nxt))
+        closs, _ = D.update_critic(agent, critic_target, o, act, rew, disc, nh, std, clip)
+        enc_opt.zero_grad(set_to_none=True)
+        critic_opt.zero_grad(set_to_none=True)
+        closs.backward()
+        critic_opt.step()
+        enc_opt.step()
+        aloss, _ = D.update_actor(agent, o, std, clip)
+        actor_opt.zero_grad(set_to_none=True)
+        aloss.backward()
+        actor_opt.step()
+        D.soft_update(critic_target, agent.critic, cfg.agent.critic_tau)
+    for _ in range(2):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def _filled_replay(n_actions: int, capacity: int = 3_000):
+    from gorila_zmq.replay import ReplayMemory
+    rb = ReplayMemory(capacity, frame_shape=(3, 84, 84), stack=3, dtype=np.uint8, n_step=3,
+                      action_shape=(n_actions,), action_dtype=np.float32)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (32, 3, 84, 84), dtype=np.uint8)
+    rb.start_episode(frames[0])
+    for t in range(capacity - 1):
+        end = t % 500 == 499                      # DMC: 500 agent steps, ended by the time limit
+        rb.add(rng.uniform(-1, 1, n_actions).astype(np.float32), float(rng.random()), frames[t % 32], False, end)
+        if end:
+            rb.start_episode(frames[(t + 1) % 32])
+    return rb
+
+
+def _ours(cfg, n) -> tuple[float, dict]:
+    from gorila_zmq.bench.ps import _wait_hello
+    from gorila_zmq.client import ShardSet
+    from gorila_zmq.layout import ParamLayout
+    from gorila_zmq.learner import Learner, MemorySource
+    conf = os.path.join(cfg.run.run_dir, "config.json")
+    C.save_json(cfg, conf)
+    shard = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", "0", "--config", conf,
+                              "--log-level", "WARNING"], start_new_session=True)
+    rb = _filled_replay(cfg.model.n_actions)
+    ctx = zmq.Context()
+    learner = None
+    try:
+        _wait_hello(ctx, ShardSet(cfg, ParamLayout.from_module(build_model(cfg.model))))
+        learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+        while learner.updates < 2:
+            learner.step()
+        learner.pusher.flush(60)
+        u0, c0, w0 = learner.updates, learner.compute_s, learner.wait_s
+        t0 = time.perf_counter()
+        while learner.updates < u0 + n:
+            learner.step()
+        learner.pusher.flush(60)
+        dt = time.perf_counter() - t0
+        st = learner.stats()
+        return n / dt, {"compute_s_per_update": (learner.compute_s - c0) / n,
+                        "wait_s_per_update": (learner.wait_s - w0) / n,
+                        "pushes_lost": st["push"]["lost"], "stale": st["push"]["stale"]}
+    finally:
+        if learner is not None:
+            learner.close()
+        shard.terminate()
+        shard.wait(15)
+        rb.close()
+        rb.unlink()
+        ctx.destroy(linger=0)
+
+
+def _actor_fps(cfg, task: str, fast: bool, steps: int) -> float:
+    from gorila_zmq.envs.dmc import DMCEnv
+    env = DMCEnv(task, action_repeat=cfg.env.frame_skip, fast_render=fast, seed=0)
+    model = build_model(cfg.model)
+    gen = torch.Generator().manual_seed(0)
+    obs, _ = env.reset(seed=0)
+    for _ in range(5):
+        obs, *_ = env.step(env.action_space.sample())
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        a = model.act(torch.from_numpy(obs)[None], 0.2, explore=True, generator=gen)[0].numpy()
+        obs, _, term, trunc, _ = env.step(a)
+        if term or trunc:
+            obs, _ = env.reset()
+    dt = time.perf_counter() - t0
+    env.close()
+    return steps * cfg.env.frame_skip / dt
+
+
+def run(args) -> Report:
+    rep = Report()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    tmp = tempfile.mkdtemp(prefix="gz-bench-drqv2-")
+    cfg = C.load(None, [f"env.name={args.task}", f"run.run_dir={tmp}/run",
+                        f"net.base_port={25000 + os.getpid() % 1000 * 10}", f"agent.batch_size={args.batch}",
+                        f"agent.device={args.device}", f"agent.torch_threads={threads}",
+                        "ps.checkpoint_interval_s=0", "ps.max_staleness=1000", "agent.learning_starts=100"],
+                 preset="drqv2")
+    from gorila_zmq.envs import resolve_model
+    from gorila_zmq.learner import pick_device
+    resolve_model(cfg)
+    device = pick_device(args.device)
+    print(f"  reference single-process DrQ-v2 update ({device}, batch {args.batch}, {threads} threads) ...",
+          flush=True)
+    ref = _reference(cfg, device, args.batch, args.updates)
+    print("  gorila-zmq learner pipeline ...", flush=True)
+    ours, detail = _ours(cfg, args.updates)
+    ref2 = _reference(cfg, device, args.batch, args.updates)     # again: the box may have changed pace
+    ref = max(ref, ref2)
+    rep.row("reference torch DrQ-v2 update (3 Adams in process)", ref, "updates/s", f"best of 2 runs, {device}")
+    rep.row("gorila-zmq learner (replay+aug+push+Adam shard+refresh)", ours, "updates/s")
+    for k, v in detail.items():
+        rep.row(f"  {k}", v, "")
+    rep.metrics["update_vs_reference_ratio"] = ours / ref
+    torch.set_num_threads(1)                        # an actor process runs one torch thread
+    for fast in (False, True):
+        print(f"  actor stepping {args.task}, {'fast' if fast else 'default'} rendering ...", flush=True)
+        fps = _actor_fps(cfg, args.task, fast, args.env_steps)
+        name = "actor_frames_per_s_fast_render" if fast else "actor_frames_per_s_default_render"
+        rep.row(name.replace("_", " "), fps, "frames/s", f"action repeat {cfg.env.frame_skip}, MUJOCO_GL="
+                + os.environ.get("MUJOCO_GL", "egl"))
+        rep.metrics[name] = fps
+    rep.metrics["fast_render_speedup"] = rep.metrics["actor_frames_per_s_fast_render"] / \
+        rep.metrics["actor_frames_per_s_default_render"]
+    rep.notes.append(f"device {device}, torch threads {threads}, batch {args.batch}; the shard runs on the same "
+                     "host" + ("" if device.type == "cuda" else " and competes for the same cores"))
+    return rep
