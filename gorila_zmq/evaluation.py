@@ -254,8 +254,11 @@ def eval_main(argv: list[str]) -> int:
     layout.load_into(model, theta)
     episodes = a.episodes or cfg.eval.episodes
     eps = cfg.eval.epsilon if a.epsilon is None else a.epsilon
-    print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes, epsilon {eps}, "
-          f"up to {cfg.eval.noop_max} no-ops, cap {cfg.eval.max_frames} frames")
+    if cfg.agent.name == "drqv2":
+        print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes, the policy's mean action")
+    else:
+        print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes, epsilon {eps}, "
+              f"up to {cfg.eval.noop_max} no-ops, cap {cfg.eval.max_frames} frames")
     returns = run_episodes(model, cfg, episodes, eps, a.seed, a.video,
                            on_episode=lambda i, r: print(f"  episode {i + 1}/{episodes}: {r:g}", flush=True))
     res = summarize(cfg.env.name, returns)
