@@ -44,6 +44,7 @@ bench: build
 	$(VENV)/bin/gorila-zmq bench replay --json docs/bench/replay.json
 	$(VENV)/bin/gorila-zmq bench learner --json docs/bench/learner.json
 	$(VENV)/bin/gorila-zmq bench e2e --json docs/bench/e2e.json
+	$(VENV)/bin/gorila-zmq bench drqv2 --json docs/bench/drqv2.json
 
 clean:
 	rm -rf build gorila_zmq/_ext/*.so ext/*.c

@@ -180,7 +180,7 @@ class Evaluator(Role):
         t0 = time.monotonic()
         returns = run_episodes(self.model, self.cfg, self.cfg.eval.episodes, self.cfg.eval.epsilon,
                                seed=self.cfg.run.seed + 7919 * (self.evaluations + 1),
-                               should_stop=self._poll_and_check_stop)
+                               should_stop=lambda: self._stop)
         if self._stop:
             return
         res = summarize(self.cfg.env.name, returns)
@@ -197,12 +197,6 @@ class Evaluator(Role):
         if res["return_mean"] > self.best:
             self.best = res["return_mean"]
             save_params(self.best_path, theta, self.layout, self.cfg, res)
-
-    def _poll_and_check_stop(self) -> bool:
-        """Called every step of an evaluation: status requests are answered while it plays."""
-        if self.control is not None:
-            self.control.poll(self.stats)
-        return self._stop
 
     def _env_frames(self) -> int:
         total = 0

@@ -1,8 +1,9 @@
 """What every role process shares: the role interface, its control socket (stats on request), scalar
 logging (TensorBoard event files + a CSV of the same scalars), and the common command-line setup.
 
-A role implements `Role`: `step()` does one unit of work, `stats()` reports counters; `run()` loops
-and answers control requests between steps, so `gorila-zmq status` can ask any live role.
+A role implements `Role`: `step()` does one unit of work, `stats()` reports counters; `run()` loops.
+A background thread answers control requests, so `gorila-zmq status` gets an answer from any live
+role, even one in the middle of a long step (a DrQ-v2 update on a CPU, an evaluation episode).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import csv
 import logging
 import os
 import signal
+import threading
 import time
 
 import zmq
@@ -28,6 +30,20 @@ class ControlServer:
         self.sock = P.make_socket(ctx, zmq.ROUTER, maxmsgsize=1 << 16)
         self.sock.bind(endpoint.bind)
         self.rejected = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def serve_in_background(self, stats_fn) -> None:
+        """Answer requests from a daemon thread from now on (it owns the socket and closes it)."""
+        def loop():
+            try:
+                while not self._stop.is_set():
+                    if self.sock.poll(100):
+                        self.poll(stats_fn)
+            finally:
+                self.sock.close(linger=0)
+        self._thread = threading.Thread(target=loop, name=f"{self.name}-control", daemon=True)
+        self._thread.start()
 
     def poll(self, stats_fn) -> None:
         """Answer every pending request without blocking."""
@@ -41,10 +57,14 @@ class ControlServer:
                 req, _ = P.parse(frames[1:])
                 if req.command not in (P.Cmd.STATS, P.Cmd.HELLO):
                     raise P.ProtocolError(P.Status.BAD_COMMAND, f"{self.name} answers only STATS and HELLO")
-                body = dict(stats_fn(), role=self.name, pid=os.getpid())
+                try:
+                    body = dict(stats_fn(), role=self.name, pid=os.getpid())
+                except Exception as e:  # noqa: BLE001 - a counter read mid-update must not end the thread
+                    raise P.ProtocolError(P.Status.REJECTED, f"stats unavailable: {type(e).__name__}: {e}") from None
                 out = P.message(P.Header(P.Cmd.REPLY, seq=req.seq, client=req.client), body)
             except P.ProtocolError as e:
-                self.rejected += 1
+                if e.status != P.Status.REJECTED:
+                    self.rejected += 1
                 hdr, body = P.error_reply(req, e.status, e.detail)
                 out = P.message(hdr, body)
             try:
@@ -53,7 +73,11 @@ class ControlServer:
                 pass
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+        else:
+            self.sock.close(linger=0)
 
 
 class ScalarLog:
@@ -119,11 +143,11 @@ class Role:
 
     def run(self, duration: float | None = None) -> None:
         end = None if duration is None else time.monotonic() + duration
+        if self.control is not None:
+            self.control.serve_in_background(self.stats)
         try:
             while not self._stop and (end is None or time.monotonic() < end):
                 self.step()
-                if self.control is not None:
-                    self.control.poll(self.stats)
                 if time.monotonic() - self._last_log >= self.cfg.dev.stats_interval_s:
                     self._last_log = time.monotonic()
                     self.scalars.log(self.log_step(), self.stats())
