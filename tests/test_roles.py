@@ -1,0 +1,54 @@
+"""The role frame: control requests are answered while a step is still running, a failing stats()
+is an error reply (not a dead control thread), and scalars reach the CSV."""
+import threading
+import time
+
+import pytest
+
+from gorila_zmq import protocol as P, topology
+from gorila_zmq.client import request
+from gorila_zmq.roles import Role
+
+
+class Slow(Role):
+    name = "slow"
+
+    def __init__(self, cfg, ctx):
+        super().__init__(cfg, ctx, topology.control(cfg, "learner", 0))
+        self.steps = 0
+        self.fail = False
+
+    def step(self):
+        time.sleep(1.5)                 # one long unit of work (a DrQ-v2 update on a CPU)
+        self.steps += 1
+
+    def stats(self):
+        if self.fail:
+            raise RuntimeError("counter being rebuilt")
+        return {"steps": self.steps}
+
+
+def test_status_is_answered_during_a_long_step(make_cfg, ctx):
+    cfg = make_cfg("dev.stats_interval_s=0.5")
+    role = Slow(cfg, ctx)
+    t = threading.Thread(target=role.run, kwargs={"duration": 6.0}, daemon=True)
+    t.start()
+    try:
+        ep = topology.control(cfg, "learner", 0).connect
+        time.sleep(0.3)
+        for _ in range(3):              # each within 0.5 s although every step takes 1.5 s
+            hdr, body = request(ctx, ep, P.Header(P.Cmd.STATS), timeout_s=0.5, retries=0)
+            assert P.as_json(hdr, body)["role"] == "slow"
+            time.sleep(0.4)
+        role.fail = True
+        with pytest.raises(P.ProtocolError, match="stats unavailable"):
+            request(ctx, ep, P.Header(P.Cmd.STATS), timeout_s=0.5, retries=0)
+        role.fail = False
+        hdr, body = request(ctx, ep, P.Header(P.Cmd.STATS), timeout_s=0.5, retries=0)
+        assert "steps" in P.as_json(hdr, body)   # the control thread survived the failing stats()
+    finally:
+        role.request_stop()
+        t.join(10)
+    assert not t.is_alive()
+    rows = open(role.scalars.path).read().splitlines()
+    assert rows[0] == "wall_time,step,name,value" and any(",steps," in r for r in rows[1:])
