@@ -43,6 +43,18 @@ def num_actors(cfg) -> int:
     return cfg.roles.bundles if cfg.roles.mode == "bundled" else cfg.roles.actors
 
 
+def allowed_transitions(cfg, global_updates: int) -> float | None:
+    """Replay-ratio limiter (agent.max_steps_per_update; None: off): the transitions one actor may have
+    written by now. Its share of learning_starts (a bundle's replay needs all of them; global replay
+    needs them from all actors together), then its share of ratio x global updates."""
+    ratio = cfg.agent.max_steps_per_update
+    if ratio <= 0:
+        return None
+    n = num_actors(cfg)
+    start = cfg.agent.learning_starts if cfg.roles.mode == "bundled" else -(-cfg.agent.learning_starts // n)
+    return start + ratio * global_updates / n
+
+
 class Actor(Role):
     def __init__(self, cfg, index: int, ctx=None):
         self.name = f"actor{index}"
@@ -113,13 +125,8 @@ class Actor(Role):
             self.layout.load_into(self.model, self._flat)
 
     def _throttled(self) -> bool:
-        """Replay-ratio limiter: learning_starts transitions (every replay needs them before its learner
-        starts), then this actor's share of ratio x global updates."""
-        ratio = self.cfg.agent.max_steps_per_update
-        if ratio <= 0:
-            return False
-        allowed = self.cfg.agent.learning_starts + ratio * max(self.sub.global_version, 0) / num_actors(self.cfg)
-        return self.steps * self.vec.n > allowed
+        allowed = allowed_transitions(self.cfg, max(self.sub.global_version, 0))
+        return allowed is not None and self.steps * self.vec.n > allowed
 
     def step(self) -> None:
         if self._throttled():

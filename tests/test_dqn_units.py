@@ -174,3 +174,16 @@ def test_outlier_filter_relearns_a_new_loss_level_instead_of_locking_out():
         assert f.accept(x)
     accepted = [f.accept(x) for x in np.abs(rng.normal(2.5, 0.25, 1000))]
     assert f.rewarms == 1 and not any(accepted[:50]) and all(accepted[150:])
+
+
+def test_replay_ratio_limiter_shares_learning_starts_and_updates_between_actors():
+    from gorila_zmq import config as C
+    from gorila_zmq.actor import allowed_transitions
+    bundled = C.load(None, ["roles.bundles=2", "agent.learning_starts=1000", "agent.max_steps_per_update=4"])
+    assert allowed_transitions(bundled, 0) == 1000            # each bundle's own replay needs all of them
+    assert allowed_transitions(bundled, 100) == 1000 + 4 * 100 / 2
+    glob = C.load(None, ["roles.mode=global", "roles.actors=3", "agent.learning_starts=1000",
+                         "agent.max_steps_per_update=2"])
+    assert allowed_transitions(glob, 0) == 334                # the actors fill one replay together
+    assert allowed_transitions(glob, 300) == 334 + 2 * 300 / 3
+    assert allowed_transitions(C.load(None, ["agent.max_steps_per_update=0"]), 10) is None

@@ -147,3 +147,15 @@ def test_a_vetoed_update_touches_no_gradient():
     info, ok = gradients(a, copy.deepcopy(a.critic), *_batch(), std=0.2, clip=0.3, accept=lambda loss: False)
     assert not ok and "critic_loss" in info
     assert all(p.grad is None for p in a.parameters())
+
+
+def test_clamped_actions_still_train_the_actor():
+    """The clamp to [-1, 1] is straight-through: a mean near the edge plus noise beyond it keeps its
+    gradient (a plain clamp would give 0 there and leave saturated actions untrained)."""
+    from gorila_zmq.agents.drqv2 import policy_sample
+    mu = torch.full((64, 1), 0.9, requires_grad=True)
+    torch.manual_seed(0)
+    a = policy_sample(mu, std=1.0, clip=0.3)
+    assert a.max().item() <= 1.0 and (a == 1.0).any()
+    (3.0 * a).sum().backward()
+    assert torch.allclose(mu.grad, torch.full((64, 1), 3.0))

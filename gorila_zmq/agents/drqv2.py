@@ -145,9 +145,11 @@ def exploration_std(std_schedule: str, seed_frames: int, actor_frames: int, num_
 
 
 def policy_sample(mu: torch.Tensor, std: float, clip: float) -> torch.Tensor:
-    """A ~ N(mu, std^2) with the noise clipped to +-clip, then clamped to the action box."""
-    noise = (torch.randn_like(mu) * std).clamp(-clip, clip)
-    return (mu + noise).clamp(-1.0, 1.0)
+    """A ~ N(mu, std^2) with the noise clipped to +-clip, then clamped to the action box. The clamp is
+    straight-through (as the paper's TruncatedNormal): the gradient reaches mu even where the sample
+    was clamped, so saturated actions still train the actor."""
+    x = mu + (torch.randn_like(mu) * std).clamp(-clip, clip)
+    return x - x.detach() + x.detach().clamp(-1.0, 1.0)
 
 
 def critic_target(agent: DrQV2, critic_target_net: Critic, next_obs_h: torch.Tensor, reward: torch.Tensor,
