@@ -1,5 +1,7 @@
 """DeepMind Control from pixels: shapes, action repeat, truncation at the time limit, fast rendering,
 clear errors. Skips with the reason where dm_control (the dmc extra) or headless GL is missing."""
+import os
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,18 @@ def test_agent_and_environment_must_fit(env_cls):
         resolve_model(C.load(None, ["env.name=Pong"], preset="drqv2"))
     with pytest.raises(C.ConfigError, match="std_schedule"):
         C.load(None, ["agent.std_schedule=cosine(1,2)"], preset="drqv2")
+
+
+def test_headless_rendering_falls_back_to_osmesa_without_egl(env_cls):
+    """With EGL made unusable (no vendor library), the backend probe picks osmesa and says why."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    code = "from gorila_zmq.envs.dmc import pick_gl_backend; print(pick_gl_backend())"
+    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    broken = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**env, "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"})
+    assert ok.stdout.strip() in ("egl", "osmesa")         # egl wherever a driver exists (here: yes)
+    assert broken.stdout.strip() == "osmesa" and "falling back to MUJOCO_GL=osmesa" in broken.stderr
+    assert subprocess.run([sys.executable, "-c", code], env={**env, "MUJOCO_GL": "glfw"}, capture_output=True,
+                          text=True, timeout=120).stdout.strip() == "glfw"     # the user's choice wins

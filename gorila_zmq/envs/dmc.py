@@ -5,12 +5,13 @@ frames as a (9, 84, 84) uint8 observation, action repeat 2 (rewards summed), act
 suite's time limit ends an episode as a truncation (discount stays 1), never a termination.
 `fast_render=True` turns shadows and multisampling off (about 4x faster rendering on a CPU).
 
-Rendering is headless: MUJOCO_GL defaults to egl (set MUJOCO_GL=osmesa, with Debian's libosmesa6,
-where EGL is missing). Needs the `dmc` extra: `pip install 'gorila-zmq[dmc]'` (dm_control with
+Rendering is headless: MUJOCO_GL, when unset, becomes egl if an EGL context can be made here, else
+osmesa (Debian's libosmesa6) with a warning; a MUJOCO_GL you set is used as is. Needs the `dmc` extra: `pip install 'gorila-zmq[dmc]'` (dm_control with
 mujoco==3.17.0: 4.0.0 breaks dm_control).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import gymnasium as gym
@@ -18,12 +19,35 @@ import numpy as np
 from gymnasium import spaces
 
 
+log = logging.getLogger("gorila_zmq.envs.dmc")
+
+
 class UnknownTaskError(ValueError):
     pass
 
 
+def pick_gl_backend() -> str:
+    """MUJOCO_GL for headless rendering: the user's choice if set; else egl when an EGL context can be
+    made here, else osmesa (software; Debian's libosmesa6), with a warning saying why."""
+    if os.environ.get("MUJOCO_GL"):
+        return os.environ["MUJOCO_GL"]
+    try:
+        from mujoco.egl import GLContext
+        ctx = GLContext(1, 1)
+        ctx.free()
+        return "egl"
+    except Exception as e:  # noqa: BLE001 - any EGL failure means: use the fallback
+        log.warning("EGL rendering unavailable (%s: %s); falling back to MUJOCO_GL=osmesa "
+                    "(needs libosmesa6)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return "osmesa"
+
+
 def _suite():
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    if not os.environ.get("MUJOCO_GL"):
+        try:
+            os.environ["MUJOCO_GL"] = pick_gl_backend()
+        except ImportError:
+            pass                                 # no mujoco: the import below says how to install it
     try:
         from dm_control import suite
     except ImportError as e:
