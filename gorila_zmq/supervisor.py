@@ -224,8 +224,9 @@ class Supervisor:
             t0, f0, u0 = self._prev
             dt = max(now - t0, 1e-6)
             fps = (frames - f0) / dt
-            ups = ((updates or 0) - (u0 or 0)) / dt
-        self._prev = (now, frames, updates)
+            ups = (updates - u0) / dt if updates is not None and u0 is not None else 0.0
+        self._prev = (now, frames, updates)   # a shard that missed a status call (busy writing a
+        # checkpoint) shows '-' and then one 0.0/s, never a rate from a missing count
         down = [k for k, v in st.items() if v is None]
         line = (f"frames {frames:,} ({fps:,.0f}/s)  updates {updates if updates is not None else '-'} "
                 f"({ups:,.1f}/s)  eps {eps:.3f}" if eps is not None else
