@@ -98,6 +98,7 @@ class Actor(Role):
         if not self.sub.wait_ready(60):
             log.warning("%s: no parameters from the shards after 60 s; acting once they answer", self.name)
         self._refresh()
+        self.updates_at_start = max(self.sub.global_version, 0)
         obs, frames = self.vec.reset(seed=int(self.rng.integers(2**31)))
         self.obs = obs
         for e in range(E):
@@ -125,7 +126,10 @@ class Actor(Role):
             self.layout.load_into(self.model, self._flat)
 
     def _throttled(self) -> bool:
-        allowed = allowed_transitions(self.cfg, max(self.sub.global_version, 0))
+        # Counted from this process's start, on both sides: a restarted or resumed actor refills its
+        # share of learning_starts (its replay may be new and empty), then keeps pace with the
+        # updates made since, instead of running ahead by every update made before it started.
+        allowed = allowed_transitions(self.cfg, max(self.sub.global_version, 0) - self.updates_at_start)
         return allowed is not None and self.steps * self.vec.n > allowed
 
     def step(self) -> None:
