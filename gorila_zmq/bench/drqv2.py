@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
-import zmq
 
 from gorila_zmq import config as C
 from gorila_zmq.agents import drqv2 as D
 from gorila_zmq.bench import Report
+from gorila_zmq.bench.learner import learner_pipeline
 from gorila_zmq.models import build_model
 
 DESCRIPTION = __doc__.splitlines()[0]
@@ -99,44 +97,6 @@ def _filled_replay(n_actions: int, capacity: int = 3_000):
     return rb
 
 
-def _ours(cfg, n) -> tuple[float, dict]:
-    from gorila_zmq.bench.ps import _wait_hello
-    from gorila_zmq.client import ShardSet
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.learner import Learner, MemorySource
-    conf = os.path.join(cfg.run.run_dir, "config.json")
-    C.save_json(cfg, conf)
-    shard = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", "0", "--config", conf,
-                              "--log-level", "WARNING"], start_new_session=True)
-    rb = _filled_replay(cfg.model.n_actions)
-    ctx = zmq.Context()
-    learner = None
-    try:
-        _wait_hello(ctx, ShardSet(cfg, ParamLayout.from_module(build_model(cfg.model))))
-        learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
-        while learner.updates < 2:
-            learner.step()
-        learner.pusher.flush(60)
-        u0, c0, w0 = learner.updates, learner.compute_s, learner.wait_s
-        t0 = time.perf_counter()
-        while learner.updates < u0 + n:
-            learner.step()
-        learner.pusher.flush(60)
-        dt = time.perf_counter() - t0
-        st = learner.stats()
-        return n / dt, {"compute_s_per_update": (learner.compute_s - c0) / n,
-                        "wait_s_per_update": (learner.wait_s - w0) / n,
-                        "pushes_lost": st["push"]["lost"], "stale": st["push"]["stale"]}
-    finally:
-        if learner is not None:
-            learner.close()
-        shard.terminate()
-        shard.wait(15)
-        rb.close()
-        rb.unlink()
-        ctx.destroy(linger=0)
-
-
 def _actor_fps(cfg, task: str, fast: bool, steps: int) -> float:
     from gorila_zmq.envs.dmc import DMCEnv
     env = DMCEnv(task, action_repeat=cfg.env.frame_skip, fast_render=fast, seed=0)
@@ -174,7 +134,8 @@ def run(args) -> Report:
           flush=True)
     ref = _reference(cfg, device, args.batch, args.updates)
     print("  gorila-zmq learner pipeline ...", flush=True)
-    ours, detail = _ours(cfg, args.updates)
+    ours, detail = learner_pipeline(cfg, _filled_replay(cfg.model.n_actions), args.updates,
+                                    warmup=2, flush_s=60.0)
     ref2 = _reference(cfg, device, args.batch, args.updates)     # again: the box may have changed pace
     ref = max(ref, ref2)
     rep.row("reference torch DrQ-v2 update (3 Adams in process)", ref, "updates/s", f"best of 2 runs, {device}")

@@ -75,29 +75,30 @@ def _filled_replay(capacity: int = 20_000):
     return rb
 
 
-def _ours(cfg, n, tmp) -> tuple[float, dict]:
+def learner_pipeline(cfg, rb, n: int, warmup: int = 10, flush_s: float = 30.0) -> tuple[float, dict]:
+    """Updates/s of a Learner sampling from `rb` and pushing to a real shard process (started here),
+    timed over n updates after `warmup`; rb is closed and unlinked at the end."""
+    from gorila_zmq.bench.ps import _wait_hello
+    from gorila_zmq.client import ShardSet
+    from gorila_zmq.layout import ParamLayout
     from gorila_zmq.learner import Learner, MemorySource
     conf = os.path.join(cfg.run.run_dir, "config.json")
     C.save_json(cfg, conf)
     shard = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", "0", "--config", conf,
                               "--log-level", "WARNING"], start_new_session=True)
-    rb = _filled_replay()
     ctx = zmq.Context()
     learner = None
     try:
-        from gorila_zmq.bench.ps import _wait_hello
-        from gorila_zmq.client import ShardSet
-        from gorila_zmq.layout import ParamLayout
         _wait_hello(ctx, ShardSet(cfg, ParamLayout.from_module(build_model(cfg.model))))
         learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
-        while learner.updates < 10:
+        while learner.updates < warmup:
             learner.step()
-        learner.pusher.flush(30)
+        learner.pusher.flush(flush_s)
         u0, c0, w0 = learner.updates, learner.compute_s, learner.wait_s
         t0 = time.perf_counter()
         while learner.updates < u0 + n:
             learner.step()
-        learner.pusher.flush(30)
+        learner.pusher.flush(flush_s)
         dt = time.perf_counter() - t0
         st = learner.stats()
         detail = {"compute_s_per_update": (learner.compute_s - c0) / n, "wait_s_per_update": (learner.wait_s - w0) / n,
@@ -128,7 +129,7 @@ def run(args) -> Report:
     print(f"  bare torch loop ({device}, batch {args.batch}, {threads} threads) ...", flush=True)
     bare = _bare(cfg, device, args.batch, args.updates)
     print("  gorila-zmq learner pipeline ...", flush=True)
-    ours, detail = _ours(cfg, args.updates, tmp)
+    ours, detail = learner_pipeline(cfg, _filled_replay(), args.updates)
     bare2 = _bare(cfg, device, args.batch, args.updates)      # again: the box may have changed pace
     bare = max(bare, bare2)
     rep.row("bare torch loop (Adagrad in process)", bare, "updates/s", f"best of 2 runs, {device}")
