@@ -128,6 +128,50 @@ class MemorySource:
         pass
 
 
+class FlatStaging:
+    """Whole-vector moves between the host and a model on an accelerator, one copy each way.
+
+    The gradient is gathered on the device into one vector (a single cat) and copied once, non-blocking,
+    into a (pinned) host buffer that the pusher then owns; new parameters go host -> device in one copy
+    from a (pinned) host vector and are scattered to the parameters by device-side copies. The per-tensor
+    path (ParamLayout.flatten_grads / load_into) makes one synchronous pageable copy per tensor, which
+    on a GPU costs more than the update itself. The learner uses this on CUDA; on the CPU the per-tensor
+    copies are already plain memcpys (tests run this class on the CPU with pin=False)."""
+
+    def __init__(self, layout: ParamLayout, module, device: torch.device, pin: bool):
+        self.layout, self.device, self.pin = layout, device, pin
+        self.params = list(module.parameters())
+        if [tuple(p.shape) for p in self.params] != [e.shape for e in layout.entries]:
+            raise ValueError("FlatStaging: the module's parameters do not match the layout")
+        self.grad_dev = torch.empty(layout.size, dtype=torch.float32, device=device)
+        self.param_dev = torch.empty(layout.size, dtype=torch.float32, device=device)
+        self.param_views = [self.param_dev[e.offset:e.offset + e.size].view(e.shape) for e in layout.entries]
+        self.param_host = self.host_vector()        # the subscriber writes theta here
+
+    def host_vector(self) -> torch.Tensor:
+        """A flat float32 host tensor (pinned when staging for a GPU); .numpy() shares its memory."""
+        t = torch.empty(self.layout.size, dtype=torch.float32)
+        return t.pin_memory() if self.pin else t
+
+    def grads_to_host(self, out: torch.Tensor) -> None:
+        """Enqueue the gradient's copy into `out` (zeros where a parameter has no grad); the caller
+        synchronises (copies_done) before reading `out`."""
+        parts = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=self.device)
+                 for p in self.params]
+        torch.cat(parts, out=self.grad_dev)
+        out.copy_(self.grad_dev, non_blocking=self.pin)
+
+    def load_params(self) -> None:
+        """param_host -> the module: one host->device copy, then device-side copies into each tensor."""
+        with torch.no_grad():
+            self.param_dev.copy_(self.param_host, non_blocking=self.pin)
+            torch._foreach_copy_(self.params, self.param_views)
+
+    def copies_done(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+
 class Loader(threading.Thread):
     """Fills a ring of preallocated batches in the background; `get()` hands out the next full one."""
 
@@ -193,8 +237,11 @@ class Learner(Role):
         self.source = source
         self.loader = None
         self.filter = OutlierFilter(cfg.agent.outlier_k, cfg.agent.outlier_warmup)
-        self._flat = np.empty(self.layout.size, np.float32)
-        self._grad_bufs: list[tuple[int, np.ndarray]] = []
+        # On CUDA: whole-vector pinned transfers (FlatStaging); on the CPU: per-tensor copies.
+        self.staging = FlatStaging(self.layout, self.online, self.device, pin=True) \
+            if self.device.type == "cuda" else None
+        self._flat = self.staging.param_host.numpy() if self.staging else np.empty(self.layout.size, np.float32)
+        self._grad_bufs: list[tuple[int, np.ndarray, torch.Tensor | None]] = []
         self._seen = -1
         self.versions = [0] * self.shards.n
         self.updates = 0
@@ -215,14 +262,18 @@ class Learner(Role):
         # critic target (starting from the parameter server's critic).
         self.target_every = None if self.drq else Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
 
-    def _free_grad_buffer(self) -> np.ndarray:
+    def _free_grad_buffer(self) -> tuple[np.ndarray, torch.Tensor | None]:
         """A gradient buffer no push still needs (every shard answered it), else a new one: no 6.7 MB
-        allocation and page faults per update once the window's worth of buffers exists."""
-        for k, (seq, buf) in enumerate(self._grad_bufs):
+        allocation and page faults per update once the window's worth of buffers exists. With CUDA
+        staging the buffer is pinned host memory (the tensor, and the numpy view the pusher sends)."""
+        for k, (seq, buf, host) in enumerate(self._grad_bufs):
             if all(seq not in pend for pend in self.pusher.pending):
                 del self._grad_bufs[k]
-                return buf
-        return np.empty(self.layout.size, np.float32)
+                return buf, host
+        if self.staging is not None:
+            host = self.staging.host_vector()
+            return host.numpy(), host
+        return np.empty(self.layout.size, np.float32), None
 
     def _sync_target(self) -> None:
         theta, _ = fetch_params(self.ctx, self.shards)
@@ -232,7 +283,10 @@ class Learner(Role):
     def _refresh(self) -> None:
         if self.sub.updates != self._seen:
             _, self.versions, self._seen = self.sub.latest(self._flat)
-            self.layout.load_into(self.online, self._flat)
+            if self.staging is not None:        # its H2D copy has landed before the next refresh: every
+                self.staging.load_params()      # step synchronises on the batch copies enqueued after it
+            else:
+                self.layout.load_into(self.online, self._flat)
 
     def _start_loader(self) -> None:
         rb = getattr(self.source, "rb", None)
@@ -287,9 +341,14 @@ class Learner(Role):
             self.dropped += 1
             self.compute_s += time.perf_counter() - t1
             return
-        grad = self.layout.flatten_grads(self.online, out=self._free_grad_buffer())
+        grad, host = self._free_grad_buffer()
+        if self.staging is not None:
+            self.staging.grads_to_host(host)
+            self.staging.copies_done()
+        else:
+            self.layout.flatten_grads(self.online, out=grad)
         seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until every shard replied
-        self._grad_bufs.append((seq, grad))
+        self._grad_bufs.append((seq, grad, host))
         self.pusher.poll(0)
         self.updates += 1
         self.compute_s += time.perf_counter() - t1

@@ -187,3 +187,60 @@ def test_replay_ratio_limiter_shares_learning_starts_and_updates_between_actors(
     assert allowed_transitions(glob, 0) == 334                # the actors fill one replay together
     assert allowed_transitions(glob, 300) == 334 + 2 * 300 / 3
     assert allowed_transitions(C.load(None, ["agent.max_steps_per_update=0"]), 10) is None
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_flat_staging_moves_whole_vectors_like_the_per_tensor_path(device):
+    """The CUDA learner's transfers (one gather + one copy each way) give exactly the per-tensor
+    path's vectors, a parameter without a gradient included (as zeros)."""
+    from gorila_zmq.layout import ParamLayout
+    from gorila_zmq.learner import FlatStaging
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3),
+                              torch.nn.Linear(3, 2)).to(device)
+    layout = ParamLayout.from_module(net)
+    st = FlatStaging(layout, net, torch.device(device), pin=device == "cuda")
+    net[0](torch.randn(4, 5, device=device)).sum().backward()     # net[2], net[3]: grad None
+    assert net[2].weight.grad is None
+    out = st.host_vector()
+    out.fill_(7.0)                                                  # stale contents must be overwritten
+    st.grads_to_host(out)
+    st.copies_done()
+    expect = layout.flatten_grads(net)
+    np.testing.assert_array_equal(out.numpy(), expect)
+    assert (expect[layout.entries[2].offset:] == 0).all() and (expect[:layout.entries[2].offset] != 0).any()
+    theta = np.random.default_rng(1).standard_normal(layout.size).astype(np.float32)
+    st.param_host.numpy()[:] = theta
+    st.load_params()
+    st.copies_done()
+    np.testing.assert_array_equal(layout.flatten(net), theta)
+
+
+def test_learner_with_flat_staging_pushes_its_gradient_and_loads_theta(shard, ctx):
+    """The learner's CUDA transfer path, run on the CPU: the pushed vector is the model's gradient and
+    a refresh loads the shard's theta into the online network."""
+    from gorila_zmq.client import fetch_params
+    from gorila_zmq.learner import FlatStaging, Learner, MemorySource
+    cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.broadcast_every=1",
+                   "ps.max_staleness=100000")
+    rb = _filled_replay()
+    learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+    try:
+        learner.staging = FlatStaging(learner.layout, learner.online, learner.device, pin=False)
+        learner._flat, learner._seen = learner.staging.param_host.numpy(), -1
+        learner.step()
+        seq, pushed, host = learner._grad_bufs[-1]
+        assert host is not None and pushed.ctypes.data == host.data_ptr()
+        np.testing.assert_array_equal(pushed, learner.layout.flatten_grads(learner.online))
+        assert np.abs(pushed).sum() > 0
+        assert learner.pusher.flush(10) and s.state.version == 1
+        wait_for(lambda: learner.sub.global_version == 1, 10, what="the broadcast of version 1")
+        learner._refresh()
+        np.testing.assert_array_equal(learner.layout.flatten(learner.online), fetch_params(ctx, learner.shards)[0])
+    finally:
+        learner.close()
+        rb.close()
+        rb.unlink()

@@ -25,7 +25,8 @@ def td_loss(q_net, target_net, obs, action, reward, discount, next_obs, *, doubl
             q_next = q_next_target.max(1).values
         target = reward + discount * q_next
     loss = F.smooth_l1_loss(q, target) if huber else F.mse_loss(q, target)
-    return loss, {"loss": loss.item(), "q_mean": q.mean().item()}
+    loss_v, q_mean = torch.stack([loss.detach(), q.detach().mean()]).tolist()     # one device sync, not two
+    return loss, {"loss": loss_v, "q_mean": q_mean}
 
 
 class OutlierFilter:

@@ -168,7 +168,8 @@ def update_critic(agent: DrQV2, critic_target_net: Critic, obs_h, action, reward
     target = critic_target(agent, critic_target_net, next_obs_h, reward, discount, std, clip)
     q1, q2 = agent.critic(obs_h, action)
     loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-    return loss, {"critic_loss": loss.item(), "critic_q1": q1.mean().item(), "critic_target_q": target.mean().item()}
+    vals = torch.stack([loss.detach(), q1.detach().mean(), target.mean()]).tolist()     # one device sync
+    return loss, dict(zip(("critic_loss", "critic_q1", "critic_target_q"), vals))
 
 
 def update_actor(agent: DrQV2, obs_h: torch.Tensor, std: float, clip: float) -> tuple[torch.Tensor, dict]:
@@ -182,8 +183,7 @@ def update_actor(agent: DrQV2, obs_h: torch.Tensor, std: float, clip: float) -> 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     with torch.no_grad():
-        for t, s in zip(target.parameters(), source.parameters()):
-            t.lerp_(s, tau)
+        torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 def gradients(agent: DrQV2, critic_target_net: Critic, obs, action, reward, discount, next_obs,

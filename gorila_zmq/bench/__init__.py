@@ -87,13 +87,17 @@ def main(argv: list[str]) -> int:
                                      description="Run one micro-benchmark against its baseline.")
     parser.add_argument("name", choices=names, help="which benchmark")
     parser.add_argument("--json", metavar="PATH", help='write {"bench": NAME, "metrics": {...}} here')
-    # Parse the name first so the benchmark can add its own options.
-    known, _ = parser.parse_known_args(argv)
+    # Parse the name first (without -h, so `bench NAME --help` lists the benchmark's own options).
+    first = argparse.ArgumentParser(prog="gorila-zmq bench", add_help=False)
+    first.add_argument("name", nargs="?", choices=names)
+    known, _ = first.parse_known_args(argv)
+    if known.name is None:
+        parser.parse_args(argv)             # prints the usage (or the help) and exits
     mod = importlib.import_module(f"gorila_zmq.bench.{known.name}")
     parser.description = getattr(mod, "DESCRIPTION", parser.description)
     if hasattr(mod, "add_arguments"):
         mod.add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)      # overrides may follow the options
     rep: Report = mod.run(args)
     print_report(args.name, rep)
     if args.json:

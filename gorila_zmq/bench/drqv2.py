@@ -37,6 +37,8 @@ def add_arguments(p):
     p.add_argument("--device", default="auto")
     p.add_argument("--task", default="cartpole_swingup")
     p.add_argument("--env-steps", type=int, default=300, help="agent steps per rendering mode")
+    p.add_argument("overrides", nargs="*", help="extra section.field=value for the pipeline's config "
+                                                "(e.g. ps.shards=4 ps.apply_threads=0 on a many-core GPU host)")
 
 
 def _reference(cfg, device, B, n) -> float:
@@ -124,7 +126,8 @@ def run(args) -> Report:
     cfg = C.load(None, [f"env.name={args.task}", f"run.run_dir={tmp}/run",
                         f"net.base_port={25000 + os.getpid() % 1000 * 10}", f"agent.batch_size={args.batch}",
                         f"agent.device={args.device}", f"agent.torch_threads={threads}",
-                        "ps.checkpoint_interval_s=0", "ps.max_staleness=1000", "agent.learning_starts=100"],
+                        "ps.checkpoint_interval_s=0", "ps.max_staleness=1000", "agent.learning_starts=100",
+                        *args.overrides],
                  preset="drqv2")
     from gorila_zmq.envs import resolve_model
     from gorila_zmq.learner import pick_device
@@ -153,6 +156,6 @@ def run(args) -> Report:
         rep.metrics[name] = fps
     rep.metrics["fast_render_speedup"] = rep.metrics["actor_frames_per_s_fast_render"] / \
         rep.metrics["actor_frames_per_s_default_render"]
-    rep.notes.append(f"device {device}, torch threads {threads}, batch {args.batch}; the shard runs on the same "
-                     "host" + ("" if device.type == "cuda" else " and competes for the same cores"))
+    rep.notes.append(f"device {device}, torch threads {threads}, batch {args.batch}; {cfg.ps.shards} shard(s) on "
+                     "the same host" + ("" if device.type == "cuda" else ", competing for the same cores"))
     return rep

@@ -30,6 +30,8 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", help="extra section.field=value for the pipeline's config "
+                                                "(e.g. ps.shards=4 ps.apply_threads=0 on a many-core GPU host)")
 
 
 def _bare(cfg, device, B, n) -> float:
@@ -84,8 +86,8 @@ def learner_pipeline(cfg, rb, n: int, warmup: int = 10, flush_s: float = 30.0) -
     from gorila_zmq.learner import Learner, MemorySource
     conf = os.path.join(cfg.run.run_dir, "config.json")
     C.save_json(cfg, conf)
-    shard = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", "0", "--config", conf,
-                              "--log-level", "WARNING"], start_new_session=True)
+    shards = [subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", str(i), "--config", conf,
+                                "--log-level", "WARNING"], start_new_session=True) for i in range(cfg.ps.shards)]
     ctx = zmq.Context()
     learner = None
     try:
@@ -107,8 +109,10 @@ def learner_pipeline(cfg, rb, n: int, warmup: int = 10, flush_s: float = 30.0) -
     finally:
         if learner is not None:
             learner.close()
-        shard.terminate()
-        shard.wait(15)
+        for shard in shards:
+            shard.terminate()
+        for shard in shards:
+            shard.wait(15)
         rb.close()
         rb.unlink()
         ctx.destroy(linger=0)
@@ -123,7 +127,7 @@ def run(args) -> Report:
                         f"run.run_dir={tmp}/run", f"net.base_port={24000 + os.getpid() % 1000 * 10}",
                         f"agent.batch_size={args.batch}", "agent.learning_starts=100", f"agent.device={args.device}",
                         f"agent.torch_threads={threads}", "ps.checkpoint_interval_s=0", "ps.max_staleness=1000",
-                        "agent.target_sync_every=1000000", "env.name=Pong"])
+                        "agent.target_sync_every=1000000", "env.name=Pong", *args.overrides])
     from gorila_zmq.learner import pick_device
     device = pick_device(args.device)
     print(f"  bare torch loop ({device}, batch {args.batch}, {threads} threads) ...", flush=True)
@@ -137,6 +141,6 @@ def run(args) -> Report:
     for k, v in detail.items():
         rep.row(f"  {k}", v, "")
     rep.metrics["learner_vs_bare_torch_ratio"] = ours / bare
-    rep.notes.append(f"device {device}, torch threads {threads}; the shard runs on the same host"
-                     + ("" if device.type == "cuda" else " and competes for the same cores"))
+    rep.notes.append(f"device {device}, torch threads {threads}; {cfg.ps.shards} shard(s) on the same host"
+                     + ("" if device.type == "cuda" else ", competing for the same cores"))
     return rep
