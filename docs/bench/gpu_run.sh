@@ -2,7 +2,15 @@
 # The GPU figures, run on a lent GPU machine (Python 3.12 with CUDA torch, no network) from the repo root.
 # It needs the .gl EGL loader debs and .devcarry/bundle.tar.xz (pyzmq, gymnasium, ale-py, mujoco, ...
 # as cp312 wheels plus a slimmed dm_control; see docs/RESULTS.md "GPU figures") carried beside the tree.
+# Making the bundle here (the versions of .venv; dm_control's wheel is 56 MB, so it travels unpacked
+# without locomotion/, suite/dog_assets/ and blender/):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 ... -d wheels pyzmq gymnasium Farama-Notifications ale-py \
+#     dm-env dm-tree labmaze mujoco glfw PyOpenGL        (and dm_control, unzipped into site/)
+#   tar cf - site wheels | xz > .devcarry/bundle.tar.xz
+# The .gl debs: `apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2`.
 # Every step is time-boxed so one failure still leaves the others' output in $OUT.
+# VARIANTS=1 runs only the shard-count / broadcast-period comparison.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
