@@ -89,6 +89,7 @@ class Actor(Role):
         self.episodes = st.get("episodes", 0)
         self.steps = 0
         self.throttled_s = 0.0
+        self.stall_steps = 0              # steps taken past the limiter because the learners stalled
         self.returns = collections.deque(maxlen=20)
         self.epsilon = cfg.agent.eps_start
         self.std = None
@@ -99,6 +100,7 @@ class Actor(Role):
             log.warning("%s: no parameters from the shards after 60 s; acting once they answer", self.name)
         self._refresh()
         self.updates_at_start = max(self.sub.global_version, 0)
+        self._progress = (self.updates_at_start, time.monotonic())   # last global count seen to move, when
         obs, frames = self.vec.reset(seed=int(self.rng.integers(2**31)))
         self.obs = obs
         for e in range(E):
@@ -129,8 +131,18 @@ class Actor(Role):
         # Counted from this process's start, on both sides: a restarted or resumed actor refills its
         # share of learning_starts (its replay may be new and empty), then keeps pace with the
         # updates made since, instead of running ahead by every update made before it started.
-        allowed = allowed_transitions(self.cfg, max(self.sub.global_version, 0) - self.updates_at_start)
-        return allowed is not None and self.steps * self.vec.n > allowed
+        g, now = max(self.sub.global_version, 0), time.monotonic()
+        if g != self._progress[0]:
+            self._progress = (g, now)
+        allowed = allowed_transitions(self.cfg, g - self.updates_at_start)
+        if allowed is None or self.steps * self.vec.n <= allowed:
+            return False
+        # Over the limit. If no update has happened for limiter_stall_s, the learners are starved (a
+        # replay shard restarted empty cannot serve a batch until actors refill it): step anyway.
+        if now - self._progress[1] > self.cfg.agent.limiter_stall_s:
+            self.stall_steps += 1
+            return False
+        return True
 
     def step(self) -> None:
         if self._throttled():
@@ -194,6 +206,7 @@ class Actor(Role):
                 "global_updates": self.sub.global_version,
                 "param_versions": self.sub.versions, "shards_alive": self.sub.alive,
                 "steps_per_s": self.steps / up if up > 0 else 0.0, "uptime_s": up, "throttled_s": self.throttled_s,
+                "stall_steps": self.stall_steps,
                 "replay": self.replay.stats() if hasattr(self.replay, "stats") else {}}
 
     def close(self) -> None:

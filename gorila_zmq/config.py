@@ -104,6 +104,9 @@ class AgentConfig:
     max_steps_per_update: float = _f(0.0, "rate limit (0: off): actors pause while all actors' steps exceed "
                                           "learning_starts + this x global updates (on a small box the "
                                           "learners then get the cores)")
+    limiter_stall_s: float = _f(10.0, "a rate-limited actor steps anyway once the global update count has not "
+                                      "moved for this long: the learners may be starved (a replay shard "
+                                      "restarted empty), and waiting for them would wait forever")
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
     device: str = _f("auto", "torch device for learners: auto (cuda when present), cpu, cuda, cuda:1 ...")
     torch_threads: int = _f(1, "torch intra-op threads per role process")
@@ -211,6 +214,8 @@ class Config:
             errs.append("agent.learning_starts must not exceed agent.replay_capacity (the learner would never start)")
         if self.roles.mode == "global" and self.roles.replay_shards > self.roles.actors:
             errs.append("roles.replay_shards must not exceed roles.actors (a shard nobody writes to stays empty)")
+        if self.agent.limiter_stall_s <= 0:
+            errs.append("agent.limiter_stall_s must be > 0")
         if self.agent.actor_sync_every < 1:
             errs.append("agent.actor_sync_every must be >= 1")
         if self.ps.max_payload_factor < 1:

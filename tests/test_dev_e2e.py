@@ -143,6 +143,41 @@ def test_supervisor_restarts_killed_roles_and_run_still_learns(tmp_path):
         assert_clean_shutdown(dev, run_dir)
 
 
+def test_replay_shard_killed_while_actors_wait_is_refilled_and_updates_resume(tmp_path):
+    """Global mode with the replay-ratio limiter holding the actors at the learner's pace: a SIGKILLed
+    replay shard restarts empty, so the learner cannot sample until the actors refill it, while the
+    actors wait for updates. They step again once the global count has stalled for
+    agent.limiter_stall_s, and the updates resume."""
+    run_dir = str(tmp_path / "run")
+    dev = start_dev(run_dir, "roles.mode=global", "roles.actors=2", "roles.replay_shards=1", "roles.learners=1",
+                    "roles.evaluator=false", "agent.max_steps_per_update=1.0", "agent.learning_starts=1000",
+                    "agent.limiter_stall_s=3", "dev.restart_backoff_s=0.5")
+    from gorila_zmq.status import collect, load_run
+    from gorila_zmq.supervisor import make_program
+    import zmq
+    ctx = zmq.Context()
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(run_dir, "config.json")), 60, 0.2, "the run's config")
+        cfg = load_run(run_dir)
+        ps0 = [s for s in make_program(cfg) if s.name == "ps0"]
+
+        def version():
+            return (collect(cfg, ps0, ctx, 1.0).get("ps0") or {}).get("version", -1)
+        wait_for(lambda: version() >= 300, 120, 0.5, "300 global updates")
+        old = pid_of(run_dir, "replay0")
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: pid_of(run_dir, "replay0") not in (None, old), 60, 0.2, "replay0 to be restarted")
+        v0 = version()
+        wait_for(lambda: version() >= v0 + 200, 120, 0.5, "updates after the replay shard restarted empty")
+        assert "replay0 killed by signal 9" in open(os.path.join(tmp_path, "dev.log")).read()
+    except BaseException:
+        print(dump_logs(run_dir))
+        raise
+    finally:
+        ctx.destroy(linger=0)
+        assert_clean_shutdown(dev, run_dir)
+
+
 def test_pong_smoke_through_every_role(tmp_path):
     """A few thousand Pong frames: Atari env + Cython preprocessing, global replay server, learner
     updates on the Nature CNN, parameter broadcast, and one capped evaluation episode."""

@@ -189,6 +189,35 @@ def test_replay_ratio_limiter_shares_learning_starts_and_updates_between_actors(
     assert allowed_transitions(C.load(None, ["agent.max_steps_per_update=0"]), 10) is None
 
 
+def test_limiter_lets_actors_step_once_the_global_count_stalls(monkeypatch):
+    """Over the limit, an actor waits while the learners progress; once the global count has not moved
+    for agent.limiter_stall_s (starved learners: a replay shard restarted empty) it steps again, and
+    it waits again as soon as the count moves."""
+    from types import SimpleNamespace
+    from gorila_zmq import actor as A
+    from gorila_zmq import config as C
+    cfg = C.load(None, ["roles.mode=global", "roles.actors=2", "agent.learning_starts=100",
+                        "agent.max_steps_per_update=2", "agent.limiter_stall_s=5"])
+    clock = [1000.0]
+    monkeypatch.setattr(A.time, "monotonic", lambda: clock[0])
+    me = SimpleNamespace(cfg=cfg, sub=SimpleNamespace(global_version=10), vec=SimpleNamespace(n=1),
+                         steps=50 + 10, updates_at_start=0, _progress=(10, clock[0]), stall_steps=0)
+    throttled = lambda: A.Actor._throttled(me)            # noqa: E731
+    assert not throttled()                                # 60 <= 50 + 2 * 10 / 2
+    me.steps = 61
+    assert throttled()
+    clock[0] += 4.9
+    assert throttled() and me.stall_steps == 0            # a slow learner is not a stalled one
+    clock[0] += 0.2
+    assert not throttled() and me.stall_steps == 1        # 5.1 s without an update: step
+    me.steps = 200
+    assert not throttled() and me.stall_steps == 2
+    me.sub.global_version = 11                            # the learners resumed: the limit holds again
+    assert throttled()
+    clock[0] += 4.0
+    assert throttled()
+
+
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
