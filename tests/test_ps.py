@@ -297,6 +297,54 @@ def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path, monkeypatch):
     assert meta["version"] == 1 and np.array_equal(theta, a) and np.array_equal(accum, a * 2)
 
 
+def test_periodic_checkpoint_is_written_in_the_background_while_pushes_are_answered(make_cfg, ctx, monkeypatch):
+    """The serving loop snapshots theta, optimiser state and dedup table, and a thread writes them: a
+    push is answered while the write is held up, and the file then holds the snapshot's version."""
+    from gorila_zmq import ps as ps_mod
+    real_save, entered, release = ps_mod.save_checkpoint, threading.Event(), threading.Event()
+
+    def held_save(path, theta, states, meta):
+        entered.set()
+        assert release.wait(30)
+        real_save(path, theta, states, meta)
+    monkeypatch.setattr(ps_mod, "save_checkpoint", held_save)
+    r = Running(make_cfg(*SMALL_MLP, "ps.checkpoint_interval_s=0.2"), ctx)
+    try:
+        assert entered.wait(10), "no periodic checkpoint started"
+        shard = r.shards[0]
+        v0 = shard.state.version
+        g = np.full(r.layout.size, 0.01, np.float32)
+        assert push_one(ctx, r, 0, g, v0) == (P.Cmd.REPLY, P.Status.APPLIED)     # answered mid-write
+        assert shard.state.version == v0 + 1 and shard.stats["checkpoints"] == 0
+        release.set()
+        wait_for(lambda: shard.stats["checkpoints"] >= 1, 10, what="the checkpoint write")
+        _, _, meta = load_checkpoint(shard.ckpt_path)
+        assert meta["version"] >= v0                 # the snapshot's version (a later one may follow)
+    finally:
+        release.set()
+        r.stop()
+    _, _, meta = load_checkpoint(r.shards[0].ckpt_path)
+    assert meta["version"] == v0 + 1                 # the final checkpoint at stop has the push
+
+
+def test_failed_background_checkpoint_is_counted_and_the_shard_serves_on(make_cfg, ctx, monkeypatch):
+    from gorila_zmq import ps as ps_mod
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device (simulated)")
+    r = Running(make_cfg(*SMALL_MLP, "ps.checkpoint_interval_s=0.1"), ctx)
+    monkeypatch.setattr(ps_mod, "save_checkpoint", full_disk)
+    try:
+        shard = r.shards[0]
+        wait_for(lambda: shard.stats["checkpoint_errors"] >= 2, 10, what="failed checkpoint writes")
+        g = np.full(r.layout.size, 0.01, np.float32)
+        assert push_one(ctx, r, 0, g, shard.state.version) == (P.Cmd.REPLY, P.Status.APPLIED)
+        assert r.threads[0].is_alive()
+    finally:
+        monkeypatch.undo()
+        r.stop()
+
+
 def test_lazy_pirate_gives_up_on_a_dead_endpoint(ctx, make_cfg):
     from gorila_zmq.client import ShardUnavailable
     from conftest import free_base_port
