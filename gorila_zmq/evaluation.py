@@ -8,9 +8,11 @@ Atari protocol: no sticky actions, up to `eval.noop_max` random no-ops at the st
 `eval.epsilon` (0.05), episodes capped at `eval.max_frames` emulator frames (18,000 = 5 minutes),
 `eval.episodes` episodes (30); raw rewards, whole games (no life-loss terminals).
 
-Human-normalised score = 100 * (agent - random) / (human - random), with the random/human table that
-DeepMind published with DQN Zoo (gorila_zmq/data/atari_random_human.csv; for some games the Nature
-paper's human scores differ, e.g. Pong 9.3 there vs 14.6 here).
+Human-normalised score = 100 * (agent - random) / (human - random). For the 49 games of the DQN Nature
+paper (Mnih et al. 2015, Extended Data Table 2: random play and the professional human tester) its
+scores, to one decimal (gorila_zmq/data/nature_dqn_random_human.csv; Pong: -20.7 and 9.3); for the
+other ALE games, the table DeepMind published with DQN Zoo (atari_random_human.csv), whose human
+scores differ from the Nature paper's for 34 of the 49. Each result names the table it used.
 """
 from __future__ import annotations
 
@@ -33,24 +35,35 @@ from gorila_zmq.models import build_model
 from gorila_zmq.roles import Role, role_main
 
 log = logging.getLogger("gorila_zmq.evaluation")
-NORMALIZATION_TABLE = "DQN Zoo random/human scores (atari_random_human.csv)"
+NATURE_TABLE = "DQN Nature paper, Extended Data Table 2 (nature_dqn_random_human.csv)"
+ZOO_TABLE = "DQN Zoo random/human scores (atari_random_human.csv)"
 
 
 def _norm_key(game: str) -> str:
     return game.split("/")[-1].split("-")[0].replace("_", "").lower()
 
 
-def normalization_table() -> dict[str, tuple[float, float]]:
-    with resources.files("gorila_zmq.data").joinpath("atari_random_human.csv").open() as f:
+def _read_table(name: str) -> dict[str, tuple[float, float]]:
+    with resources.files("gorila_zmq.data").joinpath(name).open() as f:
         return {row["game"].replace("_", "").lower(): (float(row["random"]), float(row["human"]))
                 for row in csv.DictReader(f)}
 
 
+def normalization_table(game: str) -> tuple[str, float, float] | None:
+    """(table name, random, human) for an ALE game: the Nature paper's for its 49, else DQN Zoo's."""
+    key = _norm_key(game)
+    for name, path in ((NATURE_TABLE, "nature_dqn_random_human.csv"), (ZOO_TABLE, "atari_random_human.csv")):
+        rh = _read_table(path).get(key)
+        if rh is not None:
+            return name, rh[0], rh[1]
+    return None
+
+
 def human_normalized(game: str, score: float) -> float | None:
-    rh = normalization_table().get(_norm_key(game))
-    if rh is None:
+    t = normalization_table(game)
+    if t is None:
         return None
-    rnd, human = rh
+    _, rnd, human = t
     return 100.0 * (score - rnd) / (human - rnd)
 
 
@@ -119,7 +132,7 @@ def summarize(game: str, returns: list[float]) -> dict:
            "return_max": float(np.max(returns)) if returns else float("nan")}
     if is_atari(game):
         out["human_normalized"] = human_normalized(game, mean)
-        out["normalization_table"] = NORMALIZATION_TABLE
+        out["normalization_table"] = normalization_table(game)[0] if out["human_normalized"] is not None else None
     return out
 
 

@@ -15,13 +15,31 @@ from gorila_zmq.envs import make_env, resolve_model
 from gorila_zmq.evaluation import human_normalized, run_episodes, save_params, summarize
 
 
-def test_human_normalisation_uses_the_shipped_table():
+def test_human_normalisation_uses_the_nature_table_for_its_49_games():
+    from gorila_zmq.evaluation import NATURE_TABLE, ZOO_TABLE, normalization_table
     assert human_normalized("Pong", -20.7) == pytest.approx(0.0)
-    assert human_normalized("pong", 14.6) == pytest.approx(100.0)
-    assert human_normalized("Breakout", 30.5) == pytest.approx(100.0)
-    assert human_normalized("CartPole-v1", 100) is None
+    assert human_normalized("pong", 9.3) == pytest.approx(100.0)          # Nature: human 9.3 (Zoo: 14.6)
+    assert human_normalized("Breakout", 31.8) == pytest.approx(100.0)     # Nature: 1.7 / 31.8
+    assert normalization_table("MontezumaRevenge") == (NATURE_TABLE, 0.0, 4366.7)
+    assert normalization_table("UpNDown")[0] == NATURE_TABLE and normalization_table("VideoPinball")[1:] == (16256.9, 17297.6)
+    # games outside the paper's 49 fall back to DQN Zoo's table and say so
+    assert normalization_table("Skiing")[0] == ZOO_TABLE and human_normalized("Skiing", -17098.1) == pytest.approx(0.0)
+    assert human_normalized("CartPole-v1", 100) is None and normalization_table("CartPole-v1") is None
     s = summarize("Pong", [-21.0, -19.0])
-    assert s["return_mean"] == -20.0 and s["human_normalized"] == pytest.approx(100 * 0.7 / 35.3)
+    assert s["return_mean"] == -20.0 and s["human_normalized"] == pytest.approx(100 * 0.7 / 30.0)
+    assert s["normalization_table"] == NATURE_TABLE
+
+
+def test_nature_table_has_the_49_games_and_zoo_shares_their_random_scores():
+    import csv
+    from importlib import resources
+    with resources.files("gorila_zmq.data").joinpath("nature_dqn_random_human.csv").open() as f:
+        nature = {r["game"]: (float(r["random"]), float(r["human"])) for r in csv.DictReader(f)}
+    with resources.files("gorila_zmq.data").joinpath("atari_random_human.csv").open() as f:
+        zoo = {r["game"]: (float(r["random"]), float(r["human"])) for r in csv.DictReader(f)}
+    assert len(nature) == 49 and all(h > r for r, h in nature.values())
+    assert set(nature) <= set(zoo)
+    assert all(zoo[g][0] == nature[g][0] for g in nature)                  # same random-play scores
 
 
 def test_evaluation_env_follows_the_protocol():
