@@ -241,7 +241,8 @@ class Learner(Role):
         self.staging = FlatStaging(self.layout, self.online, self.device, pin=True) \
             if self.device.type == "cuda" else None
         self._flat = self.staging.param_host.numpy() if self.staging else np.empty(self.layout.size, np.float32)
-        self._grad_bufs: list[tuple[int, np.ndarray, torch.Tensor | None]] = []
+        self._grad_bufs: list[tuple[int, np.ndarray, torch.Tensor]] = []
+        self._params = list(self.online.parameters())
         self._seen = -1
         self.versions = [0] * self.shards.n
         self.updates = 0
@@ -262,18 +263,38 @@ class Learner(Role):
         # critic target (starting from the parameter server's critic).
         self.target_every = None if self.drq else Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
 
-    def _free_grad_buffer(self) -> tuple[np.ndarray, torch.Tensor | None]:
+    def _free_grad_buffer(self) -> tuple[np.ndarray, torch.Tensor]:
         """A gradient buffer no push still needs (every shard answered it), else a new one: no 6.7 MB
-        allocation and page faults per update once the window's worth of buffers exists. With CUDA
-        staging the buffer is pinned host memory (the tensor, and the numpy view the pusher sends)."""
+        allocation and page faults per update once the window's worth of buffers exists. Returns the
+        numpy array the pusher sends and a tensor on the same memory (pinned with CUDA staging)."""
         for k, (seq, buf, host) in enumerate(self._grad_bufs):
             if all(seq not in pend for pend in self.pusher.pending):
                 del self._grad_bufs[k]
                 return buf, host
-        if self.staging is not None:
-            host = self.staging.host_vector()
-            return host.numpy(), host
-        return np.empty(self.layout.size, np.float32), None
+        host = self.staging.host_vector() if self.staging is not None \
+            else torch.empty(self.layout.size, dtype=torch.float32)
+        return host.numpy(), host
+
+    def _bind_grads(self, host: torch.Tensor) -> list[torch.Tensor]:
+        """CPU: point every parameter's .grad at its slice of the next push buffer, so backward
+        accumulates straight into the vector the pusher sends (zero_grad(set_to_none=False) zeroes it
+        in place): no per-update allocation of fresh gradient tensors and no flattening copy."""
+        views = [host[e.offset:e.offset + e.size].view(e.shape) for e in self.layout.entries]
+        for p, v in zip(self._params, views):
+            p.grad = v
+        return views
+
+    def _unbind_grads(self, views: list[torch.Tensor]) -> None:
+        """The gradient is in the buffer (a .grad that autograd replaced, e.g. DrQ-v2's actor grads set
+        from autograd.grad, is copied in; a missing one is zero), and no parameter refers to it any more."""
+        for p, v in zip(self._params, views):
+            g = p.grad
+            if g is not v:
+                if g is None:
+                    v.zero_()
+                else:
+                    v.copy_(g)
+            p.grad = None
 
     def _sync_target(self) -> None:
         theta, _ = fetch_params(self.ctx, self.shards)
@@ -330,6 +351,8 @@ class Learner(Role):
         if nb:                  # the pinned buffer goes back to the loader only once the copies landed
             copied = torch.cuda.Event()
             copied.record()
+        grad, host = self._free_grad_buffer()
+        views = self._bind_grads(host) if self.staging is None else None
         if self.drq:
             ok = self._drqv2_gradients(obs, action, reward, discount, next_obs)
         else:
@@ -337,16 +360,16 @@ class Learner(Role):
         if copied is not None:
             copied.synchronize()
         self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
+        if views is not None:
+            self._unbind_grads(views)
         if not ok:
+            self._grad_bufs.append((-1, grad, host))        # unused: back to the pool
             self.dropped += 1
             self.compute_s += time.perf_counter() - t1
             return
-        grad, host = self._free_grad_buffer()
         if self.staging is not None:
             self.staging.grads_to_host(host)
             self.staging.copies_done()
-        else:
-            self.layout.flatten_grads(self.online, out=grad)
         seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until every shard replied
         self._grad_bufs.append((seq, grad, host))
         self.pusher.poll(0)
@@ -365,7 +388,7 @@ class Learner(Role):
         self.last = info
         if not self.filter.accept(info["loss"]):
             return False
-        self.online.zero_grad(set_to_none=True)
+        self.online.zero_grad(set_to_none=False)    # in place: on the CPU .grad is the push buffer
         loss.backward()
         return True
 

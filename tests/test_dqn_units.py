@@ -273,3 +273,64 @@ def test_learner_with_flat_staging_pushes_its_gradient_and_loads_theta(shard, ct
         learner.close()
         rb.close()
         rb.unlink()
+
+
+def test_cpu_learner_accumulates_the_gradient_straight_into_the_push_buffer(shard, ctx):
+    """On the CPU the parameters' .grad are bound to the next push buffer: what is pushed equals the
+    gradient computed the ordinary way on the same batch, even when the recycled buffer held garbage,
+    and no parameter refers to the buffer after the push."""
+    import copy as copy_mod
+    from gorila_zmq.learner import Learner, MemorySource
+    cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.max_staleness=100000")
+    rb = _filled_replay()
+    learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+    expected = {}
+    real = learner._dqn_gradients
+
+    def checked(obs, action, reward, discount, next_obs):
+        ref = copy_mod.deepcopy(learner.online)
+        for p in ref.parameters():
+            p.grad = None
+        loss, _ = td_loss(ref, learner.target, obs, action, reward, discount, next_obs,
+                          double=cfg.agent.double_dqn, huber=cfg.agent.huber)
+        loss.backward()
+        expected["g"] = learner.layout.flatten_grads(ref)
+        return real(obs, action, reward, discount, next_obs)
+    learner._dqn_gradients = checked
+    try:
+        garbage = torch.full((learner.layout.size,), 7.0)
+        learner._grad_bufs.append((-1, garbage.numpy(), garbage))      # a recycled, dirty buffer
+        learner.step()
+        seq, pushed, host = learner._grad_bufs[-1]
+        assert host.data_ptr() == garbage.data_ptr()                       # that buffer was used
+        np.testing.assert_allclose(pushed, expected["g"], rtol=1e-5, atol=1e-7)
+        assert all(p.grad is None for p in learner.online.parameters())
+        assert learner.pusher.flush(10) and s.state.version == 1
+    finally:
+        learner.close()
+        rb.close()
+        rb.unlink()
+
+
+def test_unbinding_copies_a_replaced_grad_and_zeroes_a_missing_one():
+    """DrQ-v2 sets the actor's .grad from autograd.grad (a new tensor, not the bound view): unbinding
+    copies it into the buffer; a parameter left without a gradient reads as zeros."""
+    from types import SimpleNamespace
+    from gorila_zmq.layout import ParamLayout
+    from gorila_zmq.learner import Learner
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    me = SimpleNamespace(layout=ParamLayout.from_module(net), _params=list(net.parameters()))
+    host = torch.full((me.layout.size,), 5.0)
+    views = Learner._bind_grads(me, host)
+    net.zero_grad(set_to_none=False)
+    assert (host == 0).all()
+    net[0].weight.grad = torch.ones(4, 3)                   # replaced, as autograd.grad results are
+    net[1].bias.grad = None                                 # missing
+    net[1].weight.grad += 2.0                               # accumulated in place
+    Learner._unbind_grads(me, views)
+    e = me.layout.entries
+    flat = host.numpy()
+    assert (flat[e[0].offset:e[0].offset + e[0].size] == 1).all()
+    assert (flat[e[2].offset:e[2].offset + e[2].size] == 2).all()
+    assert (flat[e[3].offset:e[3].offset + e[3].size] == 0).all() and (flat[e[1].offset:e[1].offset + 4] == 0).all()
+    assert all(p.grad is None for p in net.parameters())

@@ -205,7 +205,7 @@ def gradients(agent: DrQV2, critic_target_net: Critic, obs, action, reward, disc
     critic_loss, info = update_critic(agent, critic_target_net, obs_h, action, reward, discount, next_h, std, clip)
     if accept is not None and not accept(info["critic_loss"]):
         return info, False
-    agent.zero_grad(set_to_none=True)
+    agent.zero_grad(set_to_none=False)            # in place (the learner may have bound .grad to its buffer)
     critic_loss.backward()                        # encoder + critic (the actor is not in this graph)
     actor_loss, ainfo = update_actor(agent, obs_h, std, clip)
     actor_params = list(agent.actor.parameters())
