@@ -25,17 +25,19 @@ def test_drqv2_smoke_through_every_role(tmp_path):
          "eval.interval_s=2", "eval.episodes=1", "dev.stats_interval_s=2", "dev.progress_interval_s=5"],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
-        def state(name):
+        def frames(name):
+            """The latest env_frames scalar an actor logged (every dev.stats_interval_s)."""
             try:
-                return json.load(open(os.path.join(run_dir, "state", f"{name}.json")))
-            except (OSError, ValueError):
-                return {}
+                rows = [line.split(",") for line in open(os.path.join(run_dir, "scalars", f"{name}.csv"))]
+            except OSError:
+                return 0
+            return max([float(r[3]) for r in rows if len(r) == 4 and r[2] == "env_frames"], default=0)
 
         def progressed():
             st = os.path.join(run_dir, "scalars", "learner0.csv")
             learned = os.path.exists(st) and "updates" in open(st).read()
             ev = [e for e in evaluations(run_dir) if e["global_updates"] > 0]
-            return learned and ev and all(state(f"actor{i}").get("env_frames", 0) > 0 for i in (0, 1))
+            return learned and ev and all(frames(f"actor{i}") > 0 for i in (0, 1))
         wait_for(lambda: progressed() or dev.poll() is not None, 300, 1.0, "DrQ-v2 updates and an evaluation")
         assert progressed(), dump_logs(run_dir)
         ev = evaluations(run_dir)[-1]
