@@ -38,8 +38,9 @@ def main():
     fig.savefig(a.out, dpi=100)
     print("| wall time (min) | env frames | global updates | episodes | mean return | min | max | human-normalised (%) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    from gorila_zmq.evaluation import human_normalized    # the current table (runs logged before may differ)
     for r in rows:
-        hn = r.get("human_normalized")
+        hn = human_normalized(cfg["env"]["name"], r["return_mean"]) if "human_normalized" in r else None
         print(f"| {(r['wall_time'] - start) / 60:.1f} | {r['env_frames']:,} | {r['global_updates']:,} | {r['episodes']} | "
               f"{r['return_mean']:.2f} | {r['return_min']:.0f} | {r['return_max']:.0f} | "
               f"{'' if hn is None else f'{hn:.1f}'} |")

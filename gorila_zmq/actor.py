@@ -101,6 +101,7 @@ class Actor(Role):
         self._refresh()
         self.updates_at_start = max(self.sub.global_version, 0)
         self._progress = (self.updates_at_start, time.monotonic())   # last global count seen to move, when
+        self._throttled_since: float | None = None                     # over the limit since, or None
         obs, frames = self.vec.reset(seed=int(self.rng.integers(2**31)))
         self.obs = obs
         for e in range(E):
@@ -136,10 +137,14 @@ class Actor(Role):
             self._progress = (g, now)
         allowed = allowed_transitions(self.cfg, g - self.updates_at_start)
         if allowed is None or self.steps * self.vec.n <= allowed:
+            self._throttled_since = None
             return False
-        # Over the limit. If no update has happened for limiter_stall_s, the learners are starved (a
-        # replay shard restarted empty cannot serve a batch until actors refill it): step anyway.
-        if now - self._progress[1] > self.cfg.agent.limiter_stall_s:
+        if self._throttled_since is None:
+            self._throttled_since = now
+        # Over the limit, and waiting. If no update has happened for limiter_stall_s of that wait, the
+        # learners are starved (a replay shard restarted empty cannot serve a batch until actors
+        # refill it): step anyway, until the count moves again.
+        if now - max(self._progress[1], self._throttled_since) > self.cfg.agent.limiter_stall_s:
             self.stall_steps += 1
             return False
         return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import os
@@ -40,9 +41,15 @@ ZOO_TABLE = "DQN Zoo random/human scores (atari_random_human.csv)"
 
 
 def _norm_key(game: str) -> str:
+    from gorila_zmq.envs.atari import UnknownGameError, resolve_game
+    try:
+        game = resolve_game(game)           # PongNoFrameskip-v4, ALE/Pong-v5, space_invaders ... -> the ROM id
+    except UnknownGameError:
+        pass
     return game.split("/")[-1].split("-")[0].replace("_", "").lower()
 
 
+@functools.lru_cache(maxsize=None)
 def _read_table(name: str) -> dict[str, tuple[float, float]]:
     with resources.files("gorila_zmq.data").joinpath(name).open() as f:
         return {row["game"].replace("_", "").lower(): (float(row["random"]), float(row["human"]))

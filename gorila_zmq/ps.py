@@ -83,12 +83,19 @@ def save_checkpoint(path: str, theta: np.ndarray, states, meta: dict) -> None:
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        states = [states] if isinstance(states, np.ndarray) else list(states)
-        np.savez(f, theta=theta, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                 **{f"state{k}": s for k, s in enumerate(states)})
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            states = [states] if isinstance(states, np.ndarray) else list(states)
+            np.savez(f, theta=theta, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                     **{f"state{k}": s for k, s in enumerate(states)})
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        try:                                # a full disk must not also keep a partial file
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     os.replace(tmp, path)
     dfd = os.open(d, os.O_RDONLY)
     try:

@@ -20,3 +20,9 @@ def test_bench_without_or_with_an_unknown_name_prints_the_usage(capsys):
         captured = capsys.readouterr()
         assert "gorila-zmq bench" in captured.out + captured.err
         assert "adagrad" in captured.out + captured.err          # the list of benchmarks
+
+
+def test_bench_json_may_come_before_the_name(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--json", "out.json", "learner", "--help"])
+    assert e.value.code == 0 and "--updates" in capsys.readouterr().out

@@ -201,7 +201,8 @@ def test_limiter_lets_actors_step_once_the_global_count_stalls(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(A.time, "monotonic", lambda: clock[0])
     me = SimpleNamespace(cfg=cfg, sub=SimpleNamespace(global_version=10), vec=SimpleNamespace(n=1),
-                         steps=50 + 10, updates_at_start=0, _progress=(10, clock[0]), stall_steps=0)
+                         steps=50 + 10, updates_at_start=0, _progress=(10, clock[0]), stall_steps=0,
+                         _throttled_since=None)
     throttled = lambda: A.Actor._throttled(me)            # noqa: E731
     assert not throttled()                                # 60 <= 50 + 2 * 10 / 2
     me.steps = 61
@@ -216,6 +217,17 @@ def test_limiter_lets_actors_step_once_the_global_count_stalls(monkeypatch):
     assert throttled()
     clock[0] += 4.0
     assert throttled()
+    # A long quiet spell under the limit (warm-up: filling learning_starts) is not a stall: the clock
+    # starts when the actor reaches the limit.
+    me.steps = 0
+    clock[0] += 60.0
+    assert not throttled()
+    me.steps = 100
+    assert throttled() and me.stall_steps == 2
+    clock[0] += 4.9
+    assert throttled()
+    clock[0] += 0.2
+    assert not throttled() and me.stall_steps == 3
 
 
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

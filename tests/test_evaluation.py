@@ -25,6 +25,8 @@ def test_human_normalisation_uses_the_nature_table_for_its_49_games():
     # games outside the paper's 49 fall back to DQN Zoo's table and say so
     assert normalization_table("Skiing")[0] == ZOO_TABLE and human_normalized("Skiing", -17098.1) == pytest.approx(0.0)
     assert human_normalized("CartPole-v1", 100) is None and normalization_table("CartPole-v1") is None
+    for spelling in ("PongNoFrameskip-v4", "ALE/Pong-v5", "pong"):
+        assert human_normalized(spelling, 9.3) == pytest.approx(100.0), spelling
     s = summarize("Pong", [-21.0, -19.0])
     assert s["return_mean"] == -20.0 and s["human_normalized"] == pytest.approx(100 * 0.7 / 30.0)
     assert s["normalization_table"] == NATURE_TABLE

@@ -295,6 +295,7 @@ def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path, monkeypatch):
         save_checkpoint(path, a + 1, a, {"version": 2})
     theta, (accum,), meta = load_checkpoint(path)
     assert meta["version"] == 1 and np.array_equal(theta, a) and np.array_equal(accum, a * 2)
+    assert os.listdir(os.path.dirname(path)) == ["ps0.npz"]          # the partial file is gone
 
 
 def test_periodic_checkpoint_is_written_in_the_background_while_pushes_are_answered(make_cfg, ctx, monkeypatch):

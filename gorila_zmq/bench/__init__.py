@@ -90,6 +90,7 @@ def main(argv: list[str]) -> int:
     # Parse the name first (without -h, so `bench NAME --help` lists the benchmark's own options).
     first = argparse.ArgumentParser(prog="gorila-zmq bench", add_help=False)
     first.add_argument("name", nargs="?", choices=names)
+    first.add_argument("--json")
     known, _ = first.parse_known_args(argv)
     if known.name is None:
         parser.parse_args(argv)             # prints the usage (or the help) and exits
