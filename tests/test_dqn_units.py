@@ -135,8 +135,11 @@ def test_learner_syncs_target_every_n_global_updates(shard, ctx):
         learner.pusher.flush(5)
         learner.step()
         assert learner.target_syncs == 3
-        # the target network holds the shard's parameters of that sync, not the online ones
+        # the target network holds the shard's parameters of that sync and does not follow theta: once
+        # this learner's last push has landed and another client moved theta on, they differ
         from gorila_zmq.client import fetch_params
+        assert learner.pusher.flush(5)
+        _advance(ctx, cfg, 1)
         tgt = learner.layout.flatten(learner.target)
         assert not np.array_equal(tgt, fetch_params(ctx, learner.shards)[0])   # moved on since
     finally:
