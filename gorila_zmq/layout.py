@@ -62,6 +62,10 @@ class ParamLayout:
                 out[e.offset:e.offset + e.size] = p.grad.detach().reshape(-1).cpu().numpy()
         return out
 
+    def views(self, flat):
+        """Each parameter's slice of a flat torch tensor, shaped like the parameter (views, no copies)."""
+        return [flat[e.offset:e.offset + e.size].view(e.shape) for e in self.entries]
+
     def load_into(self, module, flat: np.ndarray) -> None:
         """Copy the flat vector into the module's parameters (on whatever device they live)."""
         import torch
@@ -69,8 +73,8 @@ class ParamLayout:
             raise ValueError(f"flat vector has shape {flat.shape}, layout needs ({self.size},)")
         src = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
         with torch.no_grad():
-            for e, (_, p) in zip(self.entries, module.named_parameters()):
-                p.copy_(src[e.offset:e.offset + e.size].view(e.shape), non_blocking=True)
+            for v, p in zip(self.views(src), module.parameters()):
+                p.copy_(v, non_blocking=True)
 
     # -- sharding -------------------------------------------------------------------------------
     def shard_ranges(self, shards: int) -> list[tuple[int, int]]:

@@ -145,7 +145,7 @@ class FlatStaging:
             raise ValueError("FlatStaging: the module's parameters do not match the layout")
         self.grad_dev = torch.empty(layout.size, dtype=torch.float32, device=device)
         self.param_dev = torch.empty(layout.size, dtype=torch.float32, device=device)
-        self.param_views = [self.param_dev[e.offset:e.offset + e.size].view(e.shape) for e in layout.entries]
+        self.param_views = layout.views(self.param_dev)
         self.param_host = self.host_vector()        # the subscriber writes theta here
 
     def host_vector(self) -> torch.Tensor:
@@ -279,7 +279,7 @@ class Learner(Role):
         """CPU: point every parameter's .grad at its slice of the next push buffer, so backward
         accumulates straight into the vector the pusher sends (zero_grad(set_to_none=False) zeroes it
         in place): no per-update allocation of fresh gradient tensors and no flattening copy."""
-        views = [host[e.offset:e.offset + e.size].view(e.shape) for e in self.layout.entries]
+        views = self.layout.views(host)
         for p, v in zip(self._params, views):
             p.grad = v
         return views
