@@ -265,11 +265,18 @@ class Learner(Role):
 
     def _free_grad_buffer(self) -> tuple[np.ndarray, torch.Tensor]:
         """A gradient buffer no push still needs (every shard answered it), else a new one: no 6.7 MB
-        allocation and page faults per update once the window's worth of buffers exists. Returns the
-        numpy array the pusher sends and a tensor on the same memory (pinned with CUDA staging)."""
-        for k, (seq, buf, host) in enumerate(self._grad_bufs):
-            if all(seq not in pend for pend in self.pusher.pending):
-                del self._grad_bufs[k]
+        allocation and page faults per update once the window's worth of buffers exists. A buffer
+        whose push was given up is dropped, never reused (GradientPusher.reusable says why). Returns
+        the numpy array the pusher sends and a tensor on the same memory (pinned with CUDA staging)."""
+        k = 0
+        while k < len(self._grad_bufs):
+            seq, buf, host = self._grad_bufs[k]
+            ok = self.pusher.reusable(seq)
+            if ok is None:
+                k += 1
+                continue
+            del self._grad_bufs[k]
+            if ok:
                 return buf, host
         host = self.staging.host_vector() if self.staging is not None \
             else torch.empty(self.layout.size, dtype=torch.float32)

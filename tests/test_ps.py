@@ -346,6 +346,44 @@ def test_failed_background_checkpoint_is_counted_and_the_shard_serves_on(make_cf
         r.stop()
 
 
+def test_a_given_up_push_never_has_its_buffer_reused(running, make_cfg, ctx):
+    """An answered push frees its gradient buffer for the learner's next update. A push given up on a
+    dead shard never does: libzmq may still be reading the zero-copy frames of the closed socket, so
+    the learner drops that buffer and takes a fresh one."""
+    from types import SimpleNamespace
+    import torch
+    from gorila_zmq.learner import Learner
+    r = running()
+    n = r.layout.size
+
+    def pool_take(pusher, entries):
+        me = SimpleNamespace(_grad_bufs=list(entries), pusher=pusher, staging=None, layout=r.layout)
+        got, _ = Learner._free_grad_buffer(me)
+        return got, me._grad_bufs
+
+    live = GradientPusher(ctx, r.set)
+    g_live = np.full(n, 1e-3, np.float32)
+    s_live = live.push(g_live, live.versions)
+    assert live.flush(10) and live.stats.applied == 1
+    got, left = pool_take(live, [(s_live, g_live, torch.from_numpy(g_live))])
+    assert got is g_live and left == []
+
+    dead_cfg = make_cfg(*SMALL_MLP, "net.request_timeout_s=0.1", "net.request_retries=1")    # nothing serves it
+    dead = GradientPusher(ctx, ShardSet(dead_cfg, r.layout), hello=False)
+    g_dead, g_busy = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    s_dead = dead.push(g_dead, [0])
+    assert dead.reusable(s_dead) is None                     # still in flight
+    wait_for(lambda: dead.poll(0.05) or dead.answered(s_dead), 10, what="the push to be given up")
+    assert dead.stats.lost == 1 and dead.stats.retries == 1
+    s_busy = dead.push(g_busy, [0])
+    busy = (s_busy, g_busy, torch.from_numpy(g_busy))
+    got, left = pool_take(dead, [(s_dead, g_dead, torch.from_numpy(g_dead)), busy])
+    assert got is not g_dead and got is not g_busy and got.shape == (n,) and got.dtype == np.float32
+    assert left == [busy]                                    # the given-up buffer left the pool for good
+    live.close()
+    dead.close()
+
+
 def test_lazy_pirate_gives_up_on_a_dead_endpoint(ctx, make_cfg):
     from gorila_zmq.client import ShardUnavailable
     from conftest import free_base_port
