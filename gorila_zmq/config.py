@@ -110,6 +110,8 @@ class AgentConfig:
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
     device: str = _f("auto", "torch device for learners: auto (cuda when present), cpu, cuda, cuda:1 ...")
     torch_threads: int = _f(1, "torch intra-op threads per role process")
+    learner_torch_threads: int = _f(0, "torch intra-op threads in learner processes (0: torch_threads); on a "
+                                       "small box the learner is the one role worth a second core")
     # DrQ-v2 (agent.name = drqv2)
     std_schedule: str = _f("linear(1.0,0.1,50000)", "drqv2: exploration std, a number or linear(init,final,"
                                                      "global updates) (paper: 100k steps = 50k updates on easy tasks)")
@@ -216,6 +218,8 @@ class Config:
             errs.append("roles.replay_shards must not exceed roles.actors (a shard nobody writes to stays empty)")
         if self.agent.limiter_stall_s <= 0:
             errs.append("agent.limiter_stall_s must be > 0")
+        if self.agent.torch_threads < 1 or self.agent.learner_torch_threads < 0:
+            errs.append("agent.torch_threads must be >= 1 and agent.learner_torch_threads >= 0")
         if self.agent.actor_sync_every < 1:
             errs.append("agent.actor_sync_every must be >= 1")
         if self.ps.max_payload_factor < 1:

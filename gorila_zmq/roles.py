@@ -161,6 +161,14 @@ class Role:
         self.scalars.close()
 
 
+def torch_threads(cfg: C.Config, prog: str) -> int:
+    """Intra-op threads for a role process: agent.learner_torch_threads for learners when set, else
+    agent.torch_threads."""
+    if prog == "learner" and cfg.agent.learner_torch_threads > 0:
+        return cfg.agent.learner_torch_threads
+    return cfg.agent.torch_threads
+
+
 def role_main(argv: list[str], prog: str, description: str, make_role, index_required: bool = True) -> int:
     """Shared `gorila-zmq ROLE` entry point: config, logging, signals, run."""
     p = argparse.ArgumentParser(prog=f"gorila-zmq {prog}", description=description)
@@ -180,7 +188,7 @@ def role_main(argv: list[str], prog: str, description: str, make_role, index_req
     os.makedirs(cfg.run.run_dir, exist_ok=True)
     topology.ensure_ipc_dir(cfg)
     import torch
-    torch.set_num_threads(max(1, cfg.agent.torch_threads))
+    torch.set_num_threads(torch_threads(cfg, prog))
 
     def early_exit(*_):          # while the role is still being built (it may wait for the shards)
         raise SystemExit(0)

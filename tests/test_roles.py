@@ -52,3 +52,14 @@ def test_status_is_answered_during_a_long_step(make_cfg, ctx):
     assert not t.is_alive()
     rows = open(role.scalars.path).read().splitlines()
     assert rows[0] == "wall_time,step,name,value" and any(",steps," in r for r in rows[1:])
+
+
+def test_learner_torch_threads_apply_to_learners_only(make_cfg):
+    from gorila_zmq.config import ConfigError
+    from gorila_zmq.roles import torch_threads
+    cfg = make_cfg("agent.torch_threads=1", "agent.learner_torch_threads=2")
+    assert torch_threads(cfg, "learner") == 2
+    assert [torch_threads(cfg, r) for r in ("actor", "evaluator", "replay")] == [1, 1, 1]
+    assert torch_threads(make_cfg("agent.torch_threads=3"), "learner") == 3      # 0: the common setting
+    with pytest.raises(ConfigError, match="learner_torch_threads"):
+        make_cfg("agent.learner_torch_threads=-1")
