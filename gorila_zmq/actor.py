@@ -99,8 +99,9 @@ class Actor(Role):
         if not self.sub.wait_ready(60):
             log.warning("%s: no parameters from the shards after 60 s; acting once they answer", self.name)
         self._refresh()
-        self.updates_at_start = max(self.sub.global_version, 0)
-        self._progress = (self.updates_at_start, time.monotonic())   # last global count seen to move, when
+        # None while no shard has answered: the limiter then counts from the first version it sees.
+        self.updates_at_start = self.sub.global_version if self.sub.global_version >= 0 else None
+        self._progress = (max(self.sub.global_version, 0), time.monotonic())   # last count seen to move, when
         self._throttled_since: float | None = None                     # over the limit since, or None
         obs, frames = self.vec.reset(seed=int(self.rng.integers(2**31)))
         self.obs = obs
@@ -133,9 +134,11 @@ class Actor(Role):
         # share of learning_starts (its replay may be new and empty), then keeps pace with the
         # updates made since, instead of running ahead by every update made before it started.
         g, now = max(self.sub.global_version, 0), time.monotonic()
+        if self.updates_at_start is None and self.sub.global_version >= 0:
+            self.updates_at_start = g       # the shards answered after the start-up wait: count from here
         if g != self._progress[0]:
             self._progress = (g, now)
-        allowed = allowed_transitions(self.cfg, g - self.updates_at_start)
+        allowed = allowed_transitions(self.cfg, g - (g if self.updates_at_start is None else self.updates_at_start))
         if allowed is None or self.steps * self.vec.n <= allowed:
             self._throttled_since = None
             return False

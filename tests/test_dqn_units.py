@@ -192,6 +192,30 @@ def test_replay_ratio_limiter_shares_learning_starts_and_updates_between_actors(
     assert allowed_transitions(C.load(None, ["agent.max_steps_per_update=0"]), 10) is None
 
 
+def test_limiter_counts_from_the_first_version_seen_when_the_shards_answer_late():
+    """An actor whose shards had not answered when it started (a resumed run's shards still loading)
+    counts global updates from the first version it sees, not from 0: otherwise every update made
+    before the resume would let it run ahead."""
+    from types import SimpleNamespace
+    from gorila_zmq import actor as A
+    from gorila_zmq import config as C
+    cfg = C.load(None, ["roles.mode=global", "roles.actors=2", "agent.learning_starts=100",
+                        "agent.max_steps_per_update=2", "agent.limiter_stall_s=1000"])
+    me = SimpleNamespace(cfg=cfg, sub=SimpleNamespace(global_version=-1), vec=SimpleNamespace(n=1), steps=50,
+                         updates_at_start=None, _progress=(0, A.time.monotonic()), stall_steps=0,
+                         _throttled_since=None)
+    throttled = lambda: A.Actor._throttled(me)            # noqa: E731
+    assert not throttled()                                # no version yet: its share of learning_starts
+    me.steps = 51
+    assert throttled()
+    me.sub.global_version = 5000                          # the resumed shards answer
+    assert throttled() and me.updates_at_start == 5000
+    me.sub.global_version = 5010
+    assert not throttled()                                # 51 <= 50 + 2 * 10 / 2
+    me.steps = 61
+    assert throttled()
+
+
 def test_limiter_lets_actors_step_once_the_global_count_stalls(monkeypatch):
     """Over the limit, an actor waits while the learners progress; once the global count has not moved
     for agent.limiter_stall_s (starved learners: a replay shard restarted empty) it steps again, and
