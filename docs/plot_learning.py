@@ -1,5 +1,8 @@
 """Plot a run's evaluations (RUN_DIR/evaluations.jsonl) against env frames and wall time, and print
-the same as a markdown table.  Usage: python docs/plot_learning.py RUN_DIR OUT.png [--title T]"""
+the same as a markdown table.  Usage: python docs/plot_learning.py RUN_DIR OUT.png [--title T]
+
+--paper CSV overlays a published curve on the frames axis: a CSV with a `frame` column and one column
+per seed (e.g. docs/drqv2_paper_cartpole_swingup.csv), drawn as the median and the min-max band."""
 import argparse
 import json
 
@@ -16,6 +19,8 @@ def main():
     p.add_argument("--title", default="")
     p.add_argument("--reference", type=float, default=None, help="a horizontal line (e.g. the random score)")
     p.add_argument("--reference-label", default="random")
+    p.add_argument("--paper", default=None, help="CSV: frame, then one column per seed (a published curve)")
+    p.add_argument("--paper-label", default="paper")
     a = p.parse_args()
     rows = [json.loads(line) for line in open(f"{a.run_dir}/evaluations.jsonl") if line.strip()]
     t0 = rows[0]["wall_time"] - rows[0].get("eval_seconds", 0)
@@ -29,6 +34,15 @@ def main():
                         label="min-max over episodes")
         if a.reference is not None:
             ax.axhline(a.reference, color="gray", ls="--", label=a.reference_label)
+        if a.paper and key == "env_frames":
+            import numpy as np
+            ref = np.genfromtxt(a.paper, delimiter=",", names=True)
+            seeds = np.stack([ref[n] for n in ref.dtype.names if n != "frame"], axis=1)
+            upto = ref["frame"] <= max(xs) * 1.25
+            ax.plot(ref["frame"][upto], np.median(seeds[upto], axis=1), "s--", color="tab:green",
+                    label=f"{a.paper_label}: median of {seeds.shape[1]} seeds")
+            ax.fill_between(ref["frame"][upto], seeds[upto].min(axis=1), seeds[upto].max(axis=1),
+                            color="tab:green", alpha=0.12, label=f"{a.paper_label}: min-max")
         ax.set_xlabel(label)
         ax.set_ylabel("return")
         ax.grid(alpha=0.3)
