@@ -133,9 +133,10 @@ class Actor(Role):
         # Counted from this process's start, on both sides: a restarted or resumed actor refills its
         # share of learning_starts (its replay may be new and empty), then keeps pace with the
         # updates made since, instead of running ahead by every update made before it started.
-        g, now = max(self.sub.global_version, 0), time.monotonic()
-        if self.updates_at_start is None and self.sub.global_version >= 0:
-            self.updates_at_start = g       # the shards answered after the start-up wait: count from here
+        v, now = self.sub.global_version, time.monotonic()      # read once: the subscriber thread moves it
+        g = max(v, 0)
+        if self.updates_at_start is None and v >= 0:
+            self.updates_at_start = v       # the shards answered after the start-up wait: count from here
         if g != self._progress[0]:
             self._progress = (g, now)
         allowed = allowed_transitions(self.cfg, g - (g if self.updates_at_start is None else self.updates_at_start))

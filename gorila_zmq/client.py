@@ -138,7 +138,7 @@ class GradientPusher:
         self.versions = [0] * shards.n           # latest version each shard reported
         self.incarnations = [0] * shards.n
         self.pending: list[dict[int, _Pending]] = [{} for _ in range(shards.n)]
-        self.abandoned: set[int] = set()         # pushes given up on some shard: see reusable()
+        self.abandoned: dict[int, None] = {}    # pushes given up on some shard (the latest 1,024): reusable()
         self._logged: set = set()
         self.socks: list[zmq.Socket] = [self._connect(i) for i in range(shards.n)]
         if hello:
@@ -156,8 +156,8 @@ class GradientPusher:
     def push(self, grad: np.ndarray, versions: list[int]) -> int:
         """Send `grad` (flat float32, length layout.size) computed against per-shard `versions`.
         Blocks only while a shard's window is full. The pusher keeps a reference to `grad` until
-        every slice is answered: do not modify it until reusable(seq) is True. Returns the push's
-        sequence number."""
+        every slice is answered: modify it only once reusable(seq) is True, and never after False.
+        Returns the push's sequence number."""
         if grad.dtype != np.float32 or grad.shape != (self.shards.layout.size,):
             raise ValueError(f"gradient must be float32 of shape ({self.shards.layout.size},), "
                              f"got {grad.dtype} {grad.shape}")
@@ -238,7 +238,9 @@ class GradientPusher:
                 p = pend[seq]
                 if p.tries >= self.retries:
                     del pend[seq]
-                    self.abandoned.add(seq)
+                    self.abandoned[seq] = None
+                    if len(self.abandoned) > 1024:
+                        del self.abandoned[next(iter(self.abandoned))]
                     self.stats.lost += 1
                     self.stats.by_shard[i]["lost"] += 1
                     log.warning("push %d to shard %d lost after %d retries", seq, i, p.tries)
@@ -257,17 +259,14 @@ class GradientPusher:
 
     def reusable(self, seq: int) -> bool | None:
         """May the caller rewrite the gradient it pushed as `seq`? None while a shard still has it in
-        flight; True once every shard answered it; False, once, for a push given up on some shard.
-        The last is never safe to rewrite: its frames were sent with copy=False on a socket closed with
-        linger 0, and libzmq's I/O thread may still be reading them (linger drops the queue, not a
-        write in progress). pyzmq holds the memory until libzmq lets go, so the caller simply drops
-        its own reference and uses a fresh buffer."""
+        flight; True once every shard answered it; False for a push given up on some shard (of the
+        latest 1,024 given up). The last is never safe to rewrite: its frames were sent with
+        copy=False on a socket closed with linger 0, and libzmq's I/O thread may still be reading them
+        (linger drops the queue, not a write in progress). pyzmq holds the memory until libzmq lets
+        go, so the caller drops its own reference and uses a fresh buffer."""
         if not self.answered(seq):
             return None
-        if seq in self.abandoned:
-            self.abandoned.discard(seq)
-            return False
-        return True
+        return seq not in self.abandoned
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait until every push is answered or given up; True if nothing is left in flight."""

@@ -266,7 +266,8 @@ class Learner(Role):
     def _free_grad_buffer(self) -> tuple[np.ndarray, torch.Tensor]:
         """A gradient buffer no push still needs (every shard answered it), else a new one: no 6.7 MB
         allocation and page faults per update once the window's worth of buffers exists. A buffer
-        whose push was given up is dropped, never reused (GradientPusher.reusable says why). Returns
+        whose push was given up is dropped, never reused (GradientPusher.reusable says why), so while
+        a shard is down each update allocates a fresh one (pinned, with CUDA staging). Returns
         the numpy array the pusher sends and a tensor on the same memory (pinned with CUDA staging)."""
         k = 0
         while k < len(self._grad_bufs):
@@ -377,7 +378,7 @@ class Learner(Role):
         if self.staging is not None:
             self.staging.grads_to_host(host)
             self.staging.copies_done()
-        seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until every shard replied
+        seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until reusable(seq)
         self._grad_bufs.append((seq, grad, host))
         self.pusher.poll(0)
         self.updates += 1

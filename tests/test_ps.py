@@ -380,6 +380,7 @@ def test_a_given_up_push_never_has_its_buffer_reused(running, make_cfg, ctx):
     got, left = pool_take(dead, [(s_dead, g_dead, torch.from_numpy(g_dead)), busy])
     assert got is not g_dead and got is not g_busy and got.shape == (n,) and got.dtype == np.float32
     assert left == [busy]                                    # the given-up buffer left the pool for good
+    assert dead.reusable(s_dead) is False and dead.reusable(s_dead) is False    # and stays unsafe
     live.close()
     dead.close()
 
