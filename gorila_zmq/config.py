@@ -118,6 +118,9 @@ class AgentConfig:
     std_clip: float = _f(0.3, "drqv2: the policy noise is clipped to +-this in the critic and actor updates")
     seed_frames: int = _f(4000, "drqv2: uniform random actions for this many env frames (summed over actors)")
     critic_tau: float = _f(0.01, "drqv2: soft update rate of the learner's critic target")
+    actor_pretanh_reg: float = _f(0.0, "drqv2: weight of mean(z^2) on the actor's pre-tanh mean z (0: the "
+                                       "paper); keeps float32 tanh off exactly +-1, where the actor's "
+                                       "gradient is exactly 0 (docs/RESULTS.md)")
 
 
 @dataclass
@@ -232,6 +235,8 @@ class Config:
                 schedule(self.agent.std_schedule, 0)
             except ValueError as e:
                 errs.append(f"agent.std_schedule: {e}")
+            if self.agent.actor_pretanh_reg < 0:
+                errs.append("agent.actor_pretanh_reg must be >= 0")
             if not 0 < self.agent.critic_tau <= 1 or self.agent.std_clip < 0:
                 errs.append("agent.critic_tau must be in (0, 1], agent.std_clip >= 0")
         if errs:

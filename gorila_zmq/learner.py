@@ -404,7 +404,7 @@ class Learner(Role):
         a = self.cfg.agent
         std = drqv2.schedule(a.std_schedule, max(self.sub.global_version, 0))
         info, ok = drqv2.gradients(self.online, self.target.critic, obs, action, reward, discount, next_obs,
-                                   std, a.std_clip, accept=self.filter.accept)
+                                   std, a.std_clip, accept=self.filter.accept, pretanh_reg=a.actor_pretanh_reg)
         self.last = {"loss": info["critic_loss"], "q_mean": info["critic_q1"], "std": std, **info}
         return ok
 
@@ -417,6 +417,7 @@ class Learner(Role):
                 "outliers_dropped": self.dropped, "target_syncs": self.target_syncs,
                 "global_updates": self.sub.global_version, "loss": self.last.get("loss"),
                 "q_mean": self.last.get("q_mean"), "actor_loss": self.last.get("actor_loss"),
+                "actor_pretanh": self.last.get("actor_pretanh"),
                 "exploration_std": self.last.get("std"), "push": self.pusher.stats.as_dict(),
                 "device": str(self.device), "compute_s": self.compute_s, "wait_for_batch_s": self.wait_s,
                 "sample_s": self.loader.sample_s if self.loader else 0.0, **self.filter.state()}

@@ -159,3 +159,25 @@ def test_clamped_actions_still_train_the_actor():
     assert a.max().item() <= 1.0 and (a == 1.0).any()
     (3.0 * a).sum().backward()
     assert torch.allclose(mu.grad, torch.full((64, 1), 3.0))
+
+
+def test_a_saturated_actor_has_exactly_zero_gradient_in_float32_unless_pretanh_reg():
+    """The float32 dead zone: with the pre-tanh mean z past ~9, tanh(z) rounds to exactly 1, so the
+    actor's gradient is exactly 0 whatever the critic says (the ~75 plateau on cartpole_swingup).
+    agent.actor_pretanh_reg adds 2 * reg * z to dL/dz, which pulls z back."""
+    torch.manual_seed(0)
+    a = small_agent()
+    with torch.no_grad():
+        a.actor.policy[-1].bias.fill_(12.0)
+    h = a.encoder(torch.randint(0, 256, (8, 9, 84, 84), dtype=torch.uint8)).detach()
+    z = a.actor.pre_tanh(h).detach()
+    assert torch.all(torch.tanh(z) == 1.0)
+    params = list(a.actor.parameters())
+    loss, info = update_actor(a, h, std=0.2, clip=0.3)
+    assert info["actor_pretanh"] == pytest.approx(z.abs().mean().item(), rel=1e-5) and info["actor_pretanh"] > 11
+    assert all(torch.count_nonzero(g) == 0 for g in torch.autograd.grad(loss, params))
+    loss, info = update_actor(a, h, std=0.2, clip=0.3, pretanh_reg=1e-3)
+    g_bias = torch.autograd.grad(loss, a.actor.policy[-1].bias)[0]
+    expected = 2e-3 * z.mean(0) / z.shape[1]                  # d/db of 1e-3 * mean over (B, A) of z^2
+    assert torch.allclose(g_bias, expected, rtol=1e-4) and torch.all(g_bias > 0)     # a step lowers z
+    assert info["actor_loss"] == pytest.approx((loss - 1e-3 * z.square().mean()).item(), rel=1e-5)

@@ -63,9 +63,13 @@ class Actor(nn.Module):
                                     nn.Linear(hidden_dim, action_dim))
         self.apply(weight_init)
 
+    def pre_tanh(self, h: torch.Tensor) -> torch.Tensor:
+        """The policy mean before the tanh (z, with mean action tanh(z))."""
+        return self.policy(self.trunk(h))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The mean action in [-1, 1]."""
-        return torch.tanh(self.policy(self.trunk(h)))
+        return torch.tanh(self.pre_tanh(h))
 
 
 class Critic(nn.Module):
@@ -172,13 +176,23 @@ def update_critic(agent: DrQV2, critic_target_net: Critic, obs_h, action, reward
     return loss, dict(zip(("critic_loss", "critic_q1", "critic_target_q"), vals))
 
 
-def update_actor(agent: DrQV2, obs_h: torch.Tensor, std: float, clip: float) -> tuple[torch.Tensor, dict]:
-    """Actor loss -min(Q1, Q2)(h, a) with h detached: the encoder is not trained by the actor."""
+def update_actor(agent: DrQV2, obs_h: torch.Tensor, std: float, clip: float,
+                 pretanh_reg: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Actor loss -min(Q1, Q2)(h, a) with h detached: the encoder is not trained by the actor.
+
+    pretanh_reg > 0 adds pretanh_reg * mean(z^2) on the pre-tanh mean z (not in the paper; SAC's
+    reference code has the same kind of term on its policy mean). The reason: in float32, tanh(z)
+    rounds to exactly +-1 once |z| > ~9, so 1 - tanh(z)^2 and with it the actor's whole gradient
+    are exactly 0, and an actor pushed there by an early critic never moves again. The info reports
+    actor_pretanh = mean |z|, the saturation gauge."""
     h = obs_h.detach()
-    action = policy_sample(agent.actor(h), std, clip)
+    z = agent.actor.pre_tanh(h)
+    action = policy_sample(torch.tanh(z), std, clip)
     q1, q2 = agent.critic(h, action)
-    loss = -torch.min(q1, q2).mean()
-    return loss, {"actor_loss": loss.item()}
+    q_loss = -torch.min(q1, q2).mean()
+    loss = q_loss + pretanh_reg * z.square().mean() if pretanh_reg > 0 else q_loss
+    vals = torch.stack([q_loss.detach(), z.detach().abs().mean()]).tolist()     # one device sync
+    return loss, {"actor_loss": vals[0], "actor_pretanh": vals[1]}
 
 
 def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
@@ -187,7 +201,7 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 def gradients(agent: DrQV2, critic_target_net: Critic, obs, action, reward, discount, next_obs,
-              std: float, clip: float, accept=None) -> tuple[dict, bool]:
+              std: float, clip: float, accept=None, pretanh_reg: float = 0.0) -> tuple[dict, bool]:
     """One DrQ-v2 update as a single gradient over every parameter the parameter server holds:
     encoder + critic from the critic loss, actor from the actor loss (via autograd.grad on the actor's
     parameters only, so the actor loss trains neither the encoder nor the critic). obs/next_obs are
@@ -207,7 +221,7 @@ def gradients(agent: DrQV2, critic_target_net: Critic, obs, action, reward, disc
         return info, False
     agent.zero_grad(set_to_none=False)            # in place (the learner may have bound .grad to its buffer)
     critic_loss.backward()                        # encoder + critic (the actor is not in this graph)
-    actor_loss, ainfo = update_actor(agent, obs_h, std, clip)
+    actor_loss, ainfo = update_actor(agent, obs_h, std, clip, pretanh_reg)
     actor_params = list(agent.actor.parameters())
     for p, g in zip(actor_params, torch.autograd.grad(actor_loss, actor_params)):
         p.grad = g
