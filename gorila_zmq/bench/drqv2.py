@@ -67,7 +67,7 @@ def _reference(cfg, device, B, n) -> float:
         closs.backward()
         critic_opt.step()
         enc_opt.step()
-        aloss, _ = D.update_actor(agent, o, std, clip)
+        aloss, _ = D.update_actor(agent, o, std, clip, cfg.agent.actor_pretanh_reg)    # as the learner
         actor_opt.zero_grad(set_to_none=True)
         aloss.backward()
         actor_opt.step()
