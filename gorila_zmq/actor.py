@@ -99,8 +99,7 @@ class Actor(Role):
         if not self.sub.wait_ready(60):
             log.warning("%s: no parameters from the shards after 60 s; acting once they answer", self.name)
         self._refresh()
-        # None while no shard has answered: the limiter then counts from the first version it sees.
-        self.updates_at_start = self.sub.global_version if self.sub.global_version >= 0 else None
+        self.updates_at_start: int | None = None      # the first global version seen: the limiter counts from it
         self._progress = (max(self.sub.global_version, 0), time.monotonic())   # last count seen to move, when
         self._throttled_since: float | None = None                     # over the limit since, or None
         obs, frames = self.vec.reset(seed=int(self.rng.integers(2**31)))
@@ -136,10 +135,10 @@ class Actor(Role):
         v, now = self.sub.global_version, time.monotonic()      # read once: the subscriber thread moves it
         g = max(v, 0)
         if self.updates_at_start is None and v >= 0:
-            self.updates_at_start = v       # the shards answered after the start-up wait: count from here
+            self.updates_at_start = v       # also when the shards answered only after the start-up wait
         if g != self._progress[0]:
             self._progress = (g, now)
-        allowed = allowed_transitions(self.cfg, g - (g if self.updates_at_start is None else self.updates_at_start))
+        allowed = allowed_transitions(self.cfg, 0 if self.updates_at_start is None else g - self.updates_at_start)
         if allowed is None or self.steps * self.vec.n <= allowed:
             self._throttled_since = None
             return False
