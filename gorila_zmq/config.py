@@ -287,10 +287,13 @@ PRESETS: dict[str, dict] = {
         "eval": {"interval_s": 300.0, "episodes": 10, "epsilon": 0.0},
         "run": {"run_dir": "runs/drqv2-cartpole_swingup"},
     },
+    # AdaGrad at lr 0.02: at 0.01 (until 2026-11-26) some runs sat at a greedy return near 100 for up to
+    # 950 K frames, past the slow test's 600 K budget (one CI failure); at 0.02, 28 of 28 runs in the two
+    # test layouts were solved by 123 K frames (docs/RESULTS.md, docs/cartpole_sweep.py).
     "cartpole": {
         "env": {"name": "CartPole-v1", "num_envs": 1, "clip_rewards": False},
         "model": {"kind": "mlp", "hidden": [64, 64]},
-        "ps": {"shards": 1, "lr": 0.01, "initial_accumulator": 0.1, "checkpoint_interval_s": 5.0, "broadcast_every": 1,
+        "ps": {"shards": 1, "lr": 0.02, "initial_accumulator": 0.1, "checkpoint_interval_s": 5.0, "broadcast_every": 1,
                "broadcast_interval_ms": 20.0, "max_staleness": 50},
         "roles": {"mode": "bundled", "bundles": 1},
         "agent": {"replay_capacity": 50_000, "learning_starts": 1_000, "batch_size": 64, "target_sync_every": 250,
