@@ -168,27 +168,24 @@ def _check_host(spec: Spec, host: Host) -> None:
         raise ClusterError(f"host {host.name}: no Python with gorila-zmq at {host.python} "
                            f"({r.stderr.decode(errors='replace').strip()[-200:] or 'not found'}); see `cluster bootstrap`")
     from gorila_zmq.supervisor import make_program
-    ports = []
-    for s in make_program(spec.cfg, only_host=host.address):
-        for ep in _endpoints(spec.cfg, s):
-            if ep.startswith("tcp://"):
-                ports.append(int(ep.rsplit(":", 1)[1]))
+    program = make_program(spec.cfg, only_host=host.address)
+    ports = topology.tcp_ports(spec.cfg, program)
     if ports:
+        # Which ports are taken now (an error), and the host's ephemeral range (a warning: see topology).
         probe = ("import socket,sys\nbad=[]\nfor p in %r:\n s=socket.socket()\n try: s.bind((%r,p))\n"
-                 " except OSError: bad.append(p)\n s.close()\nprint(' '.join(map(str,bad)))") % (ports, host.address)
+                 " except OSError: bad.append(p)\n s.close()\nprint(' '.join(map(str,bad)))\n"
+                 "try: print(open('/proc/sys/net/ipv4/ip_local_port_range').read().strip())\n"
+                 "except OSError: pass"
+                 ) % (ports, host.address)
         r = host.ssh(f"{shlex.quote(host.python)} -c {shlex.quote(probe)}", check=False)
-        busy = r.stdout.decode().split()
+        lines = r.stdout.decode().split("\n")
+        busy, rng = lines[0].split(), (lines[1].split() if len(lines) > 1 else [])
+        warning = len(rng) == 2 and topology.ephemeral_warning(spec.cfg, program, (int(rng[0]), int(rng[1])))
+        if warning:
+            print(f"warning: host {host.name}: {warning}", file=sys.stderr)
         if busy:
             raise ClusterError(f"host {host.name}: port(s) {', '.join(busy)} on {host.address} already in use "
                                "(another run? change base_port)")
-
-
-def _endpoints(cfg, s) -> list[str]:
-    if s.role == "ps":
-        return [topology.ps_request(cfg, s.index).bind, topology.ps_broadcast(cfg, s.index).bind]
-    if s.role == "replay":
-        return [topology.replay(cfg, s.index).bind]
-    return [topology.control(cfg, s.role, s.index).bind]
 
 
 def up(spec: Spec, timeout: float = 180.0, launcher_key: str | None = None) -> dict:

@@ -309,6 +309,9 @@ def dev_main(argv: list[str]) -> int:
     program = make_program(cfg, path, a.only_host)
     if not program:
         raise C.ConfigError(f"no role is placed on {a.only_host} (net.placement: {cfg.net.placement})")
+    warning = topology.ephemeral_warning(cfg, program)
+    if warning:
+        log.warning("net.base_port: %s", warning)
     print(f"gorila-zmq dev: {cfg.agent.name} on {cfg.env.name}, {cfg.roles.mode} mode, {cfg.ps.shards} shard(s), "
           + (f"{cfg.roles.bundles} bundle(s)" if cfg.roles.mode == "bundled" else
              f"{cfg.roles.actors} actor(s), {cfg.roles.replay_shards} replay shard(s), {cfg.roles.learners} learner(s)")

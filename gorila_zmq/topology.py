@@ -68,3 +68,46 @@ def control(cfg, role: str, i: int = 0, host: str | None = None) -> Endpoint:
 def bundle_replay_name(cfg, i: int) -> str:
     """Shared-memory name of bundle i's local replay (actor i writes, learner i reads)."""
     return f"gz_{cfg.run_id}_replay{i}"
+
+
+def role_endpoints(cfg, s) -> list[str]:
+    """What role `s` (a supervisor.RoleSpec) binds."""
+    if s.role == "ps":
+        return [ps_request(cfg, s.index).bind, ps_broadcast(cfg, s.index).bind]
+    if s.role == "replay":
+        return [replay(cfg, s.index).bind]
+    return [control(cfg, s.role, s.index).bind]
+
+
+def tcp_ports(cfg, program) -> list[int]:
+    """The TCP ports the roles of `program` bind, sorted."""
+    return sorted(int(ep.rsplit(":", 1)[1]) for s in program for ep in role_endpoints(cfg, s)
+                  if ep.startswith("tcp://"))
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int] | None:
+    """The kernel's range of local ports for outgoing connections (Linux), or None where unknown."""
+    try:
+        with open(path) as f:
+            lo, hi = (int(x) for x in f.read().split()[:2])
+        return lo, hi
+    except (OSError, ValueError):
+        return None
+
+
+def ephemeral_warning(cfg, program, rng: tuple[int, int] | None = None) -> str | None:
+    """A warning when a role would listen on a port in the ephemeral range: any outgoing connection on
+    the host (a ZeroMQ client among them) may hold that port when the role binds it, and the role fails
+    with "Address already in use" at random."""
+    rng = rng or ephemeral_range()
+    if rng is None:
+        return None
+    clash = [p for p in tcp_ports(cfg, program) if rng[0] <= p <= rng[1]]
+    if not clash:
+        return None
+    # `program` may be one host's share of a run; the evaluator's control port is the highest a run uses.
+    top = max(EVAL_CTL, max(tcp_ports(cfg, program)) - cfg.net.base_port)
+    return (f"port(s) {', '.join(map(str, clash[:6]))}{' ...' if len(clash) > 6 else ''} lie in this host's "
+            f"ephemeral port range ({rng[0]}-{rng[1]}), where outgoing connections take their local ports: a "
+            f"role can fail to bind with 'Address already in use'. Choose net.base_port <= {rng[0] - 1 - top} "
+            f"(a run listens on ports up to net.base_port + {top}).")

@@ -222,6 +222,7 @@ def solved(run_dir):
     ("unknown_host", "unknown host 'gamma'"),
     ("unknown_role", "unknown role kinds"),
     ("port_in_use", "already in use"),
+    ("port_in_use_ephemeral", "ephemeral port range (32768-60999)"),
 ])
 def test_clear_errors(hosts, keys, tmp_path, case, expect):
     kw = {}
@@ -236,10 +237,13 @@ def test_clear_errors(hosts, keys, tmp_path, case, expect):
         kw["roles"] = 'ps = ["gamma"]\nbundles = ["beta"]'
     elif case == "unknown_role":
         kw["roles"] = 'ps = ["alpha"]\nbundles = ["beta"]\nshards = ["alpha"]'
-    elif case == "port_in_use":
-        kw["base_port"] = 18500
+    elif case.startswith("port_in_use"):
+        # _ephemeral: alpha's shard ports lie in the kernel's ephemeral range, which `up` warns about
+        # before it refuses the port that is taken.
+        port = 40000 if case.endswith("ephemeral") else 18500
+        kw["base_port"] = port
         blocker = subprocess.Popen(["ip", "netns", "exec", f"{TAG}alpha", sys.executable, "-c",
-                                    "import socket,time; s=socket.socket(); s.bind(('10.77.0.2', 18500)); "
+                                    f"import socket,time; s=socket.socket(); s.bind(('10.77.0.2', {port})); "
                                     "s.listen(); time.sleep(60)"])
         time.sleep(1.0)
     try:
@@ -247,6 +251,9 @@ def test_clear_errors(hosts, keys, tmp_path, case, expect):
         r = cluster("up", spec, "--timeout", "20", timeout=120)
         assert r.returncode != 0
         assert expect in r.stderr, r.stderr
+        assert ("ephemeral" in r.stderr) == case.endswith("ephemeral"), r.stderr
+        if case.startswith("port_in_use"):
+            assert "already in use" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     finally:
         if blocker:

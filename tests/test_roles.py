@@ -63,3 +63,28 @@ def test_learner_torch_threads_apply_to_learners_only(make_cfg):
     assert torch_threads(make_cfg("agent.torch_threads=3"), "learner") == 3      # 0: the common setting
     with pytest.raises(ConfigError, match="learner_torch_threads"):
         make_cfg("agent.learner_torch_threads=-1")
+
+
+def test_a_port_in_the_ephemeral_range_is_warned_about(tmp_path):
+    """Outgoing connections take local ports from the kernel's ephemeral range; a role listening there
+    fails at random with 'Address already in use' (seen in a sweep harness). dev and cluster up warn."""
+    from gorila_zmq import config as C
+    from gorila_zmq.supervisor import make_program
+    f = tmp_path / "range"
+    f.write_text("32768\t60999\n")
+    assert topology.ephemeral_range(str(f)) == (32768, 60999)
+    assert topology.ephemeral_range(str(tmp_path / "absent")) is None
+    rng = (32768, 60999)
+    low = C.load(None, [f"run.run_dir={tmp_path}/a"], preset="cartpole")
+    prog = make_program(low, "x.json")
+    ports = topology.tcp_ports(low, prog)
+    b = low.net.base_port
+    # ps0 request + broadcast, and the control sockets of actor0, learner0 and the evaluator
+    assert ports == [b, b + 1, b + topology.ACTOR_CTL, b + topology.LEARNER_CTL, b + topology.EVAL_CTL]
+    assert topology.ephemeral_warning(low, prog, rng) is None
+    high = C.load(None, [f"run.run_dir={tmp_path}/b", "net.base_port=30000"], preset="cartpole")
+    w = topology.ephemeral_warning(high, make_program(high, "x.json"), rng)
+    assert w and "33000, 34000 lie" in w and "32000" not in w   # learner0 and evaluator; actor0 at 32000 is below
+    assert f"net.base_port <= {32767 - topology.EVAL_CTL}" in w
+    ipc = C.load(None, [f"run.run_dir={tmp_path}/c", "net.base_port=30000", "net.transport=ipc"], preset="cartpole")
+    assert topology.ephemeral_warning(ipc, make_program(ipc, "x.json"), rng) is None
