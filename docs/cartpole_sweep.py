@@ -10,9 +10,7 @@ eval.interval_s (10 s), so a first solve is known to within one interval (~35-70
 import argparse
 import json
 import os
-import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,29 +19,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def free_base_port() -> int:
-    """Below the ephemeral range (32768+): a role's port there can be taken by a client's outgoing socket."""
-    from gorila_zmq import topology
-    span = topology.EVAL_CTL + 16
-    for _ in range(200):
-        base = random.randrange(10_000, 32_768 - span)
-        try:
-            for k in range(span):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + k))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port range found")
+from gorila_zmq import topology  # noqa: E402  (ports below the ephemeral range)
 
 
 def one(run_dir: str, overrides: list, cap_s: float, threshold: float) -> dict:
     with open(run_dir + ".log", "wb") as log:
         p = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "dev", "--preset", "cartpole",
                               "--duration", str(int(cap_s) + 60), f"run.run_dir={run_dir}",
-                              f"net.base_port={free_base_port()}", *overrides],
+                              f"net.base_port={topology.free_base_port()}", *overrides],
                              stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     t0, got, evs = time.monotonic(), None, []
     try:
@@ -56,13 +39,18 @@ def one(run_dir: str, overrides: list, cap_s: float, threshold: float) -> dict:
                 continue
             got = next((e for e in evs if e["return_mean"] >= threshold), None)
     finally:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    return {"solved_frames": got and got["env_frames"], "solved_updates": got and got["global_updates"],
+        exited = p.poll()                       # not None: dev mode ended by itself (a crash, not a slow run)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)           # the whole process group: the roles too
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(60)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    return {"exited_early": exited, "solved_frames": got and got["env_frames"], "solved_updates": got and got["global_updates"],
             "wall_s": round(time.monotonic() - t0), "evaluations": [round(e["return_mean"], 1) for e in evs],
             "evaluation_frames": [e["env_frames"] for e in evs]}
 

@@ -178,9 +178,13 @@ def _check_host(spec: Spec, host: Host) -> None:
                  "except OSError: pass"
                  ) % (ports, host.address)
         r = host.ssh(f"{shlex.quote(host.python)} -c {shlex.quote(probe)}", check=False)
+        if r.returncode != 0:
+            raise ClusterError(f"host {host.name}: the port check failed: "
+                               f"{r.stderr.decode(errors='replace').strip()[-300:]}")
         lines = r.stdout.decode().split("\n")
         busy, rng = lines[0].split(), (lines[1].split() if len(lines) > 1 else [])
-        warning = len(rng) == 2 and topology.ephemeral_warning(spec.cfg, program, (int(rng[0]), int(rng[1])))
+        warning = (len(rng) == 2 and all(x.isdigit() for x in rng)
+                   and topology.ephemeral_warning(spec.cfg, program, (int(rng[0]), int(rng[1]))))
         if warning:
             print(f"warning: host {host.name}: {warning}", file=sys.stderr)
         if busy:

@@ -8,6 +8,8 @@ interface) and clients connect to it. Roles without a placement use `net.host`.
 from __future__ import annotations
 
 import os
+import random
+import socket
 from dataclasses import dataclass
 
 
@@ -109,5 +111,39 @@ def ephemeral_warning(cfg, program, rng: tuple[int, int] | None = None) -> str |
     top = max(EVAL_CTL, max(tcp_ports(cfg, program)) - cfg.net.base_port)
     return (f"port(s) {', '.join(map(str, clash[:6]))}{' ...' if len(clash) > 6 else ''} lie in this host's "
             f"ephemeral port range ({rng[0]}-{rng[1]}), where outgoing connections take their local ports: a "
-            f"role can fail to bind with 'Address already in use'. Choose net.base_port <= {rng[0] - 1 - top} "
-            f"(a run listens on ports up to net.base_port + {top}).")
+            f"role can fail to bind with 'Address already in use'. {_port_advice(rng, top)}")
+
+
+def _port_advice(rng: tuple[int, int], top: int) -> str:
+    below, above = rng[0] - 1 - top, rng[1] + 1
+    where = (f"net.base_port <= {below}" if below >= 1024 else "") + \
+        (" or " if below >= 1024 and above + top <= 65535 else "") + \
+        (f"net.base_port >= {above}" if above + top <= 65535 else "")
+    return (f"Choose {where} (a run listens on ports up to net.base_port + {top}), or reserve the ports "
+            f"(sysctl net.ipv4.ip_local_reserved_ports)." if where else
+            f"Reserve the run's ports (sysctl net.ipv4.ip_local_reserved_ports): a run listens on ports up to "
+            f"net.base_port + {top}.")
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_base_port(count: int = 16, host: str = "127.0.0.1") -> int:
+    """A net.base_port for a run on `host` (tests, benchmarks): the shard ports [0, count), and the
+    first 8 replay shard and control ports of each kind, free now and below the ephemeral range."""
+    offsets = list(range(count)) + [o + k for o in (REPLAY_PORT, ACTOR_CTL, LEARNER_CTL, EVAL_CTL) for k in range(8)]
+    top = min(32768, (ephemeral_range() or (32768, 0))[0]) - EVAL_CTL - 16
+    if top <= 10000:
+        raise RuntimeError(f"the ephemeral port range {ephemeral_range()} leaves no room below it for a run")
+    for _ in range(200):
+        base = random.randrange(10000, top)
+        if all(_port_free(base + k, host) for k in offsets):
+            return base
+    raise RuntimeError("no free port range found")

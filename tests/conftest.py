@@ -5,9 +5,7 @@ Every socket test binds to 127.0.0.1 on ports found free at run time; every wait
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,31 +14,9 @@ import pytest
 import zmq
 
 from gorila_zmq import config as C
+from gorila_zmq.topology import free_base_port  # noqa: F401  (tests import it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_base_port(count: int = 16) -> int:
-    """A base port whose offsets used by a run are free: shards [0, count), replay shards, and the
-    control sockets (see gorila_zmq.topology)."""
-    from gorila_zmq import topology
-    offsets = list(range(count)) + [o + k for o in (topology.REPLAY_PORT, topology.ACTOR_CTL,
-                                                     topology.LEARNER_CTL, topology.EVAL_CTL) for k in range(8)]
-    for _ in range(200):
-        base = random.randrange(10000, 32768 - topology.EVAL_CTL - 16)   # below the ephemeral range
-        if all(_port_free(base + k) for k in offsets):
-            return base
-    raise RuntimeError("no free port range found")
 
 
 @pytest.fixture

@@ -88,3 +88,8 @@ def test_a_port_in_the_ephemeral_range_is_warned_about(tmp_path):
     assert f"net.base_port <= {32767 - topology.EVAL_CTL}" in w
     ipc = C.load(None, [f"run.run_dir={tmp_path}/c", "net.base_port=30000", "net.transport=ipc"], preset="cartpole")
     assert topology.ephemeral_warning(ipc, make_program(ipc, "x.json"), rng) is None
+    # a range that starts low leaves room only above it, or none
+    w = topology.ephemeral_warning(low, prog, (1024, 60999))
+    assert w and "net.base_port >= 61000" in w and "<=" not in w
+    w = topology.ephemeral_warning(low, prog, (1024, 65535))
+    assert w and "Reserve the run's ports" in w and ">=" not in w

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from gorila_zmq import config as C
+from gorila_zmq import config as C, topology
 from gorila_zmq.agents import drqv2 as D
 from gorila_zmq.bench import Report
 from gorila_zmq.bench.learner import learner_pipeline
@@ -124,7 +124,7 @@ def run(args) -> Report:
     torch.set_num_threads(threads)
     tmp = tempfile.mkdtemp(prefix="gz-bench-drqv2-")
     cfg = C.load(None, [f"env.name={args.task}", f"run.run_dir={tmp}/run",
-                        f"net.base_port={25000 + os.getpid() % 1000 * 10}", f"agent.batch_size={args.batch}",
+                        f"net.base_port={topology.free_base_port()}", f"agent.batch_size={args.batch}",
                         f"agent.device={args.device}", f"agent.torch_threads={threads}",
                         "ps.checkpoint_interval_s=0", "ps.max_staleness=1000", "agent.learning_starts=100",
                         *args.overrides],

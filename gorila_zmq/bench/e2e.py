@@ -16,7 +16,7 @@ import time
 import numpy as np
 import zmq
 
-from gorila_zmq import config as C
+from gorila_zmq import config as C, topology
 from gorila_zmq.bench import Report
 
 DESCRIPTION = __doc__.splitlines()[0]
@@ -51,7 +51,7 @@ def run(args) -> Report:
     rep = Report()
     tmp = tempfile.mkdtemp(prefix="gz-bench-e2e-")
     run_dir = os.path.join(tmp, "run")
-    port = 25000 + os.getpid() % 1000 * 10
+    port = topology.free_base_port()
     overrides = [f"run.run_dir={run_dir}", f"net.base_port={port}", f"env.name={args.env}",
                  "agent.learning_starts=2000", "agent.replay_capacity=60000", "eval.interval_s=100000",
                  "dev.progress_interval_s=10", *args.overrides]

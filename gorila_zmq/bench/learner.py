@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import zmq
 
-from gorila_zmq import config as C
+from gorila_zmq import config as C, topology
 from gorila_zmq.agents.dqn import td_loss
 from gorila_zmq.bench import Report
 from gorila_zmq.models import build_model
@@ -124,7 +124,7 @@ def run(args) -> Report:
     torch.set_num_threads(threads)
     tmp = tempfile.mkdtemp(prefix="gz-bench-learner-")
     cfg = C.load(None, ["model.kind=nature_cnn", "model.obs_shape=[4,84,84]", "model.n_actions=6",
-                        f"run.run_dir={tmp}/run", f"net.base_port={24000 + os.getpid() % 1000 * 10}",
+                        f"run.run_dir={tmp}/run", f"net.base_port={topology.free_base_port()}",
                         f"agent.batch_size={args.batch}", "agent.learning_starts=100", f"agent.device={args.device}",
                         f"agent.torch_threads={threads}", "ps.checkpoint_interval_s=0", "ps.max_staleness=1000",
                         "agent.target_sync_every=1000000", "env.name=Pong", *args.overrides])
