@@ -102,27 +102,19 @@ def ephemeral_warning(cfg, program, rng: tuple[int, int] | None = None) -> str |
     the host (a ZeroMQ client among them) may hold that port when the role binds it, and the role fails
     with "Address already in use" at random."""
     rng = rng or ephemeral_range()
-    if rng is None:
-        return None
-    clash = [p for p in tcp_ports(cfg, program) if rng[0] <= p <= rng[1]]
+    ports = tcp_ports(cfg, program)
+    clash = [p for p in ports if rng and rng[0] <= p <= rng[1]]
     if not clash:
         return None
     # `program` may be one host's share of a run; the evaluator's control port is the highest a run uses.
-    top = max(EVAL_CTL, max(tcp_ports(cfg, program)) - cfg.net.base_port)
+    top = max(EVAL_CTL, ports[-1] - cfg.net.base_port)
+    fits = ([f"net.base_port <= {rng[0] - 1 - top}"] if rng[0] - 1 - top >= 1024 else []) + \
+        ([f"net.base_port >= {rng[1] + 1}"] if rng[1] + 1 + top <= 65535 else [])
+    advice = (f"Choose {' or '.join(fits)}, or reserve" if fits else "Reserve") + \
+        f" the run's ports (sysctl net.ipv4.ip_local_reserved_ports): a run listens up to net.base_port + {top}."
     return (f"port(s) {', '.join(map(str, clash[:6]))}{' ...' if len(clash) > 6 else ''} lie in this host's "
             f"ephemeral port range ({rng[0]}-{rng[1]}), where outgoing connections take their local ports: a "
-            f"role can fail to bind with 'Address already in use'. {_port_advice(rng, top)}")
-
-
-def _port_advice(rng: tuple[int, int], top: int) -> str:
-    below, above = rng[0] - 1 - top, rng[1] + 1
-    where = (f"net.base_port <= {below}" if below >= 1024 else "") + \
-        (" or " if below >= 1024 and above + top <= 65535 else "") + \
-        (f"net.base_port >= {above}" if above + top <= 65535 else "")
-    return (f"Choose {where} (a run listens on ports up to net.base_port + {top}), or reserve the ports "
-            f"(sysctl net.ipv4.ip_local_reserved_ports)." if where else
-            f"Reserve the run's ports (sysctl net.ipv4.ip_local_reserved_ports): a run listens on ports up to "
-            f"net.base_port + {top}.")
+            f"role can fail to bind with 'Address already in use'. {advice}")
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -139,9 +131,10 @@ def free_base_port(count: int = 16, host: str = "127.0.0.1") -> int:
     """A net.base_port for a run on `host` (tests, benchmarks): the shard ports [0, count), and the
     first 8 replay shard and control ports of each kind, free now and below the ephemeral range."""
     offsets = list(range(count)) + [o + k for o in (REPLAY_PORT, ACTOR_CTL, LEARNER_CTL, EVAL_CTL) for k in range(8)]
-    top = min(32768, (ephemeral_range() or (32768, 0))[0]) - EVAL_CTL - 16
+    rng = ephemeral_range()
+    top = min(32768, rng[0] if rng else 32768) - EVAL_CTL - 16
     if top <= 10000:
-        raise RuntimeError(f"the ephemeral port range {ephemeral_range()} leaves no room below it for a run")
+        raise RuntimeError(f"the ephemeral port range {rng} leaves no room below it for a run")
     for _ in range(200):
         base = random.randrange(10000, top)
         if all(_port_free(base + k, host) for k in offsets):
