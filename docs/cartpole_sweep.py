@@ -19,7 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from gorila_zmq import topology  # noqa: E402  (ports below the ephemeral range)
+from gorila_zmq.net import topology  # noqa: E402  (ports below the ephemeral range)
 
 
 def one(run_dir: str, overrides: list, cap_s: float, threshold: float) -> dict:

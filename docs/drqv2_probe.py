@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from gorila_zmq import config as C
-from gorila_zmq.ps import load_checkpoint
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
+from gorila_zmq.roles.ps import load_checkpoint
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
 from gorila_zmq.envs.dmc import DMCEnv
 from gorila_zmq.agents import drqv2
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Single-process DrQ-v2 (the paper's training loop: 2,000 uniform seed steps, then one update every 2
 agent steps, one torch Adam over encoder+actor+critic, soft critic target) with this repository's
-networks, update (gorila_zmq.agents.drqv2.gradients) and replay memory, on cartpole_swingup with fast
+networks, update (gorila_zmq.agents.drqv2.agent.gradients) and replay memory, on cartpole_swingup with fast
 rendering. A diagnostic for the distributed run: every 100 updates it prints the actor's pre-tanh
 output on 64 fixed states (mean, spread across states, max), the critic's Q and the last training
 returns.  Usage: python docs/drqv2_reference_loop.py [BATCH=64] [UPDATES=3000]
@@ -10,8 +10,8 @@ from gorila_zmq import config as C
 from gorila_zmq.agents import drqv2
 from gorila_zmq.envs import resolve_model
 from gorila_zmq.envs.dmc import DMCEnv
-from gorila_zmq.models import build_model
-from gorila_zmq.replay import ReplayMemory
+from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.replay.memory import ReplayMemory
 torch.set_num_threads(1); torch.manual_seed(0)
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 N_UPD = int(sys.argv[2]) if len(sys.argv) > 2 else 3000

@@ -52,7 +52,7 @@ def main():
     fig.savefig(a.out, dpi=100)
     print("| wall time (min) | env frames | global updates | episodes | mean return | min | max | human-normalised (%) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    from gorila_zmq.evaluation import human_normalized    # the current table (runs logged before may differ)
+    from gorila_zmq.roles.evaluator import human_normalized    # the current table (runs logged before may differ)
     for r in rows:
         hn = human_normalized(cfg["env"]["name"], r["return_mean"]) if "human_normalized" in r else None
         print(f"| {(r['wall_time'] - start) / 60:.1f} | {r['env_frames']:,} | {r['global_updates']:,} | {r['episodes']} | "

@@ -12,16 +12,16 @@ import sys
 
 # command -> (module, function, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "dev": ("gorila_zmq.supervisor", "dev_main", "run every role on this host, supervised (dev mode)"),
-    "ps": ("gorila_zmq.ps", "main", "run one parameter-server shard"),
-    "actor": ("gorila_zmq.actor", "main", "run one actor"),
-    "learner": ("gorila_zmq.learner", "main", "run one learner"),
-    "replay": ("gorila_zmq.replay_service", "main", "run one global replay shard"),
-    "evaluator": ("gorila_zmq.evaluation", "evaluator_main", "run the evaluator role"),
-    "eval": ("gorila_zmq.evaluation", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
-    "status": ("gorila_zmq.status", "main", "ask every live role of a run for its stats"),
-    "keys": ("gorila_zmq.security", "keys_main", "make CurveZMQ keys for a cluster"),
-    "cluster": ("gorila_zmq.cluster", "main", "start, stop and inspect a run on several hosts over ssh"),
+    "dev": ("gorila_zmq.launch.supervisor", "dev_main", "run every role on this host, supervised (dev mode)"),
+    "ps": ("gorila_zmq.roles.ps", "main", "run one parameter-server shard"),
+    "actor": ("gorila_zmq.roles.actor", "main", "run one actor"),
+    "learner": ("gorila_zmq.roles.learner", "main", "run one learner"),
+    "replay": ("gorila_zmq.roles.replay", "main", "run one global replay shard"),
+    "evaluator": ("gorila_zmq.roles.evaluator", "evaluator_main", "run the evaluator role"),
+    "eval": ("gorila_zmq.roles.evaluator", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
+    "status": ("gorila_zmq.launch.status", "main", "ask every live role of a run for its stats"),
+    "keys": ("gorila_zmq.net.security", "keys_main", "make CurveZMQ keys for a cluster"),
+    "cluster": ("gorila_zmq.launch.cluster", "main", "start, stop and inspect a run on several hosts over ssh"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),
 }

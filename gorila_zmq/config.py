@@ -231,7 +231,7 @@ class Config:
             errs.append(f"agent.name {self.agent.name!r} is not one of: dqn, drqv2")
         if self.agent.name == "drqv2":
             try:
-                from gorila_zmq.agents.drqv2 import schedule
+                from gorila_zmq.agents.drqv2.agent import schedule
                 schedule(self.agent.std_schedule, 0)
             except ValueError as e:
                 errs.append(f"agent.std_schedule: {e}")

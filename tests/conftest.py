@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from gorila_zmq import config as C
-from gorila_zmq.topology import free_base_port  # noqa: F401  (tests import it from here)
+from gorila_zmq.net.topology import free_base_port  # noqa: F401  (tests import it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

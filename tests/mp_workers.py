@@ -19,9 +19,9 @@ def grad_for(worker: int, seq: int, n: int) -> np.ndarray:
 def pusher(cfg_dict: dict, worker: int, pushes: int, out_path: str) -> None:
     import zmq
     from gorila_zmq import config as C
-    from gorila_zmq.client import GradientPusher, ShardSet
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.models import build_model
+    from gorila_zmq.ps.client import GradientPusher, ShardSet
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.agents.dqn.networks import build_model
 
     cfg = C.from_dict(cfg_dict)
     layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
@@ -38,7 +38,7 @@ def pusher(cfg_dict: dict, worker: int, pushes: int, out_path: str) -> None:
 
 def checkpoint_writer(path: str, n: int) -> None:
     """Writes checkpoints forever (until SIGKILL); each one is self-consistent."""
-    from gorila_zmq.ps import save_checkpoint
+    from gorila_zmq.roles.ps import save_checkpoint
     v = 0
     while True:
         v += 1

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from gorila_zmq import optim
+from gorila_zmq.ps import optim
 from gorila_zmq._native import try_load_ext
 
 _ext = try_load_ext("adagrad")

@@ -9,7 +9,7 @@ import pytest
 ale_py = pytest.importorskip("ale_py")
 gym = pytest.importorskip("gymnasium")
 
-from gorila_zmq import frame  # noqa: E402
+from gorila_zmq.envs import frame  # noqa: E402
 from gorila_zmq._native import try_load_ext  # noqa: E402
 from gorila_zmq.envs.atari import (  # noqa: E402
     EVAL_MAX_FRAMES, TRAIN_MAX_FRAMES, AtariEnv, AtariVectorEnv, UnknownGameError,

@@ -105,7 +105,7 @@ def cluster(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def keys(hosts):
-    from gorila_zmq import security
+    from gorila_zmq.net import security
     k = str(hosts["dir"] / "keys")
     security.gen_keys(k, ["alpha", "beta", "launcher"])
     security.gen_keys(str(hosts["dir"] / "stranger_keys"), ["stranger"])
@@ -113,7 +113,7 @@ def keys(hosts):
 
 
 def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, keys, tmp_path):
-    from gorila_zmq.cluster import _collect, leftovers, load_spec
+    from gorila_zmq.launch.cluster import _collect, leftovers, load_spec
     run_dir = str(tmp_path / "run")
     spec_path = write_spec(tmp_path / "spec.toml", hosts, run_dir, keys)
     spec = load_spec(spec_path)
@@ -131,7 +131,7 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
         probe = (
             "import sys, zmq\n"
             "from gorila_zmq import security, protocol as P\n"
-            "from gorila_zmq.client import request, ShardUnavailable\n"
+            "from gorila_zmq.ps.client import request, ShardUnavailable\n"
             f"s = security.load({str(hosts['dir'] / 'stranger_keys')!r}, 'stranger')\n"
             f"real = security.load({keys!r}, 'launcher')\n"
             "c = security.Curve(real.server_public, None, s.client_public, s.client_secret, s.authorized_dir)\n"
@@ -206,12 +206,12 @@ def test_bootstrap_installs_a_locally_built_wheel_over_ssh(hosts, keys, tmp_path
 
 
 def spec_pub(spec):
-    from gorila_zmq import topology
+    from gorila_zmq.net import topology
     return topology.ps_broadcast(spec.cfg, 0).connect
 
 
 def spec_endpoint(spec):
-    from gorila_zmq import topology
+    from gorila_zmq.net import topology
     return topology.ps_request(spec.cfg, 0).connect
 
 

@@ -119,8 +119,8 @@ def test_supervisor_restarts_killed_roles_and_run_still_learns(tmp_path):
         os.kill(ps1, signal.SIGKILL)
         wait_for(lambda: pid_of(run_dir, "ps1") not in (None, ps1), 60, 0.2, "ps1 to be restarted")
         killed_at = time.time()
-        from gorila_zmq.status import collect, load_run
-        from gorila_zmq.supervisor import make_program
+        from gorila_zmq.launch.status import collect, load_run
+        from gorila_zmq.launch.supervisor import make_program
         import zmq
         cfg = load_run(run_dir)
         ctx = zmq.Context()
@@ -152,8 +152,8 @@ def test_replay_shard_killed_while_actors_wait_is_refilled_and_updates_resume(tm
     dev = start_dev(run_dir, "roles.mode=global", "roles.actors=2", "roles.replay_shards=1", "roles.learners=1",
                     "roles.evaluator=false", "agent.max_steps_per_update=1.0", "agent.learning_starts=1000",
                     "agent.limiter_stall_s=3", "dev.restart_backoff_s=0.5")
-    from gorila_zmq.status import collect, load_run
-    from gorila_zmq.supervisor import make_program
+    from gorila_zmq.launch.status import collect, load_run
+    from gorila_zmq.launch.supervisor import make_program
     import zmq
     ctx = zmq.Context()
     try:
@@ -211,7 +211,7 @@ def test_a_run_resumes_from_its_directory(tmp_path):
     run_dir = str(tmp_path / "run")
     dev = start_dev(run_dir, duration=25)
     assert dev.wait(120) == 0, dump_logs(run_dir)
-    from gorila_zmq.ps import load_checkpoint
+    from gorila_zmq.roles.ps import load_checkpoint
     v1 = load_checkpoint(os.path.join(run_dir, "ckpt", "ps0.npz"))[2]["version"]
     frames1 = json.load(open(os.path.join(run_dir, "state", "actor0.json")))["env_frames"]
     assert v1 > 0 and frames1 > 0

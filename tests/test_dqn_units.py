@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import wait_for
-from gorila_zmq.agents.dqn import Every, OutlierFilter, actor_epsilon, linear_schedule, td_loss
+from gorila_zmq.agents.dqn.agent import Every, OutlierFilter, actor_epsilon, linear_schedule, td_loss
 
 
 def test_linear_schedule_and_every():
@@ -69,7 +69,7 @@ CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "model.hidden=[32]", "env.
 @pytest.fixture
 def shard(make_cfg, ctx):
     from gorila_zmq.envs import resolve_model
-    from gorila_zmq.ps import ParameterServerShard
+    from gorila_zmq.roles.ps import ParameterServerShard
     made = []
 
     def start(*overrides):
@@ -89,9 +89,9 @@ def shard(make_cfg, ctx):
 
 def _advance(ctx, cfg, n):
     """Apply n tiny gradients from another client: the global count moves without this learner."""
-    from gorila_zmq.client import GradientPusher, ShardSet
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.models import build_model
+    from gorila_zmq.ps.client import GradientPusher, ShardSet
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.agents.dqn.networks import build_model
     layout = ParamLayout.from_module(build_model(cfg.model))
     p = GradientPusher(ctx, ShardSet(cfg, layout))
     for _ in range(n):
@@ -101,7 +101,7 @@ def _advance(ctx, cfg, n):
 
 
 def _filled_replay(n=500):
-    from gorila_zmq.replay import ReplayMemory
+    from gorila_zmq.replay.memory import ReplayMemory
     rb = ReplayMemory(1000, frame_shape=(4,), stack=1, dtype=np.float32)
     rng = np.random.default_rng(0)
     rb.start_episode(rng.standard_normal(4).astype(np.float32))
@@ -114,7 +114,7 @@ def _filled_replay(n=500):
 
 
 def test_learner_syncs_target_every_n_global_updates(shard, ctx):
-    from gorila_zmq.learner import Learner, MemorySource
+    from gorila_zmq.roles.learner import Learner, MemorySource
     cfg, s = shard("agent.target_sync_every=10", "agent.learning_starts=64", "agent.batch_size=16", "ps.broadcast_every=1",
                    "ps.max_staleness=100000")
     rb = _filled_replay()
@@ -137,7 +137,7 @@ def test_learner_syncs_target_every_n_global_updates(shard, ctx):
         assert learner.target_syncs == 3
         # the target network holds the shard's parameters of that sync and does not follow theta: once
         # this learner's last push has landed and another client moved theta on, they differ
-        from gorila_zmq.client import fetch_params
+        from gorila_zmq.ps.client import fetch_params
         assert learner.pusher.flush(5)
         _advance(ctx, cfg, 1)
         tgt = learner.layout.flatten(learner.target)
@@ -149,7 +149,7 @@ def test_learner_syncs_target_every_n_global_updates(shard, ctx):
 
 
 def test_actor_epsilon_follows_the_global_count(shard, ctx):
-    from gorila_zmq.actor import Actor
+    from gorila_zmq.roles.actor import Actor
     cfg, s = shard("agent.eps_anneal_updates=20", "agent.eps_start=1.0", "agent.eps_end=0.1",
                    "ps.broadcast_every=1", "agent.replay_capacity=1000", "agent.learning_starts=100",
                    "ps.max_staleness=100000")
@@ -181,7 +181,7 @@ def test_outlier_filter_relearns_a_new_loss_level_instead_of_locking_out():
 
 def test_replay_ratio_limiter_shares_learning_starts_and_updates_between_actors():
     from gorila_zmq import config as C
-    from gorila_zmq.actor import allowed_transitions
+    from gorila_zmq.roles.actor import allowed_transitions
     bundled = C.load(None, ["roles.bundles=2", "agent.learning_starts=1000", "agent.max_steps_per_update=4"])
     assert allowed_transitions(bundled, 0) == 1000            # each bundle's own replay needs all of them
     assert allowed_transitions(bundled, 100) == 1000 + 4 * 100 / 2
@@ -197,7 +197,7 @@ def test_limiter_counts_from_the_first_version_seen_when_the_shards_answer_late(
     counts global updates from the first version it sees, not from 0: otherwise every update made
     before the resume would let it run ahead."""
     from types import SimpleNamespace
-    from gorila_zmq import actor as A
+    from gorila_zmq.roles import actor as A
     from gorila_zmq import config as C
     cfg = C.load(None, ["roles.mode=global", "roles.actors=2", "agent.learning_starts=100",
                         "agent.max_steps_per_update=2", "agent.limiter_stall_s=1000"])
@@ -221,7 +221,7 @@ def test_limiter_lets_actors_step_once_the_global_count_stalls(monkeypatch):
     for agent.limiter_stall_s (starved learners: a replay shard restarted empty) it steps again, and
     it waits again as soon as the count moves."""
     from types import SimpleNamespace
-    from gorila_zmq import actor as A
+    from gorila_zmq.roles import actor as A
     from gorila_zmq import config as C
     cfg = C.load(None, ["roles.mode=global", "roles.actors=2", "agent.learning_starts=100",
                         "agent.max_steps_per_update=2", "agent.limiter_stall_s=5"])
@@ -264,8 +264,8 @@ _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_flat_staging_moves_whole_vectors_like_the_per_tensor_path(device):
     """The CUDA learner's transfers (one gather + one copy each way) give exactly the per-tensor
     path's vectors, a parameter without a gradient included (as zeros)."""
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.learner import FlatStaging
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.roles.learner import FlatStaging
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3),
                               torch.nn.Linear(3, 2)).to(device)
@@ -290,8 +290,8 @@ def test_flat_staging_moves_whole_vectors_like_the_per_tensor_path(device):
 def test_learner_with_flat_staging_pushes_its_gradient_and_loads_theta(shard, ctx):
     """The learner's CUDA transfer path, run on the CPU: the pushed vector is the model's gradient and
     a refresh loads the shard's theta into the online network."""
-    from gorila_zmq.client import fetch_params
-    from gorila_zmq.learner import FlatStaging, Learner, MemorySource
+    from gorila_zmq.ps.client import fetch_params
+    from gorila_zmq.roles.learner import FlatStaging, Learner, MemorySource
     cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.broadcast_every=1",
                    "ps.max_staleness=100000")
     rb = _filled_replay()
@@ -319,7 +319,7 @@ def test_cpu_learner_accumulates_the_gradient_straight_into_the_push_buffer(shar
     gradient computed the ordinary way on the same batch, even when the recycled buffer held garbage,
     and no parameter refers to the buffer after the push."""
     import copy as copy_mod
-    from gorila_zmq.learner import Learner, MemorySource
+    from gorila_zmq.roles.learner import Learner, MemorySource
     cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.max_staleness=100000")
     rb = _filled_replay()
     learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
@@ -355,8 +355,8 @@ def test_unbinding_copies_a_replaced_grad_and_zeroes_a_missing_one():
     """DrQ-v2 sets the actor's .grad from autograd.grad (a new tensor, not the bound view): unbinding
     copies it into the buffer; a parameter left without a gradient reads as zeros."""
     from types import SimpleNamespace
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.learner import Learner
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.roles.learner import Learner
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     me = SimpleNamespace(layout=ParamLayout.from_module(net), _params=list(net.parameters()))
     host = torch.full((me.layout.size,), 5.0)

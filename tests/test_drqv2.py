@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from gorila_zmq.agents.drqv2 import (Critic, DrQV2, critic_target, random_shift, schedule, soft_update,
+from gorila_zmq.agents.drqv2.agent import (Critic, DrQV2, critic_target, random_shift, schedule, soft_update,
                                      update_actor, update_critic)
 
 
@@ -91,7 +91,7 @@ def test_soft_update():
 
 
 def test_exploration_seed_frames_then_schedule_on_global_updates():
-    from gorila_zmq.agents.drqv2 import exploration_std
+    from gorila_zmq.agents.drqv2.agent import exploration_std
     sched = "linear(1.0,0.1,1000)"
     # 4000 seed frames over 2 actors: each actor explores uniformly for its first 2000 frames
     assert exploration_std(sched, 4000, 0, 2, 0) is None
@@ -110,7 +110,7 @@ def _batch(B=4, A=2, seed=1):
 
 
 def test_combined_gradient_is_critic_loss_on_encoder_and_critic_and_actor_loss_on_actor():
-    from gorila_zmq.agents.drqv2 import gradients
+    from gorila_zmq.agents.drqv2.agent import gradients
     a = small_agent()
     tgt = copy.deepcopy(a.critic)
     obs, act, rew, disc, nxt = _batch()
@@ -142,7 +142,7 @@ def test_combined_gradient_is_critic_loss_on_encoder_and_critic_and_actor_loss_o
 
 
 def test_a_vetoed_update_touches_no_gradient():
-    from gorila_zmq.agents.drqv2 import gradients
+    from gorila_zmq.agents.drqv2.agent import gradients
     a = small_agent()
     info, ok = gradients(a, copy.deepcopy(a.critic), *_batch(), std=0.2, clip=0.3, accept=lambda loss: False)
     assert not ok and "critic_loss" in info
@@ -152,7 +152,7 @@ def test_a_vetoed_update_touches_no_gradient():
 def test_clamped_actions_still_train_the_actor():
     """The clamp to [-1, 1] is straight-through: a mean near the edge plus noise beyond it keeps its
     gradient (a plain clamp would give 0 there and leave saturated actions untrained)."""
-    from gorila_zmq.agents.drqv2 import policy_sample
+    from gorila_zmq.agents.drqv2.agent import policy_sample
     mu = torch.full((64, 1), 0.9, requires_grad=True)
     torch.manual_seed(0)
     a = policy_sample(mu, std=1.0, clip=0.3)

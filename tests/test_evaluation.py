@@ -12,11 +12,11 @@ import torch
 from conftest import ROOT
 from gorila_zmq import config as C
 from gorila_zmq.envs import make_env, resolve_model
-from gorila_zmq.evaluation import human_normalized, run_episodes, save_params, summarize
+from gorila_zmq.roles.evaluator import human_normalized, run_episodes, save_params, summarize
 
 
 def test_human_normalisation_uses_the_nature_table_for_its_49_games():
-    from gorila_zmq.evaluation import NATURE_TABLE, ZOO_TABLE, normalization_table
+    from gorila_zmq.roles.evaluator import NATURE_TABLE, ZOO_TABLE, normalization_table
     assert human_normalized("Pong", -20.7) == pytest.approx(0.0)
     assert human_normalized("pong", 9.3) == pytest.approx(100.0)          # Nature: human 9.3 (Zoo: 14.6)
     assert human_normalized("Breakout", 31.8) == pytest.approx(100.0)     # Nature: 1.7 / 31.8
@@ -91,8 +91,8 @@ def test_noop_starts_vary_the_first_observation():
 def test_eval_command_on_a_saved_checkpoint(tmp_path):
     cfg = C.load(None, ["env.name=CartPole-v1", "model.kind=mlp", "model.hidden=[16]", "eval.episodes=2"])
     resolve_model(cfg)
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.models import build_model
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.agents.dqn.networks import build_model
     m = build_model(cfg.model)
     layout = ParamLayout.from_module(m)
     path = str(tmp_path / "best.npz")
@@ -111,8 +111,8 @@ def test_eval_command_on_a_saved_checkpoint(tmp_path):
 def test_eval_writes_a_video_of_pong(tmp_path):
     cfg = C.load(None, ["env.name=Pong", "eval.max_frames=200", "eval.episodes=1"])
     resolve_model(cfg)
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.models import build_model
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.agents.dqn.networks import build_model
     m = build_model(cfg.model)
     layout = ParamLayout.from_module(m)
     path = str(tmp_path / "best.npz")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gorila_zmq import frame
+from gorila_zmq.envs import frame
 from gorila_zmq._native import try_load_ext
 
 cv2 = pytest.importorskip("cv2")

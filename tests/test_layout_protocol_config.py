@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gorila_zmq import config as C, protocol as P
-from gorila_zmq.layout import ParamLayout, shard_ranges
-from gorila_zmq.models import build_model
+from gorila_zmq import config as C
+from gorila_zmq.net import protocol as P
+from gorila_zmq.ps.layout import ParamLayout, shard_ranges
+from gorila_zmq.agents.dqn.networks import build_model
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,11 +7,12 @@ import pytest
 import zmq
 
 from conftest import SMALL_MLP, wait_for
-from gorila_zmq import optim, protocol as P
-from gorila_zmq.client import (GradientPusher, ParamSubscriber, ShardSet, fetch_params, request)
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
-from gorila_zmq.ps import ParameterServerShard, load_checkpoint, save_checkpoint
+from gorila_zmq.ps import optim
+from gorila_zmq.net import protocol as P
+from gorila_zmq.ps.client import (GradientPusher, ParamSubscriber, ShardSet, fetch_params, request)
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.roles.ps import ParameterServerShard, load_checkpoint, save_checkpoint
 
 
 class Running:
@@ -301,7 +302,7 @@ def test_checkpoint_interrupted_mid_write_keeps_previous(tmp_path, monkeypatch):
 def test_periodic_checkpoint_is_written_in_the_background_while_pushes_are_answered(make_cfg, ctx, monkeypatch):
     """The serving loop snapshots theta, optimiser state and dedup table, and a thread writes them: a
     push is answered while the write is held up, and the file then holds the snapshot's version."""
-    from gorila_zmq import ps as ps_mod
+    from gorila_zmq.roles import ps as ps_mod
     real_save, entered, release = ps_mod.save_checkpoint, threading.Event(), threading.Event()
 
     def held_save(path, theta, states, meta):
@@ -329,7 +330,7 @@ def test_periodic_checkpoint_is_written_in_the_background_while_pushes_are_answe
 
 
 def test_failed_background_checkpoint_is_counted_and_the_shard_serves_on(make_cfg, ctx, monkeypatch):
-    from gorila_zmq import ps as ps_mod
+    from gorila_zmq.roles import ps as ps_mod
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device (simulated)")
@@ -352,7 +353,7 @@ def test_a_given_up_push_never_has_its_buffer_reused(running, make_cfg, ctx):
     the learner drops that buffer and takes a fresh one."""
     from types import SimpleNamespace
     import torch
-    from gorila_zmq.learner import Learner
+    from gorila_zmq.roles.learner import Learner
     r = running()
     n = r.layout.size
 
@@ -386,7 +387,7 @@ def test_a_given_up_push_never_has_its_buffer_reused(running, make_cfg, ctx):
 
 
 def test_lazy_pirate_gives_up_on_a_dead_endpoint(ctx, make_cfg):
-    from gorila_zmq.client import ShardUnavailable
+    from gorila_zmq.ps.client import ShardUnavailable
     from conftest import free_base_port
     port = free_base_port(1)
     with pytest.raises(ShardUnavailable, match="after 2 attempts"):

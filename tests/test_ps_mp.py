@@ -13,11 +13,12 @@ import pytest
 import zmq
 
 from conftest import SMALL_MLP, start_role, stop_proc, wait_for
-from gorila_zmq import config as C, optim
-from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
-from gorila_zmq.ps import load_checkpoint
+from gorila_zmq import config as C
+from gorila_zmq.ps import optim
+from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.roles.ps import load_checkpoint
 import mp_workers
 
 pytestmark = pytest.mark.slow

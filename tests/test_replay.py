@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gorila_zmq import replay as R
+from gorila_zmq.replay import memory as R
 from gorila_zmq._native import pure_python
-from gorila_zmq.replay import ReplayMemory
+from gorila_zmq.replay.memory import ReplayMemory
 
 IMPLS = ["numpy"] if pure_python() else ["cython", "numpy"]
 

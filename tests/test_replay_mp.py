@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from gorila_zmq._native import pure_python
-from gorila_zmq.replay import ReplayMemory
+from gorila_zmq.replay.memory import ReplayMemory
 
 IMPLS = ["numpy"] if pure_python() else ["cython", "numpy"]
 SHAPE = (84, 84)
@@ -210,7 +210,7 @@ def test_readers_exiting_do_not_unlink():
         p.start()
         p.join(60)
         assert p.exitcode == 0
-        code = ("import sys; from gorila_zmq.replay import ReplayMemory; "
+        code = ("import sys; from gorila_zmq.replay.memory import ReplayMemory; "
                 "rb = ReplayMemory.attach(sys.argv[1]); rb.close()")
         r = subprocess.run([sys.executable, "-c", code, rb.name], capture_output=True, text=True,
                            timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,9 +6,9 @@ import pytest
 import zmq
 
 from conftest import wait_for
-from gorila_zmq import protocol as P
+from gorila_zmq.net import protocol as P
 from gorila_zmq.envs import resolve_model, spec
-from gorila_zmq.replay_service import ADD, START, RemoteSource, ReplayServer, ReplayWriter, record_dtype
+from gorila_zmq.roles.replay import ADD, START, RemoteSource, ReplayServer, ReplayWriter, record_dtype
 
 CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "roles.mode=global", "roles.actors=2",
             "roles.replay_shards=2", "agent.replay_capacity=2000", "agent.learning_starts=10"]
@@ -30,8 +30,8 @@ def server(make_cfg, ctx):
 
 
 def ask(ctx, cfg, shard, hdr, payload=None):
-    from gorila_zmq.client import request
-    from gorila_zmq import topology
+    from gorila_zmq.ps.client import request
+    from gorila_zmq.net import topology
     try:
         return request(ctx, topology.replay(cfg, shard).connect, hdr, payload, timeout_s=2.0, retries=0)
     except P.ProtocolError as e:
@@ -102,8 +102,8 @@ def test_bad_sample_requests(server, ctx, body):
     deep = P.Header(P.Cmd.REPLAY_SAMPLE, shard=0, dtype=P.Dtype.JSON)
     payload = b"[" * 60000
     deep.length = len(payload)
-    from gorila_zmq.client import request
-    from gorila_zmq import topology
+    from gorila_zmq.ps.client import request
+    from gorila_zmq.net import topology
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(topology.replay(cfg, 0).connect)
@@ -118,8 +118,8 @@ def test_bad_sample_requests(server, ctx, body):
 
 def test_status_reaches_every_replay_shard(server, ctx):
     cfg, servers = server
-    from gorila_zmq.status import collect
-    from gorila_zmq.supervisor import make_program
+    from gorila_zmq.launch.status import collect
+    from gorila_zmq.launch.supervisor import make_program
     st = collect(cfg, [s for s in make_program(cfg) if s.role == "replay"], ctx, 1.0)
     assert set(st) == {"replay0", "replay1"} and all(v is not None for v in st.values())
 

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from gorila_zmq import protocol as P, topology
-from gorila_zmq.client import request
-from gorila_zmq.roles import Role
+from gorila_zmq.net import protocol as P
+from gorila_zmq.net import topology
+from gorila_zmq.ps.client import request
+from gorila_zmq.roles.base import Role
 
 
 class Slow(Role):
@@ -56,7 +57,7 @@ def test_status_is_answered_during_a_long_step(make_cfg, ctx):
 
 def test_learner_torch_threads_apply_to_learners_only(make_cfg):
     from gorila_zmq.config import ConfigError
-    from gorila_zmq.roles import torch_threads
+    from gorila_zmq.roles.base import torch_threads
     cfg = make_cfg("agent.torch_threads=1", "agent.learner_torch_threads=2")
     assert torch_threads(cfg, "learner") == 2
     assert [torch_threads(cfg, r) for r in ("actor", "evaluator", "replay")] == [1, 1, 1]
@@ -69,7 +70,7 @@ def test_a_port_in_the_ephemeral_range_is_warned_about(tmp_path):
     """Outgoing connections take local ports from the kernel's ephemeral range; a role listening there
     fails at random with 'Address already in use' (seen in a sweep harness). dev and cluster up warn."""
     from gorila_zmq import config as C
-    from gorila_zmq.supervisor import make_program
+    from gorila_zmq.launch.supervisor import make_program
     f = tmp_path / "range"
     f.write_text("32768\t60999\n")
     assert topology.ephemeral_range(str(f)) == (32768, 60999)

@@ -7,10 +7,12 @@ import pytest
 import zmq
 
 from conftest import SMALL_MLP, start_role, stop_proc, wait_for
-from gorila_zmq import config as C, protocol as P, security
-from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet, ShardUnavailable, fetch_params, request
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
+from gorila_zmq import config as C
+from gorila_zmq.net import protocol as P
+from gorila_zmq.net import security
+from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, ShardUnavailable, fetch_params, request
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
 
 
 def test_keys_gen_layout_and_permissions(tmp_path):
@@ -111,9 +113,9 @@ def test_unauthorised_client_gets_nothing_and_is_counted(curve_shard, ctx, who):
 
 def test_replay_shard_serves_only_authorised_keys(make_cfg, tmp_path, ctx):
     import threading
-    from gorila_zmq import topology
+    from gorila_zmq.net import topology
     from gorila_zmq.envs import resolve_model
-    from gorila_zmq.replay_service import ReplayServer
+    from gorila_zmq.roles.replay import ReplayServer
     keys = str(tmp_path / "keys")
     security.gen_keys(keys, ["hostA", "hostB"])
     security.gen_keys(str(tmp_path / "stranger"), ["intruder"])

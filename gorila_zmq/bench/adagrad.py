@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gorila_zmq import optim
+from gorila_zmq.ps import optim
 from gorila_zmq._native import try_load_ext
 from gorila_zmq.bench import Report, best_time
 

@@ -21,11 +21,12 @@ import time
 import numpy as np
 import torch
 
-from gorila_zmq import config as C, topology
+from gorila_zmq import config as C
+from gorila_zmq.net import topology
 from gorila_zmq.agents import drqv2 as D
 from gorila_zmq.bench import Report
 from gorila_zmq.bench.learner import learner_pipeline
-from gorila_zmq.models import build_model
+from gorila_zmq.agents.dqn.networks import build_model
 
 DESCRIPTION = __doc__.splitlines()[0]
 
@@ -85,7 +86,7 @@ def _reference(cfg, device, B, n) -> float:
 
 
 def _filled_replay(n_actions: int, capacity: int = 3_000):
-    from gorila_zmq.replay import ReplayMemory
+    from gorila_zmq.replay.memory import ReplayMemory
     rb = ReplayMemory(capacity, frame_shape=(3, 84, 84), stack=3, dtype=np.uint8, n_step=3,
                       action_shape=(n_actions,), action_dtype=np.float32)
     rng = np.random.default_rng(0)
@@ -130,7 +131,7 @@ def run(args) -> Report:
                         *args.overrides],
                  preset="drqv2")
     from gorila_zmq.envs import resolve_model
-    from gorila_zmq.learner import pick_device
+    from gorila_zmq.roles.learner import pick_device
     resolve_model(cfg)
     device = pick_device(args.device)
     print(f"  reference single-process DrQ-v2 update ({device}, batch {args.batch}, {threads} threads) ...",

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import zmq
 
-from gorila_zmq import config as C, topology
+from gorila_zmq import config as C
+from gorila_zmq.net import topology
 from gorila_zmq.bench import Report
 
 DESCRIPTION = __doc__.splitlines()[0]
@@ -30,7 +31,7 @@ def add_arguments(p):
 
 
 def _snapshot(cfg, program, ctx):
-    from gorila_zmq.status import collect
+    from gorila_zmq.launch.status import collect
     st = collect(cfg, program, ctx, 2.0)
     frames = sum((v or {}).get("env_frames", 0) for k, v in st.items() if k.startswith("actor"))
     updates = sum((v or {}).get("updates_applied", 0) for k, v in st.items() if k == "ps0")
@@ -65,7 +66,7 @@ def run(args) -> Report:
         while not os.path.exists(cfg_path) and time.monotonic() < end:
             time.sleep(0.5)
         cfg = C.load(cfg_path)
-        from gorila_zmq.supervisor import make_program
+        from gorila_zmq.launch.supervisor import make_program
         program = make_program(cfg)
         print(f"  warming up {args.warmup:.0f}s (run dir {run_dir}) ...", flush=True)
         time.sleep(args.warmup)

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import zmq
 
-from gorila_zmq import config as C, topology
-from gorila_zmq.agents.dqn import td_loss
+from gorila_zmq import config as C
+from gorila_zmq.net import topology
+from gorila_zmq.agents.dqn.agent import td_loss
 from gorila_zmq.bench import Report
-from gorila_zmq.models import build_model
+from gorila_zmq.agents.dqn.networks import build_model
 
 DESCRIPTION = __doc__.splitlines()[0]
 
@@ -64,7 +65,7 @@ def _bare(cfg, device, B, n) -> float:
 
 
 def _filled_replay(capacity: int = 20_000):
-    from gorila_zmq.replay import ReplayMemory
+    from gorila_zmq.replay.memory import ReplayMemory
     rb = ReplayMemory(capacity, frame_shape=(84, 84), stack=4, dtype=np.uint8)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (64, 84, 84), dtype=np.uint8)
@@ -81,9 +82,9 @@ def learner_pipeline(cfg, rb, n: int, warmup: int = 10, flush_s: float = 30.0) -
     """Updates/s of a Learner sampling from `rb` and pushing to a real shard process (started here),
     timed over n updates after `warmup`; rb is closed and unlinked at the end."""
     from gorila_zmq.bench.ps import _wait_hello
-    from gorila_zmq.client import ShardSet
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.learner import Learner, MemorySource
+    from gorila_zmq.ps.client import ShardSet
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.roles.learner import Learner, MemorySource
     conf = os.path.join(cfg.run.run_dir, "config.json")
     C.save_json(cfg, conf)
     shards = [subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", str(i), "--config", conf,
@@ -128,7 +129,7 @@ def run(args) -> Report:
                         f"agent.batch_size={args.batch}", "agent.learning_starts=100", f"agent.device={args.device}",
                         f"agent.torch_threads={threads}", "ps.checkpoint_interval_s=0", "ps.max_staleness=1000",
                         "agent.target_sync_every=1000000", "env.name=Pong", *args.overrides])
-    from gorila_zmq.learner import pick_device
+    from gorila_zmq.roles.learner import pick_device
     device = pick_device(args.device)
     print(f"  bare torch loop ({device}, batch {args.batch}, {threads} threads) ...", flush=True)
     bare = _bare(cfg, device, args.batch, args.updates)

@@ -56,7 +56,7 @@ def _real_frames(game: str, seed: int, n: int = 4) -> list[tuple]:
 def _kernel_section(rep: Report, game: str, seed: int, rounds: int) -> None:
     import cv2
 
-    from gorila_zmq import frame
+    from gorila_zmq.envs import frame
     from gorila_zmq._native import try_load_ext
     # A few real pairs: they stay in cache, as the env's freshly read screens do (the kernels are
     # data-oblivious, so which frames matters little).

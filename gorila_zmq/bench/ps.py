@@ -21,11 +21,12 @@ import time
 import numpy as np
 import zmq
 
-from gorila_zmq import config as C, protocol as P
+from gorila_zmq import config as C
+from gorila_zmq.net import protocol as P
 from gorila_zmq.bench import Report
-from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
+from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
 
 DESCRIPTION = __doc__.splitlines()[0]
 
@@ -184,7 +185,7 @@ def _broadcast_latency(ctx, cfg, layout, grad, n_subs: int, count: int, tmp: str
 
 def _curve(rep, ctx, layout, grad, tmp, port, args) -> None:
     """Gradient pushes with CurveZMQ on vs off, 1 shard over tcp, same window, same run."""
-    from gorila_zmq import security
+    from gorila_zmq.net import security
     keys = os.path.join(tmp, "keys")
     security.gen_keys(keys, ["bench"])
     rates = {}

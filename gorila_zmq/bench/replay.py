@@ -29,7 +29,7 @@ import numpy as np
 
 from gorila_zmq._native import try_load_ext
 from gorila_zmq.bench import Report, best_time
-from gorila_zmq.replay import ReplayMemory
+from gorila_zmq.replay.memory import ReplayMemory
 
 DESCRIPTION = __doc__.splitlines()[0]
 FRAME = (84, 84)

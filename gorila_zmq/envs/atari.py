@@ -2,7 +2,7 @@
 
 One class does what the usual stack of wrappers (NoopReset, MaxAndSkip, EpisodicLife, FireReset,
 WarpFrame, ClipReward, FrameStack) does, with the screens read into preallocated buffers and the
-preprocessing done by the fused kernel of gorila_zmq.frame:
+preprocessing done by the fused kernel of gorila_zmq.envs.frame:
 
 - action repeat ``frame_skip`` (4), observation = max over the last two frames of the repeat;
 - ALE's grayscale screen (or, with ``luminance="rgb"``, the RGB screen max-pooled then reduced
@@ -31,7 +31,7 @@ import numpy as np
 from ale_py import roms
 from gymnasium import spaces
 
-from gorila_zmq.frame import FrameStack
+from gorila_zmq.envs.frame import FrameStack
 
 TRAIN_MAX_FRAMES = 108_000
 EVAL_MAX_FRAMES = 18_000

@@ -28,11 +28,15 @@ import numpy as np
 import zmq
 
 from gorila_zmq import config as C
-from gorila_zmq import optim, protocol as P, security, shm, topology
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
+from gorila_zmq.ps import optim
+from gorila_zmq.net import protocol as P
+from gorila_zmq.net import security
+from gorila_zmq.host import shm
+from gorila_zmq.net import topology
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
 
-log = logging.getLogger("gorila_zmq.ps")
+log = logging.getLogger("gorila_zmq.roles.ps")
 
 SHM_HEADER = 64          # bytes before theta in the segment: magic, version, size
 DEDUP_PER_CLIENT = 1024  # remembered (seq -> outcome) per client

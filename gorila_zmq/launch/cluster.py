@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from gorila_zmq import config as C, security, topology
+from gorila_zmq import config as C
+from gorila_zmq.net import security
+from gorila_zmq.net import topology
 
 
 class ClusterError(RuntimeError):
@@ -131,7 +133,7 @@ def load_spec(path: str) -> Spec:
         print("WARNING: curve = false in the cluster spec: every socket of this cluster is UNAUTHENTICATED and "
               "UNENCRYPTED; anyone who can reach these hosts can read parameters, push gradients, read replay",
               file=sys.stderr)
-    from gorila_zmq.supervisor import make_program
+    from gorila_zmq.launch.supervisor import make_program
     missing = [s.name for s in make_program(cfg) if s.name not in placement]
     if missing:
         raise C.ConfigError(f"{path}: no host for roles {missing}: list them under [roles]")
@@ -167,7 +169,7 @@ def _check_host(spec: Spec, host: Host) -> None:
     if r.returncode != 0:
         raise ClusterError(f"host {host.name}: no Python with gorila-zmq at {host.python} "
                            f"({r.stderr.decode(errors='replace').strip()[-200:] or 'not found'}); see `cluster bootstrap`")
-    from gorila_zmq.supervisor import make_program
+    from gorila_zmq.launch.supervisor import make_program
     program = make_program(spec.cfg, only_host=host.address)
     ports = topology.tcp_ports(spec.cfg, program)
     if ports:
@@ -250,8 +252,8 @@ def bootstrap(spec: Spec, wheel_dir: str | None = None) -> str:
 
 
 def _collect(spec: Spec, launcher_key: str | None, timeout_s: float = 1.0) -> dict:
-    from gorila_zmq.status import collect
-    from gorila_zmq.supervisor import make_program
+    from gorila_zmq.launch.status import collect
+    from gorila_zmq.launch.supervisor import make_program
     ctx = zmq.Context()
     try:
         curve = security.load(spec.cfg.net.keys_dir, launcher_key or "launcher") if spec.cfg.net.curve else None

@@ -17,9 +17,11 @@ import time
 
 import zmq
 
-from gorila_zmq import config as C, protocol as P, topology
+from gorila_zmq import config as C
+from gorila_zmq.net import protocol as P
+from gorila_zmq.net import topology
 
-log = logging.getLogger("gorila_zmq.roles")
+log = logging.getLogger("gorila_zmq.roles.base")
 
 
 class ControlServer:
@@ -181,7 +183,7 @@ def role_main(argv: list[str], prog: str, description: str, make_role, index_req
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
                         format=f"%(asctime)s {prog}{a.index} %(levelname)s %(message)s")
     cfg = C.load(a.config, a.overrides)
-    from gorila_zmq import security
+    from gorila_zmq.net import security
     security.configure_role(cfg, f"{prog}{a.index}")
     from gorila_zmq.envs import resolve_model
     resolve_model(cfg)

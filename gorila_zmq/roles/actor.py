@@ -20,16 +20,17 @@ import time
 import numpy as np
 import torch
 
-from gorila_zmq import shm, topology
-from gorila_zmq.agents.dqn import actor_epsilon
-from gorila_zmq.agents.drqv2 import exploration_std
-from gorila_zmq.client import ParamSubscriber, ShardSet
+from gorila_zmq.host import shm
+from gorila_zmq.net import topology
+from gorila_zmq.agents.dqn.agent import actor_epsilon
+from gorila_zmq.agents.drqv2.agent import exploration_std
+from gorila_zmq.ps.client import ParamSubscriber, ShardSet
 from gorila_zmq.envs import make_vec_env, spec
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
-from gorila_zmq.roles import Role, role_main
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.roles.base import Role, role_main
 
-log = logging.getLogger("gorila_zmq.actor")
+log = logging.getLogger("gorila_zmq.roles.actor")
 
 
 def _stale(name: str):
@@ -71,7 +72,7 @@ class Actor(Role):
         self.vec = make_vec_env(cfg, seed=cfg.run.seed * 100_003 + 1000 * index)
         E = self.vec.n
         if cfg.roles.mode == "bundled":
-            from gorila_zmq.replay import ReplayMemory
+            from gorila_zmq.replay.memory import ReplayMemory
             # A predecessor killed with SIGKILL may have left the segment: this actor owns the name.
             shm.release(_stale(topology.bundle_replay_name(cfg, index)), unlink=True)
             self.replay = ReplayMemory(cfg.agent.replay_capacity, frame_shape=self.spec.frame_shape,
@@ -80,7 +81,7 @@ class Actor(Role):
                                        action_shape=self.spec.action_shape, action_dtype=self.spec.action_dtype)
             self.lane0 = 0
         else:
-            from gorila_zmq.replay_service import ReplayWriter
+            from gorila_zmq.roles.replay import ReplayWriter
             self.replay = ReplayWriter(self.ctx, cfg, index, self.spec)
             self.lane0 = 0
         self.state_path = os.path.join(cfg.run.run_dir, "state", f"{self.name}.json")

@@ -248,7 +248,7 @@ def make_socket(ctx: zmq.Context, kind: int, *, linger: int = 0, rcvhwm: int | N
                 server: bool | None = None) -> zmq.Socket:
     """Every socket in gorila-zmq is made here: linger 0, explicit high-water marks, and CurveZMQ when
     this process runs with it (ROUTER/PUB are servers, DEALER/SUB clients, unless `server` says)."""
-    from gorila_zmq import security
+    from gorila_zmq.net import security
     s = ctx.socket(kind)
     security.apply(s, kind in (zmq.ROUTER, zmq.PUB) if server is None else server)
     s.setsockopt(zmq.LINGER, linger)

@@ -9,8 +9,9 @@ import sys
 
 import zmq
 
-from gorila_zmq import config as C, protocol as P
-from gorila_zmq.client import ShardUnavailable, request
+from gorila_zmq import config as C
+from gorila_zmq.net import protocol as P
+from gorila_zmq.ps.client import ShardUnavailable, request
 
 
 def collect(cfg, program, ctx: zmq.Context, timeout_s: float = 0.5) -> dict[str, dict | None]:
@@ -36,14 +37,14 @@ def load_run(run_dir: str):
 
 
 def main(argv: list[str]) -> int:
-    from gorila_zmq.supervisor import make_program
+    from gorila_zmq.launch.supervisor import make_program
     p = argparse.ArgumentParser(prog="gorila-zmq status", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
     p.add_argument("--timeout", type=float, default=1.0)
     a = p.parse_args(argv)
     cfg = load_run(a.run_dir)
-    from gorila_zmq import security
+    from gorila_zmq.net import security
     security.configure(cfg)
     program = make_program(cfg)
     ctx = zmq.Context()

@@ -25,16 +25,16 @@ import time
 import numpy as np
 import torch
 
-from gorila_zmq import topology
+from gorila_zmq.net import topology
 from gorila_zmq.agents import drqv2
-from gorila_zmq.agents.dqn import Every, OutlierFilter, td_loss
-from gorila_zmq.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.agents.dqn.agent import Every, OutlierFilter, td_loss
+from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
 from gorila_zmq.envs import spec
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
-from gorila_zmq.roles import Role, role_main
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.roles.base import Role, role_main
 
-log = logging.getLogger("gorila_zmq.learner")
+log = logging.getLogger("gorila_zmq.roles.learner")
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,7 +70,7 @@ class LocalSource:
         ino = self._path_ino()
         if ino is None or ino == self._ino or (self._pending and self._pending[1] == ino):
             return
-        from gorila_zmq.replay import ReplayMemory
+        from gorila_zmq.replay.memory import ReplayMemory
         try:
             new = ReplayMemory.attach(self.name)
         except (FileNotFoundError, ValueError):
@@ -232,7 +232,7 @@ class Learner(Role):
             if cfg.roles.mode == "bundled":
                 source = LocalSource(cfg, index)
             else:
-                from gorila_zmq.replay_service import RemoteSource
+                from gorila_zmq.roles.replay import RemoteSource
                 source = RemoteSource(self.ctx, cfg, index, spec(cfg))
         self.source = source
         self.loader = None

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from gorila_zmq import protocol as P, topology
-from gorila_zmq.layout import ParamLayout
+from gorila_zmq.net import protocol as P
+from gorila_zmq.net import topology
+from gorila_zmq.ps.layout import ParamLayout
 
-log = logging.getLogger("gorila_zmq.client")
+log = logging.getLogger("gorila_zmq.ps.client")
 
 
 class ShardUnavailable(RuntimeError):

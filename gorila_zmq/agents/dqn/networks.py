@@ -1,5 +1,5 @@
 """Networks, built from the model config: the Nature DQN CNN and an MLP for vector observations (DQN),
-and DrQ-v2's encoder + actor + critic (gorila_zmq.agents.drqv2)."""
+and DrQ-v2's encoder + actor + critic (gorila_zmq.agents.drqv2.agent)."""
 from __future__ import annotations
 
 import torch
@@ -53,7 +53,7 @@ def build_model(model_cfg, seed: int = 0) -> nn.Module:
         if model_cfg.kind == "nature_cnn":
             return NatureCNN(tuple(model_cfg.obs_shape), model_cfg.n_actions)
         if model_cfg.kind == "drqv2":
-            from gorila_zmq.agents.drqv2 import DrQV2
+            from gorila_zmq.agents.drqv2.agent import DrQV2
             return DrQV2(tuple(model_cfg.obs_shape), model_cfg.n_actions, model_cfg.feature_dim,
                          int(model_cfg.hidden[0]))
         if model_cfg.kind == "mlp":

@@ -28,14 +28,15 @@ from importlib import resources
 import numpy as np
 import torch
 
-from gorila_zmq import config as C, topology
-from gorila_zmq.client import ShardSet, fetch_params
+from gorila_zmq import config as C
+from gorila_zmq.net import topology
+from gorila_zmq.ps.client import ShardSet, fetch_params
 from gorila_zmq.envs import is_atari, make_env, resolve_model
-from gorila_zmq.layout import ParamLayout
-from gorila_zmq.models import build_model
-from gorila_zmq.roles import Role, role_main
+from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.roles.base import Role, role_main
 
-log = logging.getLogger("gorila_zmq.evaluation")
+log = logging.getLogger("gorila_zmq.roles.evaluator")
 NATURE_TABLE = "DQN Nature paper, Extended Data Table 2 (nature_dqn_random_human.csv)"
 ZOO_TABLE = "DQN Zoo random/human scores (atari_random_human.csv)"
 

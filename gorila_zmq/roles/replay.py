@@ -21,11 +21,12 @@ import time
 import numpy as np
 import zmq
 
-from gorila_zmq import protocol as P, topology
-from gorila_zmq.client import new_client_id
-from gorila_zmq.roles import Role, role_main
+from gorila_zmq.net import protocol as P
+from gorila_zmq.net import topology
+from gorila_zmq.ps.client import new_client_id
+from gorila_zmq.roles.base import Role, role_main
 
-log = logging.getLogger("gorila_zmq.replay_service")
+log = logging.getLogger("gorila_zmq.roles.replay")
 
 START, ADD = 0, 1
 MAX_SAMPLE = 4096
@@ -58,7 +59,7 @@ class ReplayServer(Role):
         self.name = f"replay{index}"
         super().__init__(cfg, ctx, None)
         from gorila_zmq.envs import spec as env_spec
-        from gorila_zmq.replay import ReplayMemory
+        from gorila_zmq.replay.memory import ReplayMemory
         self.index, self.spec = index, env_spec(cfg)
         self.E = cfg.env.num_envs
         self.lanes = actors_per_shard(cfg) * self.E
@@ -77,7 +78,7 @@ class ReplayServer(Role):
         self.sock = P.make_socket(self.ctx, zmq.ROUTER, rcvhwm=64, sndhwm=64,
                                   maxmsgsize=self.rec.itemsize * 4096 + 65536)
         self.sock.bind(topology.replay(cfg, index).bind)
-        from gorila_zmq import security
+        from gorila_zmq.net import security
         self.auth = security.AuthMonitor(self.sock) if security.current() else None
         self.started = time.monotonic()
         log.info("replay shard %d: %d lanes, capacity %d", index, self.lanes, cfg.agent.replay_capacity)

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from gorila_zmq import config as C, topology
+from gorila_zmq import config as C
+from gorila_zmq.net import topology
 
-log = logging.getLogger("gorila_zmq.supervisor")
+log = logging.getLogger("gorila_zmq.launch.supervisor")
 
 
 @dataclass
@@ -41,8 +42,8 @@ def make_program(cfg: C.Config, config_path: str | None = None, only_host: str |
     """Every process of a run, from its config (only those placed on `only_host`, if given)."""
     config_path = config_path or os.path.join(cfg.run.run_dir, "config.json")
     from gorila_zmq.envs import resolve_model
-    from gorila_zmq.layout import ParamLayout
-    from gorila_zmq.models import build_model
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.agents.dqn.networks import build_model
     resolve_model(cfg)
     lhash = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed)).hash
 
@@ -126,7 +127,7 @@ class Supervisor:
 
     def _wait_stage_ready(self, stage: int, timeout: float = 120.0) -> None:
         """Wait until every role of a stage answers (shards and replay servers serve the others)."""
-        from gorila_zmq.status import collect
+        from gorila_zmq.launch.status import collect
         specs = [p.spec for p in self.procs.values() if p.spec.stage == stage]
         end = time.monotonic() + timeout
         while time.monotonic() < end and not self._stop:
@@ -209,7 +210,7 @@ class Supervisor:
 
     # -- progress -------------------------------------------------------------------------------
     def progress(self) -> str:
-        from gorila_zmq.status import collect
+        from gorila_zmq.launch.status import collect
         st = collect(self.cfg, self.program, self.ctx, 0.3)
         now = time.monotonic()
         frames = sum(v.get("env_frames", 0) for k, v in st.items() if v and k.startswith("actor"))
@@ -304,7 +305,7 @@ def dev_main(argv: list[str]) -> int:
         topology.ensure_ipc_dir(cfg)
     else:
         path = prepare_run(cfg)
-    from gorila_zmq import security
+    from gorila_zmq.net import security
     security.configure_role(cfg, "supervisor")
     program = make_program(cfg, path, a.only_host)
     if not program:

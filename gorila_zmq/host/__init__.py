@@ -1,0 +1,1 @@
+"""What lives on one host: named shared-memory segments, atomic file writes, per-process logging."""
