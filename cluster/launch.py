@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The ssh cluster launcher: `python cluster/launch.py up|down|status|logs|restart|check SPEC [ROLE]`
-(the same as `gorila-zmq cluster ...`). See gorila_zmq/cluster.py and cluster/example.toml."""
+(the same as `gorila-zmq cluster ...`). See gorila_zmq/launch/cluster.py and cluster/example.toml."""
 import sys
 
 from gorila_zmq.cli import main

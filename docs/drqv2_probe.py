@@ -13,15 +13,16 @@ import torch
 from gorila_zmq import config as C
 from gorila_zmq.roles.ps import load_checkpoint
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network, prepare
 from gorila_zmq.envs.dmc import DMCEnv
-from gorila_zmq.agents import drqv2
+from gorila_zmq.agents.drqv2 import learning as drqv2
+from gorila_zmq.agents.common import schedule
 torch.set_num_threads(1)
 run = sys.argv[1]
 cfg = C.load(run + "/config.json", [])
 theta, (m, v), meta = load_checkpoint(run + "/ckpt/ps0.npz")
 t = int(meta.get("version"))
-model = build_model(cfg.model)
+model = build_network(cfg)
 layout = ParamLayout.from_module(model)
 layout.load_into(model, theta)
 env = DMCEnv("cartpole_swingup", action_repeat=2, fast_render=True, seed=3)
@@ -39,9 +40,9 @@ with torch.no_grad():
     # dQ/da at the bound the actor sits on, and at the other one
     qp = torch.min(*model.critic(h, torch.ones(len(O), 1))).squeeze(1)
     qm = torch.min(*model.critic(h, -torch.ones(len(O), 1))).squeeze(1)
-std = drqv2.schedule(cfg.agent.std_schedule, t)
+std = schedule(cfg.drqv2.std_schedule, t)
 model.zero_grad()
-loss, _ = drqv2.update_actor(model, h, std, cfg.agent.std_clip)
+loss, _ = drqv2.update_actor(model, h, std, cfg.drqv2.std_clip)
 loss.backward()
 b1, b2, eps = cfg.ps.adam_beta1, cfg.ps.adam_beta2, cfg.ps.adam_eps
 out = [f"v{t}", f"z {z.mean():.2f}±{z.std():.2f} [{z.min():.2f},{z.max():.2f}]", f"Q(s,mu) {q.mean():.2f}",

@@ -1,23 +1,23 @@
 """Single-process DrQ-v2 (the paper's training loop: 2,000 uniform seed steps, then one update every 2
 agent steps, one torch Adam over encoder+actor+critic, soft critic target) with this repository's
-networks, update (gorila_zmq.agents.drqv2.agent.gradients) and replay memory, on cartpole_swingup with fast
+networks, update (gorila_zmq.agents.drqv2.learning.gradients) and replay memory, on cartpole_swingup with fast
 rendering. A diagnostic for the distributed run: every 100 updates it prints the actor's pre-tanh
 output on 64 fixed states (mean, spread across states, max), the critic's Q and the last training
 returns.  Usage: python docs/drqv2_reference_loop.py [BATCH=64] [UPDATES=3000]
 Its output of 2026-11-26 (batch 64, at nice 19 beside a Pong run) is docs/drqv2_reference_loop.log."""
 import sys, time, numpy as np, torch
 from gorila_zmq import config as C
-from gorila_zmq.agents import drqv2
-from gorila_zmq.envs import resolve_model
+from gorila_zmq.agents.drqv2 import learning as drqv2
+from gorila_zmq.agents.common import schedule
 from gorila_zmq.envs.dmc import DMCEnv
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network, prepare
 from gorila_zmq.replay.memory import ReplayMemory
 torch.set_num_threads(1); torch.manual_seed(0)
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 N_UPD = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
-cfg = C.load(None, ["run.run_dir=/tmp/drqref"], preset="drqv2"); resolve_model(cfg)
-agent = build_model(cfg.model)
-tgt = build_model(cfg.model).critic; tgt.load_state_dict(agent.critic.state_dict()); tgt.requires_grad_(False)
+cfg = C.load(None, ["run.run_dir=/tmp/drqref"], preset="drqv2"); prepare(cfg)
+agent = build_network(cfg)
+tgt = build_network(cfg).critic; tgt.load_state_dict(agent.critic.state_dict()); tgt.requires_grad_(False)
 opt = torch.optim.Adam(agent.parameters(), lr=1e-4)
 env = DMCEnv("cartpole_swingup", action_repeat=2, fast_render=True, seed=1)
 rb = ReplayMemory(100_000, frame_shape=(3, 84, 84), stack=3, dtype=np.uint8, n_step=3, gamma=0.99,
@@ -30,7 +30,7 @@ while upd < N_UPD:
     if steps < 2000:
         a = rng.uniform(-1, 1, 1).astype(np.float32)
     else:
-        std = drqv2.schedule("linear(1.0,0.1,50000)", upd)
+        std = schedule("linear(1.0,0.1,50000)", upd)
         with torch.no_grad():
             a = agent.act(torch.from_numpy(obs)[None], std, explore=True, generator=gen)[0].numpy()
     obs, r, term, trunc, _ = env.step(a); ep_ret += r; steps += 1
@@ -41,7 +41,7 @@ while upd < N_UPD:
         rets.append(ep_ret); ep_ret = 0.0
         obs, _ = env.reset(); rb.start_episode(obs[-3:])
     if steps >= 2000 and steps % 2 == 0:
-        std = drqv2.schedule("linear(1.0,0.1,50000)", upd)
+        std = schedule("linear(1.0,0.1,50000)", upd)
         b = rb.sample(B, rng, out=out); t = b.as_tensors()
         info, ok = drqv2.gradients(agent, tgt, torch.as_tensor(t.obs), torch.as_tensor(t.action).float(),
                                    torch.as_tensor(t.reward), torch.as_tensor(t.discount),

@@ -1,12 +1,15 @@
 """The one entry point: `gorila-zmq COMMAND ...`, one subcommand per role plus tools.
 
 Every role subcommand takes `--config FILE` and `section.field=value` overrides, so dev mode, the
-cluster launcher and the tests all start the same entry point with the same configuration.
+cluster launcher and the tests all start the same entry point with the same configuration. A user's
+mistake (gorila_zmq.fields.UserError: a bad config, an unknown game, an unreachable host) is one line
+and exit code 2; any other error keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -18,17 +21,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "learner": ("gorila_zmq.roles.learner", "main", "run one learner"),
     "replay": ("gorila_zmq.roles.replay", "main", "run one global replay shard"),
     "evaluator": ("gorila_zmq.roles.evaluator", "evaluator_main", "run the evaluator role"),
-    "eval": ("gorila_zmq.roles.evaluator", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
+    "eval": ("gorila_zmq.cli", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
     "status": ("gorila_zmq.launch.status", "main", "ask every live role of a run for its stats"),
     "keys": ("gorila_zmq.net.security", "keys_main", "make CurveZMQ keys for a cluster"),
     "cluster": ("gorila_zmq.launch.cluster", "main", "start, stop and inspect a run on several hosts over ssh"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),
 }
-
-
-def register(name: str, module: str, func: str, help: str) -> None:
-    COMMANDS[name] = (module, func, help)
 
 
 def config_main(argv: list[str]) -> int:
@@ -39,6 +38,51 @@ def config_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     cfg = C.load(a.config, a.overrides)
     print("\n".join(C.describe(cfg)))
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    from gorila_zmq import config as C
+    from gorila_zmq.agents import base as agents
+    from gorila_zmq.envs.scores import summarize
+    from gorila_zmq.ps.layout import ParamLayout
+    from gorila_zmq.roles.evaluator import load_params, run_episodes
+    p = argparse.ArgumentParser(prog="gorila-zmq eval", description=COMMANDS["eval"][2])
+    p.add_argument("--checkpoint", required=True, help="an evaluation checkpoint (run_dir/best.npz)")
+    p.add_argument("--env", help="game or gymnasium id (default: the one the checkpoint was trained on)")
+    p.add_argument("--episodes", type=int, default=None, help="default: eval.episodes (30)")
+    p.add_argument("--epsilon", type=float, default=None, help="default: eval.epsilon (0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--video", help="write the first episode as an mp4 here")
+    p.add_argument("--json", help="write the summary here")
+    a = p.parse_args(argv)
+    if not os.path.exists(a.checkpoint):
+        raise C.ConfigError(f"checkpoint not found: {a.checkpoint}")
+    theta, meta = load_params(a.checkpoint)
+    cfg = C.from_dict(meta["config"])
+    if a.env:
+        cfg.env.name = a.env
+    if a.epsilon is not None:
+        cfg.eval.epsilon = a.epsilon
+    agent = agents.prepare(cfg)
+    model = agent.make_network(cfg)
+    layout = ParamLayout.from_module(model)
+    if layout.hash != meta["layout_hash"]:
+        raise C.ConfigError(f"checkpoint was trained on another network than {cfg.env.name} needs "
+                            f"({layout.size} params vs {theta.size})")
+    layout.load_into(model, theta)
+    model.eval()
+    episodes = a.episodes or cfg.eval.episodes
+    policy = agent.evaluation(cfg, model, a.seed)
+    print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes, {policy.describe()}, up to "
+          f"{cfg.eval.noop_max} no-ops, cap {cfg.eval.max_frames} frames")
+    returns = run_episodes(policy, cfg, episodes, a.seed, a.video,
+                           on_episode=lambda i, r: print(f"  episode {i + 1}/{episodes}: {r:g}", flush=True))
+    res = summarize(cfg.env.name, returns)
+    print(json.dumps(res, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
     return 0
 
 
@@ -55,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gorila-zmq: unknown command {cmd!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     mod, func, _ = COMMANDS[cmd]
-    import zmq
-
-    from gorila_zmq.config import ConfigError
+    from gorila_zmq.fields import UserError
     try:
         return int(getattr(importlib.import_module(mod), func)(argv[1:]) or 0)
-    except (ConfigError, ValueError, RuntimeError, OSError, zmq.ZMQError) as e:
-        # A wrong config, game name or argument: say what is wrong, not where (GORILA_DEBUG=1: traceback).
+    except UserError as e:
+        # A wrong config, game name, argument or host: say what is wrong, not where (GORILA_DEBUG=1: traceback).
         if os.environ.get("GORILA_DEBUG"):
             raise
         print(f"gorila-zmq {cmd}: error: {e}", file=sys.stderr)

@@ -1,25 +1,29 @@
 """Typed configuration: dataclasses with one line of help per field, defaults from the paper.
 
-Load order: defaults -> preset -> TOML file -> `section.field=value` overrides. The resolved config
+Load order: defaults -> preset -> TOML file -> `section.field=value` overrides. The agent-specific sections
+(`dqn`, `drqv2`) are defined in their agent packages (gorila_zmq/agents/*/config.py). The resolved config
 is written as JSON next to a run's output (`save_json`). Unknown sections/fields and values of the
 wrong type are clear errors, never silently ignored.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from gorila_zmq.agents.dqn.config import DQNConfig
+from gorila_zmq.agents.drqv2.config import DrQv2Config
+from gorila_zmq.fields import ConfigError, help_field as _f
+from gorila_zmq.host.files import write_json
 
-def _f(default, help: str, **kw):
-    """A dataclass field with a help line (shown by `gorila-zmq config --help-fields`)."""
-    if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+__all__ = ["Config", "ConfigError", "PRESETS", "load", "from_dict", "to_dict", "save_json", "describe"]
+log = logging.getLogger("gorila_zmq.config")
 
 
 @dataclass
@@ -33,7 +37,9 @@ class RunConfig:
 class NetConfig:
     transport: str = _f("tcp", "tcp or ipc (ipc: one host only, endpoints under run_dir)")
     host: str = _f("127.0.0.1", "address servers bind to and clients connect to in dev mode")
-    base_port: int = _f(15500, "first port; shard i uses base_port+2i (requests) and base_port+2i+1 (broadcast)")
+    base_port: int = _f(15500, "first port; shard i uses base_port+2i (requests) and base_port+2i+1 (broadcast), "
+                               "replay shard r base_port+1000+r, actor/learner i's control base_port+2000+i/"
+                               "+3000+i, the evaluator's base_port+4000")
     heartbeat_interval_s: float = _f(1.0, "an idle server publishes a heartbeat this often")
     heartbeat_liveness: int = _f(3, "a peer silent for this many heartbeat intervals is dead")
     reconnect_max_s: float = _f(32.0, "reconnect backoff doubles from 1 s up to this")
@@ -52,8 +58,8 @@ class NetConfig:
 class PSConfig:
     shards: int = _f(1, "number of parameter-server shards (the paper: N_param = 31)")
     optimizer: str = _f("adagrad", "server-side optimiser: adagrad (Gorila) or adam (DrQ-v2)")
-    lr: float = _f(0.01, "AdaGrad learning rate")
-    eps: float = _f(1e-10, "AdaGrad epsilon added to sqrt(G)")
+    lr: float = _f(0.01, "learning rate of the shard's optimiser (ps.optimizer: AdaGrad or Adam)")
+    eps: float = _f(1e-10, "AdaGrad epsilon added to sqrt(G) (Adam's is ps.adam_eps)")
     # Atari DQN gradients are ~1e-5 per parameter at the start (measured on Pong), so TF's 0.1 would
     # shrink every AdaGrad step ~300x below Adam's; 1e-6 gives ~1e-4 early and ~3e-5 by 100k updates.
     initial_accumulator: float = _f(1e-6, "initial value of the AdaGrad accumulator G (small: steps ~ lr*g/sqrt(G))")
@@ -73,7 +79,8 @@ class PSConfig:
 class EnvConfig:
     name: str = _f("Pong", "an Atari game (ALE ROM name, e.g. Pong, Breakout) or a gymnasium id such as CartPole-v1")
     num_envs: int = _f(1, "environments per actor, stepped together for batched inference")
-    frame_skip: int = _f(4, "action repeat (Atari: 4, max over the last two frames; DeepMind Control: 2, rewards summed)")
+    action_repeat: int = _f(4, "emulator frames per agent step (Atari: 4, max over the last two frames; DeepMind "
+                               "Control: 2, rewards summed)")
     noop_max: int = _f(30, "Atari: up to this many random no-ops at the start of an episode")
     terminal_on_life_loss: bool = _f(True, "Atari, training only: a lost life ends the episode for the learner")
     clip_rewards: bool = _f(True, "training only: rewards clipped to their sign")
@@ -84,20 +91,14 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    name: str = _f("dqn", "the agent: dqn (Gorila, discrete actions) or drqv2 (DrQ-v2, continuous, from pixels)")
+    name: str = _f("dqn", "the agent: dqn (Gorila, discrete actions), drqv2 (DrQ-v2, continuous, from pixels), "
+                          "or package.module:Class for one of your own (gorila_zmq.agents.base)")
     gamma: float = _f(0.99, "discount")
     n_step: int = _f(1, "n-step returns (1: the paper)")
-    double_dqn: bool = _f(False, "Double DQN targets")
-    huber: bool = _f(True, "Huber loss (False: squared)")
     batch_size: int = _f(32, "minibatch size")
     replay_capacity: int = _f(1_000_000, "frames (slots) per replay memory, bundle or global shard: one per "
                                          "transition plus one per stored episode")
     learning_starts: int = _f(50_000, "transitions in replay before a learner starts")
-    target_sync_every: int = _f(60_000, "sync the target network every this many *global* updates (Gorila N)")
-    eps_start: float = _f(1.0, "actor epsilon at global update 0")
-    eps_end: float = _f(0.1, "actor epsilon after the anneal")
-    eps_anneal_updates: int = _f(1_000_000, "global updates over which epsilon anneals")
-    eps_per_actor: bool = _f(False, "spread the final epsilon over actors (eps_end ** (1 + 7 i / (N-1)))")
     outlier_k: float = _f(5.0, "drop gradients whose |loss| > mean + k*std of recent losses (Gorila 4.2); 0: off")
     outlier_warmup: int = _f(100, "losses seen before the outlier filter starts dropping")
     actor_sync_every: int = _f(1, "actor steps between reads of the latest parameters (non-blocking)")
@@ -112,15 +113,6 @@ class AgentConfig:
     torch_threads: int = _f(1, "torch intra-op threads per role process")
     learner_torch_threads: int = _f(0, "torch intra-op threads in learner processes (0: torch_threads); on a "
                                        "small box the learner is the one role worth a second core")
-    # DrQ-v2 (agent.name = drqv2)
-    std_schedule: str = _f("linear(1.0,0.1,50000)", "drqv2: exploration std, a number or linear(init,final,"
-                                                     "global updates) (paper: 100k steps = 50k updates on easy tasks)")
-    std_clip: float = _f(0.3, "drqv2: the policy noise is clipped to +-this in the critic and actor updates")
-    seed_frames: int = _f(4000, "drqv2: uniform random actions for this many env frames (summed over actors)")
-    critic_tau: float = _f(0.01, "drqv2: soft update rate of the learner's critic target")
-    actor_pretanh_reg: float = _f(0.0, "drqv2: weight of mean(z^2) on the actor's pre-tanh mean z (0: the "
-                                       "paper); keeps float32 tanh off exactly +-1, where the actor's "
-                                       "gradient is exactly 0 (docs/RESULTS.md)")
 
 
 @dataclass
@@ -152,10 +144,11 @@ class DevConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = _f("auto", "auto (from the environment and agent), nature_cnn (Atari, 4x84x84 uint8), mlp "
-                           "(vectors) or drqv2 (encoder + actor + critic, 9x84x84 RGB)")
-    obs_shape: list = _f([4, 84, 84], "observation shape the network takes")
-    n_actions: int = _f(6, "number of discrete actions (Pong: 6); drqv2: the action dimension")
+    kind: str = _f("auto", "auto (the agent chooses from the environment), nature_cnn (Atari, 4x84x84 uint8), "
+                           "mlp (vectors) or drqv2 (encoder + actor + critic, 9x84x84 RGB)")
+    obs_shape: list = _f([4, 84, 84], "observation shape the network takes (filled from the environment)")
+    n_actions: int = _f(6, "discrete actions: how many (Pong: 6); 0 for continuous actions")
+    action_dim: int = _f(0, "continuous actions: their dimension (cartpole_swingup: 1); 0 for discrete actions")
     hidden: list = _f([64, 64], "hidden layer sizes of the mlp (drqv2: hidden[0] is the actor/critic width)")
     feature_dim: int = _f(50, "drqv2: trunk feature size (linear -> LayerNorm -> tanh)")
 
@@ -171,13 +164,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dev: DevConfig = field(default_factory=DevConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    dqn: DQNConfig = field(default_factory=DQNConfig)
+    drqv2: DrQv2Config = field(default_factory=DrQv2Config)
 
     # -- derived --------------------------------------------------------------------------------
     @property
     def run_id(self) -> str:
         if self.run.run_id:
             return self.run.run_id
-        import hashlib
         return hashlib.blake2b(os.path.abspath(self.run.run_dir).encode(), digest_size=4).hexdigest()
 
     def validate(self) -> "Config":
@@ -202,8 +196,6 @@ class Config:
             errs.append("ps.broadcast_every must be >= 1")
         if self.net.in_flight < 1:
             errs.append("net.in_flight must be >= 1")
-        if self.model.kind not in ("auto", "nature_cnn", "mlp", "drqv2"):
-            errs.append(f"model.kind {self.model.kind!r} is not one of: auto, nature_cnn, mlp, drqv2")
         if self.roles.mode not in ("bundled", "global"):
             errs.append(f"roles.mode must be 'bundled' or 'global', not {self.roles.mode!r}")
         for k in ("bundles", "actors", "learners", "replay_shards"):
@@ -227,25 +219,28 @@ class Config:
             errs.append("agent.actor_sync_every must be >= 1")
         if self.ps.max_payload_factor < 1:
             errs.append("ps.max_payload_factor must be >= 1 (ZeroMQ would refuse every gradient)")
-        if self.agent.name not in ("dqn", "drqv2"):
-            errs.append(f"agent.name {self.agent.name!r} is not one of: dqn, drqv2")
-        if self.agent.name == "drqv2":
-            try:
-                from gorila_zmq.agents.drqv2.agent import schedule
-                schedule(self.agent.std_schedule, 0)
-            except ValueError as e:
-                errs.append(f"agent.std_schedule: {e}")
-            if self.agent.actor_pretanh_reg < 0:
-                errs.append("agent.actor_pretanh_reg must be >= 0")
-            if not 0 < self.agent.critic_tau <= 1 or self.agent.std_clip < 0:
-                errs.append("agent.critic_tau must be in (0, 1], agent.std_clip >= 0")
+        if self.agent.name not in ("dqn", "drqv2") and not re.fullmatch(r"[\w.]+:\w+", self.agent.name):
+            errs.append(f"agent.name {self.agent.name!r} is not one of: dqn, drqv2 (or package.module:Class)")
+        section = {"dqn": self.dqn, "drqv2": self.drqv2}.get(self.agent.name)   # the agent's own section
+        if section is not None:
+            errs += section.errors()
+        errs += self._port_errors()
         if errs:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
         return self
 
-
-class ConfigError(ValueError):
-    pass
+    def _port_errors(self) -> list[str]:
+        """Ports are offsets from net.base_port (net/topology.py): shards at 2i and 2i+1, replay shards,
+        actors' and learners' control sockets and the evaluator's in blocks of 1,000 above. Counts that
+        would make two blocks overlap are refused here, not found as a bind error on one host."""
+        from_block = {"ps.shards (2 ports each)": 2 * self.ps.shards, "roles.replay_shards": self.roles.replay_shards,
+                      "actors (roles.actors or roles.bundles)": max(self.roles.actors, self.roles.bundles),
+                      "learners (roles.learners or roles.bundles)": max(self.roles.learners, self.roles.bundles)}
+        errs = [f"{what} needs {n} ports, more than the 1,000 its block of net.base_port offsets holds"
+                for what, n in from_block.items() if n > 1000]
+        if self.net.transport == "tcp" and not 0 < self.net.base_port <= 65535 - 5000:
+            errs.append(f"net.base_port {self.net.base_port} leaves no room for the run's ports (1 .. 60535)")
+        return errs
 
 
 # The paper's setting (bundled mode, N_param = 31, N_act = N_learn = 100) and one sized for a small box.
@@ -253,7 +248,8 @@ PRESETS: dict[str, dict] = {
     "paper": {
         "ps": {"shards": 31},
         "roles": {"mode": "bundled", "bundles": 100},
-        "agent": {"replay_capacity": 1_000_000, "target_sync_every": 60_000, "eps_anneal_updates": 1_000_000},
+        "agent": {"replay_capacity": 1_000_000},
+        "dqn": {"target_sync_every": 60_000, "eps_anneal_updates": 1_000_000},
     },
     # Adam on the shard: with it Pong rose from -21 within 1.5 M frames on this box (docs/RESULTS.md,
     # run 3); two AdaGrad runs of 2-2.75 M frames did not. The paper preset keeps Gorila's AdaGrad.
@@ -261,9 +257,8 @@ PRESETS: dict[str, dict] = {
         "env": {"name": "Pong"},
         "ps": {"shards": 1, "checkpoint_interval_s": 60.0, "optimizer": "adam", "lr": 1e-4},
         "roles": {"mode": "bundled", "bundles": 1},
-        "agent": {"replay_capacity": 200_000, "learning_starts": 10_000, "target_sync_every": 2_000,
-                  "eps_anneal_updates": 30_000, "eps_end": 0.02, "n_step": 3, "double_dqn": True,
-                  "max_steps_per_update": 4.0},
+        "agent": {"replay_capacity": 200_000, "learning_starts": 10_000, "n_step": 3, "max_steps_per_update": 4.0},
+        "dqn": {"target_sync_every": 2_000, "eps_anneal_updates": 30_000, "eps_end": 0.02, "double_dqn": True},
         "eval": {"interval_s": 600.0, "episodes": 3},
         "run": {"run_dir": "runs/dev-pong"},
     },
@@ -274,14 +269,14 @@ PRESETS: dict[str, dict] = {
     # runs here at batch 32 and 64 the paper's loss drove the actor into float32 tanh saturation
     # within ~3 K updates, where its gradient is exactly 0, and it never left (docs/RESULTS.md).
     "drqv2": {
-        "env": {"name": "cartpole_swingup", "frame_skip": 2, "clip_rewards": False, "num_envs": 1,
+        "env": {"name": "cartpole_swingup", "action_repeat": 2, "clip_rewards": False, "num_envs": 1,
                 "fast_render": True},
         "ps": {"shards": 1, "optimizer": "adam", "lr": 1e-4, "broadcast_every": 1, "broadcast_interval_ms": 20.0,
                "checkpoint_interval_s": 60.0},
         "roles": {"mode": "global", "actors": 2, "replay_shards": 1, "learners": 1},
         "agent": {"name": "drqv2", "n_step": 3, "gamma": 0.99, "batch_size": 32, "replay_capacity": 100_000,
-                  "learning_starts": 2_000, "seed_frames": 4_000, "max_steps_per_update": 2.0, "outlier_k": 0.0,
-                  "std_schedule": "linear(1.0,0.1,50000)", "std_clip": 0.3, "critic_tau": 0.01,
+                  "learning_starts": 2_000, "max_steps_per_update": 2.0, "outlier_k": 0.0},
+        "drqv2": {"seed_frames": 4_000, "std_schedule": "linear(1.0,0.1,50000)", "std_clip": 0.3, "critic_tau": 0.01,
                   "actor_pretanh_reg": 1e-3},
         "model": {"kind": "drqv2", "hidden": [1024], "feature_dim": 50},
         "eval": {"interval_s": 300.0, "episodes": 10, "epsilon": 0.0},
@@ -296,9 +291,9 @@ PRESETS: dict[str, dict] = {
         "ps": {"shards": 1, "lr": 0.02, "initial_accumulator": 0.1, "checkpoint_interval_s": 5.0, "broadcast_every": 1,
                "broadcast_interval_ms": 20.0, "max_staleness": 50},
         "roles": {"mode": "bundled", "bundles": 1},
-        "agent": {"replay_capacity": 50_000, "learning_starts": 1_000, "batch_size": 64, "target_sync_every": 250,
-                  "eps_anneal_updates": 2_000, "eps_end": 0.05, "n_step": 3, "double_dqn": True,
+        "agent": {"replay_capacity": 50_000, "learning_starts": 1_000, "batch_size": 64, "n_step": 3,
                   "outlier_k": 10.0, "max_steps_per_update": 8.0},
+        "dqn": {"target_sync_every": 250, "eps_anneal_updates": 2_000, "eps_end": 0.05, "double_dqn": True},
         # Gym's "solved" criterion for CartPole is greedy (mean return >= 195); epsilon 0.05 is the
         # Atari protocol, and 5% random actions can topple a pole that a greedy policy balances.
         "eval": {"interval_s": 10.0, "episodes": 10, "epsilon": 0.0},
@@ -363,8 +358,37 @@ def _section_types(cls) -> dict[str, type]:
     return typing.get_type_hints(cls)
 
 
+# Names renamed in 0.2, still accepted (with a warning) for one release: old -> new.
+RENAMED = {**{f"agent.{k}": f"dqn.{k}" for k in ("double_dqn", "huber", "target_sync_every", "eps_start", "eps_end",
+                                                  "eps_anneal_updates", "eps_per_actor")},
+           **{f"agent.{k}": f"drqv2.{k}" for k in ("std_schedule", "std_clip", "seed_frames", "critic_tau",
+                                                    "actor_pretanh_reg")},
+           "env.frame_skip": "env.action_repeat"}
+_warned: set[str] = set()
+
+
+def _renamed(data: dict, where: str) -> dict:
+    """`data` (a whole config) with renamed fields moved to their new names, each warned about once."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in RENAMED.items():
+        (s_old, f_old), (s_new, f_new) = old.split("."), new.split(".")
+        sec = out.get(s_old)
+        if not isinstance(sec, dict) or f_old not in sec:
+            continue
+        value = sec.pop(f_old)
+        target = out.setdefault(s_new, {})
+        if isinstance(target, dict):
+            target.setdefault(f_new, value)      # a value given under the new name wins
+        if old not in _warned:
+            _warned.add(old)
+            log.warning("%s: %s is now %s (the old name is accepted until the next release)", where, old, new)
+    return out
+
+
 def apply_dict(cfg, data: dict, where: str = "config"):
     """Set fields of dataclass `cfg` from a nested dict; unknown keys are errors."""
+    if isinstance(cfg, Config):
+        data = _renamed(data, where)
     hints = _section_types(type(cfg))
     for key, value in data.items():
         if key not in hints:
@@ -432,13 +456,7 @@ def from_dict(data: dict) -> Config:
 
 
 def save_json(cfg, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, to_dict(cfg), indent=2, sort_keys=True)
 
 
 def describe(cfg=None, prefix: str = "") -> list[str]:

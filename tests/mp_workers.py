@@ -21,10 +21,10 @@ def pusher(cfg_dict: dict, worker: int, pushes: int, out_path: str) -> None:
     from gorila_zmq import config as C
     from gorila_zmq.ps.client import GradientPusher, ShardSet
     from gorila_zmq.ps.layout import ParamLayout
-    from gorila_zmq.agents.dqn.networks import build_model
+    from gorila_zmq.agents.base import build_network
 
     cfg = C.from_dict(cfg_dict)
-    layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
+    layout = ParamLayout.from_module(build_network(cfg))
     ctx = zmq.Context()
     p = GradientPusher(ctx, ShardSet(cfg, layout), client_id=1000 + worker, record=True)
     for seq in range(1, pushes + 1):

@@ -130,8 +130,8 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
         # an unauthorised client from another namespace gets nothing, and is counted
         probe = (
             "import sys, zmq\n"
-            "from gorila_zmq import security, protocol as P\n"
-            "from gorila_zmq.ps.client import request, ShardUnavailable\n"
+            "from gorila_zmq.net import security, protocol as P\n"
+            "from gorila_zmq.net.rpc import request, Unavailable\n"
             f"s = security.load({str(hosts['dir'] / 'stranger_keys')!r}, 'stranger')\n"
             f"real = security.load({keys!r}, 'launcher')\n"
             "c = security.Curve(real.server_public, None, s.client_public, s.client_secret, s.authorized_dir)\n"
@@ -141,7 +141,7 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
             "        try:\n"
             f"            request(ctx, {spec_endpoint(spec)!r}, P.Header(P.Cmd.GET_PARAMS, shard=0), timeout_s=1.0, retries=1)\n"
             "            sys.exit('got an answer')\n"
-            "        except ShardUnavailable:\n"
+            "        except Unavailable:\n"
             "            pass\n"
             "        sub = P.make_socket(ctx, zmq.SUB)\n"
             "        sub.setsockopt(zmq.SUBSCRIBE, b'')\n"

@@ -120,7 +120,7 @@ def test_supervisor_restarts_killed_roles_and_run_still_learns(tmp_path):
         wait_for(lambda: pid_of(run_dir, "ps1") not in (None, ps1), 60, 0.2, "ps1 to be restarted")
         killed_at = time.time()
         from gorila_zmq.launch.status import collect, load_run
-        from gorila_zmq.launch.supervisor import make_program
+        from gorila_zmq.launch.program import make_program
         import zmq
         cfg = load_run(run_dir)
         ctx = zmq.Context()
@@ -153,7 +153,7 @@ def test_replay_shard_killed_while_actors_wait_is_refilled_and_updates_resume(tm
                     "roles.evaluator=false", "agent.max_steps_per_update=1.0", "agent.learning_starts=1000",
                     "agent.limiter_stall_s=3", "dev.restart_backoff_s=0.5")
     from gorila_zmq.launch.status import collect, load_run
-    from gorila_zmq.launch.supervisor import make_program
+    from gorila_zmq.launch.program import make_program
     import zmq
     ctx = zmq.Context()
     try:
@@ -185,7 +185,7 @@ def test_pong_smoke_through_every_role(tmp_path):
     dev = start_dev(run_dir, "env.name=Pong", "model.kind=auto", "env.clip_rewards=true",
                     "roles.mode=global", "roles.actors=1", "roles.replay_shards=1", "roles.learners=1",
                     "agent.replay_capacity=5000", "agent.learning_starts=500", "agent.batch_size=8",
-                    "agent.n_step=1", "agent.double_dqn=false", "eval.episodes=1", "eval.max_frames=400",
+                    "agent.n_step=1", "dqn.double_dqn=false", "eval.episodes=1", "eval.max_frames=400",
                     "eval.interval_s=1", "eval.epsilon=0.05", "env.max_frames=2000", preset="cartpole")
     try:
         from gorila_zmq import config as C

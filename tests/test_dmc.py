@@ -51,18 +51,19 @@ def test_unknown_task_lists_the_available_ones(env_cls):
 
 def test_agent_and_environment_must_fit(env_cls):
     from gorila_zmq import config as C
-    from gorila_zmq.envs import resolve_model, spec
+    from gorila_zmq.agents.base import prepare
+    from gorila_zmq.envs import env_spec
     cfg = C.load(None, [], preset="drqv2")
-    resolve_model(cfg)
-    s = spec(cfg)
-    assert cfg.model.kind == "drqv2" and cfg.model.obs_shape == [9, 84, 84] and cfg.model.n_actions == 1
+    prepare(cfg)
+    s = env_spec(cfg)
+    assert cfg.model.kind == "drqv2" and cfg.model.obs_shape == [9, 84, 84] and cfg.model.action_dim == 1
     assert s.continuous and s.dmc and s.frame_shape == (3, 84, 84) and s.stack == 3 and s.frames_per_step == 2
     with pytest.raises(ValueError, match="--agent drqv2"):
-        resolve_model(C.load(None, ["env.name=cartpole_swingup"]))          # dqn on continuous actions
+        prepare(C.load(None, ["env.name=cartpole_swingup"]))          # dqn on continuous actions
     with pytest.raises(ValueError, match="continuous actions"):
-        resolve_model(C.load(None, ["env.name=Pong"], preset="drqv2"))
+        prepare(C.load(None, ["env.name=Pong"], preset="drqv2"))
     with pytest.raises(C.ConfigError, match="std_schedule"):
-        C.load(None, ["agent.std_schedule=cosine(1,2)"], preset="drqv2")
+        C.load(None, ["drqv2.std_schedule=cosine(1,2)"], preset="drqv2")
 
 
 def test_headless_rendering_falls_back_to_osmesa_without_egl(env_cls):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from conftest import wait_for
-from gorila_zmq.agents.dqn.agent import Every, OutlierFilter, actor_epsilon, linear_schedule, td_loss
+from gorila_zmq.agents.common import Every, OutlierFilter, linear_schedule
+from gorila_zmq.agents.dqn.agent import actor_epsilon
+from gorila_zmq.agents.dqn.learning import td_loss
 
 
 def test_linear_schedule_and_every():
@@ -22,7 +24,7 @@ def test_linear_schedule_and_every():
 
 def test_actor_epsilon_spread_is_an_option():
     from gorila_zmq import config as C
-    a = C.Config().agent
+    a = C.Config().dqn
     assert actor_epsilon(a, 0) == 1.0 and actor_epsilon(a, a.eps_anneal_updates) == pytest.approx(0.1)
     a.eps_per_actor = True
     ends = [actor_epsilon(a, 10**9, i, 8) for i in range(8)]
@@ -68,15 +70,15 @@ CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "model.hidden=[32]", "env.
 
 @pytest.fixture
 def shard(make_cfg, ctx):
-    from gorila_zmq.envs import resolve_model
+    from gorila_zmq.launch.program import prepare_run
     from gorila_zmq.roles.ps import ParameterServerShard
     made = []
 
     def start(*overrides):
         cfg = make_cfg(*CARTPOLE, *overrides)
-        resolve_model(cfg)
+        prepare_run(cfg)
         s = ParameterServerShard(cfg, 0, ctx)
-        t = threading.Thread(target=s.serve, daemon=True)
+        t = threading.Thread(target=s.run, daemon=True)
         t.start()
         made.append((s, t))
         return cfg, s
@@ -91,8 +93,8 @@ def _advance(ctx, cfg, n):
     """Apply n tiny gradients from another client: the global count moves without this learner."""
     from gorila_zmq.ps.client import GradientPusher, ShardSet
     from gorila_zmq.ps.layout import ParamLayout
-    from gorila_zmq.agents.dqn.networks import build_model
-    layout = ParamLayout.from_module(build_model(cfg.model))
+    from gorila_zmq.agents.base import build_network
+    layout = ParamLayout.from_module(build_network(cfg))
     p = GradientPusher(ctx, ShardSet(cfg, layout))
     for _ in range(n):
         p.push(np.full(layout.size, 1e-6, np.float32), p.versions)
@@ -114,33 +116,34 @@ def _filled_replay(n=500):
 
 
 def test_learner_syncs_target_every_n_global_updates(shard, ctx):
-    from gorila_zmq.roles.learner import Learner, MemorySource
-    cfg, s = shard("agent.target_sync_every=10", "agent.learning_starts=64", "agent.batch_size=16", "ps.broadcast_every=1",
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
+    cfg, s = shard("dqn.target_sync_every=10", "agent.learning_starts=64", "agent.batch_size=16", "ps.broadcast_every=1",
                    "ps.max_staleness=100000")
     rb = _filled_replay()
     learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
     try:
-        assert learner.target_syncs == 1                   # at start
+        assert learner.learning.target_syncs == 1                   # at start
         learner.step()
         wait_for(lambda: (learner.pusher.poll(0.05), learner.pusher.in_flight() == 0)[1], 10, what="push replies")
-        assert s.state.version == 1 and learner.target_syncs == 1
+        assert s.state.version == 1 and learner.learning.target_syncs == 1
         _advance(ctx, cfg, 8)                              # global 9: no sync yet
         learner.step()                                     # global 10 after this push
         learner.pusher.flush(5)
         learner.step()                                     # sees the reply's version 10 -> syncs
-        assert learner.target_syncs == 2
+        assert learner.learning.target_syncs == 2
         _advance(ctx, cfg, 25)                             # 11 -> 36 jumps over 20 and 30: one sync
         wait_for(lambda: learner.sub.global_version == 36, 10, what="the broadcast of version 36")
         learner.step()
         learner.pusher.flush(5)
         learner.step()
-        assert learner.target_syncs == 3
+        assert learner.learning.target_syncs == 3
         # the target network holds the shard's parameters of that sync and does not follow theta: once
         # this learner's last push has landed and another client moved theta on, they differ
         from gorila_zmq.ps.client import fetch_params
         assert learner.pusher.flush(5)
         _advance(ctx, cfg, 1)
-        tgt = learner.layout.flatten(learner.target)
+        tgt = learner.layout.flatten(learner.learning.target)
         assert not np.array_equal(tgt, fetch_params(ctx, learner.shards)[0])   # moved on since
     finally:
         learner.close()
@@ -150,22 +153,22 @@ def test_learner_syncs_target_every_n_global_updates(shard, ctx):
 
 def test_actor_epsilon_follows_the_global_count(shard, ctx):
     from gorila_zmq.roles.actor import Actor
-    cfg, s = shard("agent.eps_anneal_updates=20", "agent.eps_start=1.0", "agent.eps_end=0.1",
+    cfg, s = shard("dqn.eps_anneal_updates=20", "dqn.eps_start=1.0", "dqn.eps_end=0.1",
                    "ps.broadcast_every=1", "agent.replay_capacity=1000", "agent.learning_starts=100",
                    "ps.max_staleness=100000")
     actor = Actor(cfg, 0, ctx)
     try:
         actor.step()
-        assert actor.epsilon == 1.0
+        assert actor.policy.epsilon == 1.0
         _advance(ctx, cfg, 10)
         wait_for(lambda: actor.sub.global_version == 10, 10, what="the broadcast")
         actor.step()
-        assert actor.epsilon == pytest.approx(0.55)
+        assert actor.policy.epsilon == pytest.approx(0.55)
         _advance(ctx, cfg, 15)
         wait_for(lambda: actor.sub.global_version == 25, 10, what="the broadcast")
         actor.step()
-        assert actor.epsilon == pytest.approx(0.1)
-        assert len(actor.replay) >= 3
+        assert actor.policy.epsilon == pytest.approx(0.1)
+        assert len(actor.replay.memory) >= 3
     finally:
         actor.close()
 
@@ -291,7 +294,8 @@ def test_learner_with_flat_staging_pushes_its_gradient_and_loads_theta(shard, ct
     """The learner's CUDA transfer path, run on the CPU: the pushed vector is the model's gradient and
     a refresh loads the shard's theta into the online network."""
     from gorila_zmq.ps.client import fetch_params
-    from gorila_zmq.roles.learner import FlatStaging, Learner, MemorySource
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import FlatStaging, Learner
     cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.broadcast_every=1",
                    "ps.max_staleness=100000")
     rb = _filled_replay()
@@ -319,23 +323,24 @@ def test_cpu_learner_accumulates_the_gradient_straight_into_the_push_buffer(shar
     gradient computed the ordinary way on the same batch, even when the recycled buffer held garbage,
     and no parameter refers to the buffer after the push."""
     import copy as copy_mod
-    from gorila_zmq.roles.learner import Learner, MemorySource
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
     cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.max_staleness=100000")
     rb = _filled_replay()
     learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
     expected = {}
-    real = learner._dqn_gradients
+    real = learner.learning.gradients
 
-    def checked(obs, action, reward, discount, next_obs):
+    def checked(batch, global_updates, accept):
         ref = copy_mod.deepcopy(learner.online)
         for p in ref.parameters():
             p.grad = None
-        loss, _ = td_loss(ref, learner.target, obs, action, reward, discount, next_obs,
-                          double=cfg.agent.double_dqn, huber=cfg.agent.huber)
+        loss, _ = td_loss(ref, learner.learning.target, batch.obs, batch.action.long(), batch.reward,
+                          batch.discount, batch.next_obs, double=cfg.dqn.double_dqn, huber=cfg.dqn.huber)
         loss.backward()
         expected["g"] = learner.layout.flatten_grads(ref)
-        return real(obs, action, reward, discount, next_obs)
-    learner._dqn_gradients = checked
+        return real(batch, global_updates, accept)
+    learner.learning.gradients = checked
     try:
         garbage = torch.full((learner.layout.size,), 7.0)
         learner._grad_bufs.append((-1, garbage.numpy(), garbage))      # a recycled, dirty buffer

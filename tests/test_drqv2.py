@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from gorila_zmq.agents.drqv2.agent import (Critic, DrQV2, critic_target, random_shift, schedule, soft_update,
-                                     update_actor, update_critic)
+from gorila_zmq.agents.common import schedule
+from gorila_zmq.agents.drqv2.learning import critic_target, soft_update, update_actor, update_critic
+from gorila_zmq.agents.drqv2.networks import Critic, DrQV2, random_shift
 
 
 def test_random_shift_equals_an_integer_crop_of_the_padded_image():
@@ -110,7 +111,7 @@ def _batch(B=4, A=2, seed=1):
 
 
 def test_combined_gradient_is_critic_loss_on_encoder_and_critic_and_actor_loss_on_actor():
-    from gorila_zmq.agents.drqv2.agent import gradients
+    from gorila_zmq.agents.drqv2.learning import gradients
     a = small_agent()
     tgt = copy.deepcopy(a.critic)
     obs, act, rew, disc, nxt = _batch()
@@ -142,7 +143,7 @@ def test_combined_gradient_is_critic_loss_on_encoder_and_critic_and_actor_loss_o
 
 
 def test_a_vetoed_update_touches_no_gradient():
-    from gorila_zmq.agents.drqv2.agent import gradients
+    from gorila_zmq.agents.drqv2.learning import gradients
     a = small_agent()
     info, ok = gradients(a, copy.deepcopy(a.critic), *_batch(), std=0.2, clip=0.3, accept=lambda loss: False)
     assert not ok and "critic_loss" in info
@@ -152,7 +153,7 @@ def test_a_vetoed_update_touches_no_gradient():
 def test_clamped_actions_still_train_the_actor():
     """The clamp to [-1, 1] is straight-through: a mean near the edge plus noise beyond it keeps its
     gradient (a plain clamp would give 0 there and leave saturated actions untrained)."""
-    from gorila_zmq.agents.drqv2.agent import policy_sample
+    from gorila_zmq.agents.drqv2.learning import policy_sample
     mu = torch.full((64, 1), 0.9, requires_grad=True)
     torch.manual_seed(0)
     a = policy_sample(mu, std=1.0, clip=0.3)

@@ -21,7 +21,7 @@ def test_drqv2_smoke_through_every_role(tmp_path):
     dev = subprocess.Popen(
         [sys.executable, "-m", "gorila_zmq.cli", "dev", "--agent", "drqv2", "--env", "cartpole_swingup",
          "--duration", "600", f"run.run_dir={run_dir}", f"net.base_port={free_base_port(64)}",
-         "agent.batch_size=8", "agent.replay_capacity=3000", "agent.learning_starts=200", "agent.seed_frames=400",
+         "agent.batch_size=8", "agent.replay_capacity=3000", "agent.learning_starts=200", "drqv2.seed_frames=400",
          "eval.interval_s=2", "eval.episodes=1", "dev.stats_interval_s=2", "dev.progress_interval_s=5"],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     try:
@@ -51,7 +51,7 @@ def test_drqv2_smoke_through_every_role(tmp_path):
         for name in ("ps0", "actor0", "actor1", "replay0", "learner0", "evaluator"):
             assert st.get(name), f"{name} did not answer: {out.stdout}"
         assert st["learner0"]["updates"] > 0 and st["learner0"]["push"]["lost"] == 0
-        assert st["replay0"]["records_in"] > 0 and st["replay0"]["rejected"] == 0
+        assert st["replay0"]["records_in"] > 0 and st["replay0"]["rejected_total"] == 0
         for a in ("actor0", "actor1"):          # 400 seed frames over 2 actors: 100 uniform steps each
             assert st[a]["seed_steps"] == 100, st[a]
             assert 0.1 <= st[a]["exploration_std"] <= 1.0

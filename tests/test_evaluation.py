@@ -11,12 +11,15 @@ import torch
 
 from conftest import ROOT
 from gorila_zmq import config as C
-from gorila_zmq.envs import make_env, resolve_model
-from gorila_zmq.roles.evaluator import human_normalized, run_episodes, save_params, summarize
+from gorila_zmq.agents.base import prepare
+from gorila_zmq.agents.dqn.agent import EpsilonGreedy
+from gorila_zmq.envs import make_env
+from gorila_zmq.envs.scores import human_normalized, summarize
+from gorila_zmq.roles.evaluator import run_episodes, save_params
 
 
 def test_human_normalisation_uses_the_nature_table_for_its_49_games():
-    from gorila_zmq.roles.evaluator import NATURE_TABLE, ZOO_TABLE, normalization_table
+    from gorila_zmq.envs.scores import NATURE_TABLE, ZOO_TABLE, normalization_table
     assert human_normalized("Pong", -20.7) == pytest.approx(0.0)
     assert human_normalized("pong", 9.3) == pytest.approx(100.0)          # Nature: human 9.3 (Zoo: 14.6)
     assert human_normalized("Breakout", 31.8) == pytest.approx(100.0)     # Nature: 1.7 / 31.8
@@ -70,9 +73,10 @@ class Counting(torch.nn.Module):
 def test_frame_cap_and_epsilon():
     cfg = C.load(None, ["env.name=Pong", "eval.max_frames=400"])
     m = Counting(6)
-    returns = run_episodes(m, cfg, episodes=2, epsilon=1.0, seed=1)
+    rng = np.random.default_rng(1)
+    returns = run_episodes(EpsilonGreedy(m, 6, 1.0, rng), cfg, episodes=2, seed=1)
     assert len(returns) == 2 and m.calls == 0          # epsilon 1: never asks the network
-    returns = run_episodes(m, cfg, episodes=1, epsilon=0.0, seed=1)
+    returns = run_episodes(EpsilonGreedy(m, 6, 0.0, rng), cfg, episodes=1, seed=1)
     # capped at 400 emulator frames = 100 agent steps, minus the no-op start's frames
     assert 1 <= m.calls <= 100
 
@@ -90,10 +94,10 @@ def test_noop_starts_vary_the_first_observation():
 
 def test_eval_command_on_a_saved_checkpoint(tmp_path):
     cfg = C.load(None, ["env.name=CartPole-v1", "model.kind=mlp", "model.hidden=[16]", "eval.episodes=2"])
-    resolve_model(cfg)
+    prepare(cfg)
     from gorila_zmq.ps.layout import ParamLayout
-    from gorila_zmq.agents.dqn.networks import build_model
-    m = build_model(cfg.model)
+    from gorila_zmq.agents.base import build_network
+    m = build_network(cfg)
     layout = ParamLayout.from_module(m)
     path = str(tmp_path / "best.npz")
     save_params(path, layout.flatten(m), layout, cfg, {"return_mean": 10.0})
@@ -110,10 +114,10 @@ def test_eval_command_on_a_saved_checkpoint(tmp_path):
 
 def test_eval_writes_a_video_of_pong(tmp_path):
     cfg = C.load(None, ["env.name=Pong", "eval.max_frames=200", "eval.episodes=1"])
-    resolve_model(cfg)
+    prepare(cfg)
     from gorila_zmq.ps.layout import ParamLayout
-    from gorila_zmq.agents.dqn.networks import build_model
-    m = build_model(cfg.model)
+    from gorila_zmq.agents.base import build_network
+    m = build_network(cfg)
     layout = ParamLayout.from_module(m)
     path = str(tmp_path / "best.npz")
     save_params(path, layout.flatten(m), layout, cfg, {})

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from gorila_zmq import config as C
 from gorila_zmq.net import protocol as P
 from gorila_zmq.ps.layout import ParamLayout, shard_ranges
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network
 
 
 @settings(max_examples=200, deadline=None)
@@ -30,16 +30,16 @@ def test_shard_ranges_partition_exactly_once(n, s):
 
 def test_nature_dqn_layout_size_and_roundtrip():
     cfg = C.load(None, ["model.kind=nature_cnn"])
-    m = build_model(cfg.model, seed=3)
+    m = build_network(cfg, seed=3)
     L = ParamLayout.from_module(m)
     assert L.size == 1_687_206
     flat = L.flatten(m)
-    m2 = build_model(cfg.model, seed=4)
+    m2 = build_network(cfg, seed=4)
     assert not np.array_equal(L.flatten(m2), flat)
     L.load_into(m2, flat)
     assert np.array_equal(L.flatten(m2), flat)
     # same seed -> same init on every host
-    assert np.array_equal(L.flatten(build_model(cfg.model, seed=3)), flat)
+    assert np.array_equal(L.flatten(build_network(cfg, seed=3)), flat)
 
 
 def test_layout_hash_depends_on_names_and_shapes():

@@ -9,9 +9,10 @@ import zmq
 from conftest import SMALL_MLP, wait_for
 from gorila_zmq.ps import optim
 from gorila_zmq.net import protocol as P
-from gorila_zmq.ps.client import (GradientPusher, ParamSubscriber, ShardSet, fetch_params, request)
+from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.net.rpc import request
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network
 from gorila_zmq.roles.ps import ParameterServerShard, load_checkpoint, save_checkpoint
 
 
@@ -20,11 +21,11 @@ class Running:
 
     def __init__(self, cfg, ctx):
         self.cfg, self.ctx = cfg, ctx
-        m = build_model(cfg.model, cfg.run.seed)
+        m = build_network(cfg)
         self.layout = ParamLayout.from_module(m)
         self.theta0 = self.layout.flatten(m)
         self.shards = [ParameterServerShard(cfg, i, ctx, self.layout, self.theta0) for i in range(cfg.ps.shards)]
-        self.threads = [threading.Thread(target=s.serve, daemon=True) for s in self.shards]
+        self.threads = [threading.Thread(target=s.run, daemon=True) for s in self.shards]
         for t in self.threads:
             t.start()
         self.set = ShardSet(cfg, self.layout)
@@ -236,11 +237,11 @@ def test_late_subscriber_gets_snapshot_then_updates(running, ctx):
 
 def test_subscriber_marks_silent_shard_dead_and_recovers(make_cfg, ctx):
     cfg = make_cfg(*SMALL_MLP, "net.heartbeat_interval_s=0.2")
-    m = build_model(cfg.model)
+    m = build_network(cfg)
     L = ParamLayout.from_module(m)
     th0 = L.flatten(m)
     s1 = ParameterServerShard(cfg, 0, ctx, L, th0)
-    t1 = threading.Thread(target=s1.serve, daemon=True)
+    t1 = threading.Thread(target=s1.run, daemon=True)
     t1.start()
     sub = ParamSubscriber(ctx, ShardSet(cfg, L))
     try:
@@ -251,7 +252,7 @@ def test_subscriber_marks_silent_shard_dead_and_recovers(make_cfg, ctx):
         s1.close()
         wait_for(lambda: not sub.alive[0], 5, what="dead shard detection")
         s2 = ParameterServerShard(cfg, 0, ctx, L, th0)
-        t2 = threading.Thread(target=s2.serve, daemon=True)
+        t2 = threading.Thread(target=s2.run, daemon=True)
         t2.start()
         try:
             wait_for(lambda: sub.alive[0] and sub.incarnations[0] == s2.incarnation, 15, what="reconnect")
@@ -277,7 +278,7 @@ def test_checkpoint_resume_in_process(make_cfg, ctx):
     r2 = Running(cfg, ctx)
     try:
         assert r2.shards[0].state.version == 4
-        assert r2.shards[0].stats["resumed_from_checkpoint"]
+        assert r2.shards[0].counters["resumed_from_checkpoint"]
         assert not np.array_equal(r2.shards[0].state.theta, r.theta0)
     finally:
         r2.stop()
@@ -317,9 +318,9 @@ def test_periodic_checkpoint_is_written_in_the_background_while_pushes_are_answe
         v0 = shard.state.version
         g = np.full(r.layout.size, 0.01, np.float32)
         assert push_one(ctx, r, 0, g, v0) == (P.Cmd.REPLY, P.Status.APPLIED)     # answered mid-write
-        assert shard.state.version == v0 + 1 and shard.stats["checkpoints"] == 0
+        assert shard.state.version == v0 + 1 and shard.counters["checkpoints"] == 0
         release.set()
-        wait_for(lambda: shard.stats["checkpoints"] >= 1, 10, what="the checkpoint write")
+        wait_for(lambda: shard.counters["checkpoints"] >= 1, 10, what="the checkpoint write")
         _, _, meta = load_checkpoint(shard.ckpt_path)
         assert meta["version"] >= v0                 # the snapshot's version (a later one may follow)
     finally:
@@ -338,7 +339,7 @@ def test_failed_background_checkpoint_is_counted_and_the_shard_serves_on(make_cf
     monkeypatch.setattr(ps_mod, "save_checkpoint", full_disk)
     try:
         shard = r.shards[0]
-        wait_for(lambda: shard.stats["checkpoint_errors"] >= 2, 10, what="failed checkpoint writes")
+        wait_for(lambda: shard.counters["checkpoint_errors"] >= 2, 10, what="failed checkpoint writes")
         g = np.full(r.layout.size, 0.01, np.float32)
         assert push_one(ctx, r, 0, g, shard.state.version) == (P.Cmd.REPLY, P.Status.APPLIED)
         assert r.threads[0].is_alive()
@@ -387,10 +388,10 @@ def test_a_given_up_push_never_has_its_buffer_reused(running, make_cfg, ctx):
 
 
 def test_lazy_pirate_gives_up_on_a_dead_endpoint(ctx, make_cfg):
-    from gorila_zmq.ps.client import ShardUnavailable
+    from gorila_zmq.net.rpc import Unavailable
     from conftest import free_base_port
     port = free_base_port(1)
-    with pytest.raises(ShardUnavailable, match="after 2 attempts"):
+    with pytest.raises(Unavailable, match="after 2 attempts"):
         request(ctx, f"tcp://127.0.0.1:{port}", P.Header(P.Cmd.STATS), timeout_s=0.2, retries=1)
 
 

@@ -17,17 +17,18 @@ from gorila_zmq import config as C
 from gorila_zmq.ps import optim
 from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network
+from gorila_zmq.launch.program import prepare_run
 from gorila_zmq.roles.ps import load_checkpoint
 import mp_workers
 
 pytestmark = pytest.mark.slow
 
 
-def cfg_file(cfg, path) -> str:
-    """The resolved config as the JSON file role processes read (what dev mode does too)."""
-    C.save_json(cfg, str(path))
-    return str(path)
+def cfg_file(cfg, path=None) -> str:
+    """The run prepared as dev mode prepares it (config.json, layout.json, init.npy in run_dir); the
+    config's path, which role processes read."""
+    return prepare_run(cfg, from_env=False)
 
 
 def start_shards(cfg, tmp_path):
@@ -55,8 +56,8 @@ def shm_segments(cfg):
 
 def test_two_shards_three_pusher_processes_account_and_replay(make_cfg, ctx, tmp_path):
     cfg = make_cfg(*SMALL_MLP, "ps.shards=2", "ps.max_staleness=2", "net.in_flight=2")
-    layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
-    theta0 = layout.flatten(build_model(cfg.model, cfg.run.seed))
+    layout = ParamLayout.from_module(build_network(cfg))
+    theta0 = layout.flatten(build_network(cfg))
     conf, procs = start_shards(cfg, tmp_path)
     shards = ShardSet(cfg, layout)
     try:
@@ -106,7 +107,7 @@ def test_two_shards_three_pusher_processes_account_and_replay(make_cfg, ctx, tmp
 def test_shard_sigkill_restart_resumes_from_checkpoint_and_clients_carry_on(make_cfg, ctx, tmp_path):
     cfg = make_cfg(*SMALL_MLP, "ps.shards=2", "ps.checkpoint_interval_s=0.3", "ps.max_staleness=1000",
                    "net.heartbeat_interval_s=0.3", "net.request_timeout_s=1.0", "net.request_retries=10")
-    layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
+    layout = ParamLayout.from_module(build_network(cfg))
     conf, procs = start_shards(cfg, tmp_path)
     shards = ShardSet(cfg, layout)
     sub = None

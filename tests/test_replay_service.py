@@ -7,8 +7,18 @@ import zmq
 
 from conftest import wait_for
 from gorila_zmq.net import protocol as P
-from gorila_zmq.envs import resolve_model, spec
-from gorila_zmq.roles.replay import ADD, START, RemoteSource, ReplayServer, ReplayWriter, record_dtype
+from gorila_zmq.agents.base import prepare
+from gorila_zmq.envs import env_spec
+from gorila_zmq.net.rpc import request
+from gorila_zmq.replay.records import ADD, START
+from gorila_zmq.replay.sinks import ReplayWriter
+from gorila_zmq.replay.sources import RemoteSource
+from gorila_zmq.roles.replay import ReplayServer
+
+
+def spec(cfg):
+    """The replay record of the configured agent and environment."""
+    return prepare(cfg).record(env_spec(cfg))
 
 CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "roles.mode=global", "roles.actors=2",
             "roles.replay_shards=2", "agent.replay_capacity=2000", "agent.learning_starts=10"]
@@ -17,7 +27,7 @@ CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "roles.mode=global", "role
 @pytest.fixture
 def server(make_cfg, ctx):
     cfg = make_cfg(*CARTPOLE)
-    resolve_model(cfg)
+    prepare(cfg)
     servers = [ReplayServer(cfg, r, ctx) for r in range(2)]
     threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
     for t in threads:
@@ -30,7 +40,6 @@ def server(make_cfg, ctx):
 
 
 def ask(ctx, cfg, shard, hdr, payload=None):
-    from gorila_zmq.ps.client import request
     from gorila_zmq.net import topology
     try:
         return request(ctx, topology.replay(cfg, shard).connect, hdr, payload, timeout_s=2.0, retries=0)
@@ -39,7 +48,7 @@ def ask(ctx, cfg, shard, hdr, payload=None):
 
 
 def records(cfg, n, actions=None, kinds=None):
-    rec = np.zeros(n, record_dtype(spec(cfg)))
+    rec = np.zeros(n, spec(cfg).wire_dtype())
     rec["kind"] = ADD if kinds is None else kinds
     rec["kind"][0] = START
     rec["action"] = 0 if actions is None else actions
@@ -73,7 +82,7 @@ def test_retried_batch_applies_once_and_a_gap_restarts_the_episode(server, ctx):
     assert ask(ctx, cfg, 0, hdr(1), records(cfg, 5))[0].command == P.Cmd.REPLY   # the retry: skipped
     assert servers[0].counters["duplicates"] == 1 and servers[0].counters["records_in"] == 5
     no_start = records(cfg, 3, kinds=ADD)[:]
-    rec = np.frombuffer(no_start, record_dtype(spec(cfg))).copy()
+    rec = np.frombuffer(no_start, spec(cfg).wire_dtype()).copy()
     rec["kind"] = ADD
     ask(ctx, cfg, 0, hdr(3), rec.tobytes())                                 # seq 2 was lost: a gap
     assert servers[0].counters["gaps"] == 1 and servers[0].counters["orphans_restarted"] == 1
@@ -92,7 +101,7 @@ def test_bad_adds_are_refused_and_the_server_keeps_serving(server, ctx, name, fr
     assert ask(ctx, cfg, 0, hdr, frames(cfg))[0] == status
     assert servers[0].counters["records_in"] == 0
     rh, body = ask(ctx, cfg, 0, P.Header(P.Cmd.STATS, shard=0))
-    assert P.as_json(rh, body)["rejected"] == 1
+    assert P.as_json(rh, body)["rejected_total"] == 1
 
 
 @pytest.mark.parametrize("body", [{"batch": 4, "min_size": "x"}, {"batch": "4"}, {"batch": 10**9}, {"batch": 4.0}])
@@ -102,7 +111,6 @@ def test_bad_sample_requests(server, ctx, body):
     deep = P.Header(P.Cmd.REPLAY_SAMPLE, shard=0, dtype=P.Dtype.JSON)
     payload = b"[" * 60000
     deep.length = len(payload)
-    from gorila_zmq.ps.client import request
     from gorila_zmq.net import topology
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -119,22 +127,22 @@ def test_bad_sample_requests(server, ctx, body):
 def test_status_reaches_every_replay_shard(server, ctx):
     cfg, servers = server
     from gorila_zmq.launch.status import collect
-    from gorila_zmq.launch.supervisor import make_program
-    st = collect(cfg, [s for s in make_program(cfg) if s.role == "replay"], ctx, 1.0)
+    from gorila_zmq.launch.program import make_program
+    st = collect(cfg, [s for s in make_program(cfg, layout_hash=0) if s.role == "replay"], ctx, 1.0)
     assert set(st) == {"replay0", "replay1"} and all(v is not None for v in st.values())
 
 
 DMC = ["env.name=cartpole_swingup", "agent.name=drqv2", "roles.mode=global", "roles.actors=1",
        "roles.replay_shards=1", "agent.replay_capacity=200", "agent.learning_starts=10", "agent.n_step=3",
-       "env.frame_skip=2"]
+       "env.action_repeat=2"]
 
 
 def test_continuous_actions_and_rgb_frames_round_trip_and_bad_actions_are_refused(make_cfg, ctx):
     pytest.importorskip("dm_control")
     cfg = make_cfg(*DMC)
-    resolve_model(cfg)
+    prepare(cfg)
     s = spec(cfg)
-    assert s.continuous and s.action_shape == (1,) and s.frame_shape == (3, 84, 84)
+    assert s.action_dtype == np.float32 and s.action_shape == (1,) and s.frame_shape == (3, 84, 84)
     srv = ReplayServer(cfg, 0, ctx)
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
@@ -155,12 +163,12 @@ def test_continuous_actions_and_rgb_frames_round_trip_and_bad_actions_are_refuse
         src.close()
         hdr = P.Header(P.Cmd.REPLAY_ADD, shard=0, client=0, seq=1, incarnation=99, dtype=P.Dtype.RAW)
         for bad in (np.nan, 1.5, -3.0):
-            rec = np.zeros(2, record_dtype(s))
+            rec = np.zeros(2, s.wire_dtype())
             rec["kind"] = [START, ADD]
             rec["action"][1] = bad
             status, _ = ask(ctx, cfg, 0, hdr, rec.tobytes())
             assert status == P.Status.BAD_PAYLOAD
-        assert srv.counters["rejected"] == 3 and srv.counters["records_in"] == 31   # nothing half-applied
+        assert srv.rejections.total == 3 and srv.counters["records_in"] == 31   # nothing half-applied
         src = RemoteSource(ctx, cfg, 0, s)
         assert src.sample(4, None, src.allocate(4, pinned=False)).action.shape == (4, 1)   # still serving
         src.close()

@@ -7,7 +7,7 @@ import pytest
 
 from gorila_zmq.net import protocol as P
 from gorila_zmq.net import topology
-from gorila_zmq.ps.client import request
+from gorila_zmq.net.rpc import request
 from gorila_zmq.roles.base import Role
 
 
@@ -70,25 +70,25 @@ def test_a_port_in_the_ephemeral_range_is_warned_about(tmp_path):
     """Outgoing connections take local ports from the kernel's ephemeral range; a role listening there
     fails at random with 'Address already in use' (seen in a sweep harness). dev and cluster up warn."""
     from gorila_zmq import config as C
-    from gorila_zmq.launch.supervisor import make_program
+    from gorila_zmq.launch.program import make_program
     f = tmp_path / "range"
     f.write_text("32768\t60999\n")
     assert topology.ephemeral_range(str(f)) == (32768, 60999)
     assert topology.ephemeral_range(str(tmp_path / "absent")) is None
     rng = (32768, 60999)
     low = C.load(None, [f"run.run_dir={tmp_path}/a"], preset="cartpole")
-    prog = make_program(low, "x.json")
+    prog = make_program(low, "x.json", layout_hash=0)
     ports = topology.tcp_ports(low, prog)
     b = low.net.base_port
     # ps0 request + broadcast, and the control sockets of actor0, learner0 and the evaluator
     assert ports == [b, b + 1, b + topology.ACTOR_CTL, b + topology.LEARNER_CTL, b + topology.EVAL_CTL]
     assert topology.ephemeral_warning(low, prog, rng) is None
     high = C.load(None, [f"run.run_dir={tmp_path}/b", "net.base_port=30000"], preset="cartpole")
-    w = topology.ephemeral_warning(high, make_program(high, "x.json"), rng)
+    w = topology.ephemeral_warning(high, make_program(high, "x.json", layout_hash=0), rng)
     assert w and "33000, 34000 lie" in w and "32000" not in w   # learner0 and evaluator; actor0 at 32000 is below
     assert f"net.base_port <= {32767 - topology.EVAL_CTL}" in w
     ipc = C.load(None, [f"run.run_dir={tmp_path}/c", "net.base_port=30000", "net.transport=ipc"], preset="cartpole")
-    assert topology.ephemeral_warning(ipc, make_program(ipc, "x.json"), rng) is None
+    assert topology.ephemeral_warning(ipc, make_program(ipc, "x.json", layout_hash=0), rng) is None
     # a range that starts low leaves room only above it, or none
     w = topology.ephemeral_warning(low, prog, (1024, 60999))
     assert w and "net.base_port >= 61000" in w and "<=" not in w

@@ -10,9 +10,11 @@ from conftest import SMALL_MLP, start_role, stop_proc, wait_for
 from gorila_zmq import config as C
 from gorila_zmq.net import protocol as P
 from gorila_zmq.net import security
-from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, ShardUnavailable, fetch_params, request
+from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.net.rpc import Unavailable, request
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network
+from gorila_zmq.launch.program import prepare_run
 
 
 def test_keys_gen_layout_and_permissions(tmp_path):
@@ -40,10 +42,9 @@ def curve_shard(make_cfg, tmp_path, ctx):
     security.gen_keys(stranger, ["intruder"])        # its own server key too, and not authorised by us
     cfg = make_cfg(*SMALL_MLP, "net.curve=true", f"net.keys_dir={keys}", "net.key_name=hostA",
                    "ps.broadcast_every=1", "net.request_timeout_s=1.0")
-    conf = str(tmp_path / "config.json")
-    C.save_json(cfg, conf)
+    conf = prepare_run(cfg, from_env=False)
     proc = start_role(["ps", "--index", "0", "--config", conf], tmp_path / "ps0.log")
-    layout = ParamLayout.from_module(build_model(cfg.model))
+    layout = ParamLayout.from_module(build_network(cfg))
     shards = ShardSet(cfg, layout)
     authorised = security.load(keys, "hostB")
     with security.use(authorised):
@@ -94,10 +95,10 @@ def test_unauthorised_client_gets_nothing_and_is_counted(curve_shard, ctx, who):
     else:
         intruder = None                                   # no CurveZMQ at all
     with security.use(intruder):
-        with pytest.raises(ShardUnavailable):
+        with pytest.raises(Unavailable):
             request(ctx, shards.req[0], P.Header(P.Cmd.GET_PARAMS, shard=0, layout=shards.layout.hash),
                     timeout_s=0.5, retries=1)
-        with pytest.raises(ShardUnavailable):
+        with pytest.raises(Unavailable):
             request(ctx, shards.req[0], P.Header(P.Cmd.PUSH_GRAD, shard=0, layout=shards.layout.hash),
                     np.zeros(shards.layout.size, np.float32), timeout_s=0.5, retries=0)
         sub = ParamSubscriber(ctx, shards)
@@ -114,14 +115,14 @@ def test_unauthorised_client_gets_nothing_and_is_counted(curve_shard, ctx, who):
 def test_replay_shard_serves_only_authorised_keys(make_cfg, tmp_path, ctx):
     import threading
     from gorila_zmq.net import topology
-    from gorila_zmq.envs import resolve_model
+    from gorila_zmq.agents.base import prepare
     from gorila_zmq.roles.replay import ReplayServer
     keys = str(tmp_path / "keys")
     security.gen_keys(keys, ["hostA", "hostB"])
     security.gen_keys(str(tmp_path / "stranger"), ["intruder"])
     cfg = make_cfg("env.name=CartPole-v1", "model.kind=mlp", "roles.mode=global", "agent.replay_capacity=1000",
                    "agent.learning_starts=10", "net.curve=true", f"net.keys_dir={keys}")
-    resolve_model(cfg)
+    prepare(cfg)
     with security.use(security.load(keys, "hostA")):
         server = ReplayServer(cfg, 0, ctx)
     t = threading.Thread(target=server.run, daemon=True)
@@ -136,7 +137,7 @@ def test_replay_shard_serves_only_authorised_keys(make_cfg, tmp_path, ctx):
                                   s.client_secret, s.authorized_dir)
         for who in (intruder, None):
             with security.use(who):
-                with pytest.raises(ShardUnavailable):
+                with pytest.raises(Unavailable):
                     request(ctx, ep, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), {"batch": 4}, timeout_s=0.5, retries=1)
         with security.use(security.load(keys, "hostB")):
             rh, body = request(ctx, ep, P.Header(P.Cmd.STATS, shard=0), timeout_s=2.0, retries=2)

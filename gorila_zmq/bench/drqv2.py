@@ -23,10 +23,10 @@ import torch
 
 from gorila_zmq import config as C
 from gorila_zmq.net import topology
-from gorila_zmq.agents import drqv2 as D
+from gorila_zmq.agents.drqv2 import learning as D
 from gorila_zmq.bench import Report
 from gorila_zmq.bench.learner import learner_pipeline
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network
 
 DESCRIPTION = __doc__.splitlines()[0]
 
@@ -44,7 +44,7 @@ def add_arguments(p):
 
 def _reference(cfg, device, B, n) -> float:
     """The paper's update in one process: three Adam optimisers, tensors already on the device."""
-    agent = build_model(cfg.model).to(device)
+    agent = build_network(cfg).to(device)
     critic_target = copy.deepcopy(agent.critic).requires_grad_(False)
     lr = cfg.ps.lr
     enc_opt = torch.optim.Adam(agent.encoder.parameters(), lr=lr)
@@ -53,10 +53,10 @@ def _reference(cfg, device, B, n) -> float:
     g = torch.Generator().manual_seed(0)
     obs = torch.randint(0, 256, (B, 9, 84, 84), dtype=torch.uint8, generator=g).to(device)
     nxt = torch.randint(0, 256, (B, 9, 84, 84), dtype=torch.uint8, generator=g).to(device)
-    act = (torch.rand(B, cfg.model.n_actions, generator=g) * 2 - 1).to(device)
+    act = (torch.rand(B, cfg.model.action_dim, generator=g) * 2 - 1).to(device)
     rew = torch.rand(B, 1, generator=g).to(device)
     disc = torch.full((B, 1), 0.99 ** 3, device=device)
-    std, clip = 0.2, cfg.agent.std_clip
+    std, clip = 0.2, cfg.drqv2.std_clip
 
     def one():
         o = agent.encoder(D.random_shift(obs))
@@ -68,11 +68,11 @@ def _reference(cfg, device, B, n) -> float:
         closs.backward()
         critic_opt.step()
         enc_opt.step()
-        aloss, _ = D.update_actor(agent, o, std, clip, cfg.agent.actor_pretanh_reg)    # as the learner
+        aloss, _ = D.update_actor(agent, o, std, clip, cfg.drqv2.actor_pretanh_reg)    # as the learner
         actor_opt.zero_grad(set_to_none=True)
         aloss.backward()
         actor_opt.step()
-        D.soft_update(critic_target, agent.critic, cfg.agent.critic_tau)
+        D.soft_update(critic_target, agent.critic, cfg.drqv2.critic_tau)
     for _ in range(2):
         one()
     if device.type == "cuda":
@@ -102,8 +102,8 @@ def _filled_replay(n_actions: int, capacity: int = 3_000):
 
 def _actor_fps(cfg, task: str, fast: bool, steps: int) -> float:
     from gorila_zmq.envs.dmc import DMCEnv
-    env = DMCEnv(task, action_repeat=cfg.env.frame_skip, fast_render=fast, seed=0)
-    model = build_model(cfg.model)
+    env = DMCEnv(task, action_repeat=cfg.env.action_repeat, fast_render=fast, seed=0)
+    model = build_network(cfg)
     gen = torch.Generator().manual_seed(0)
     obs, _ = env.reset(seed=0)
     for _ in range(5):
@@ -116,7 +116,7 @@ def _actor_fps(cfg, task: str, fast: bool, steps: int) -> float:
             obs, _ = env.reset()
     dt = time.perf_counter() - t0
     env.close()
-    return steps * cfg.env.frame_skip / dt
+    return steps * cfg.env.action_repeat / dt
 
 
 def run(args) -> Report:
@@ -130,15 +130,15 @@ def run(args) -> Report:
                         "ps.checkpoint_interval_s=0", "ps.max_staleness=1000", "agent.learning_starts=100",
                         *args.overrides],
                  preset="drqv2")
-    from gorila_zmq.envs import resolve_model
+    from gorila_zmq.agents.base import prepare
     from gorila_zmq.roles.learner import pick_device
-    resolve_model(cfg)
+    prepare(cfg)
     device = pick_device(args.device)
     print(f"  reference single-process DrQ-v2 update ({device}, batch {args.batch}, {threads} threads) ...",
           flush=True)
     ref = _reference(cfg, device, args.batch, args.updates)
     print("  gorila-zmq learner pipeline ...", flush=True)
-    ours, detail = learner_pipeline(cfg, _filled_replay(cfg.model.n_actions), args.updates,
+    ours, detail = learner_pipeline(cfg, _filled_replay(cfg.model.action_dim), args.updates,
                                     warmup=2, flush_s=60.0)
     ref2 = _reference(cfg, device, args.batch, args.updates)     # again: the box may have changed pace
     ref = max(ref, ref2)
@@ -152,7 +152,7 @@ def run(args) -> Report:
         print(f"  actor stepping {args.task}, {'fast' if fast else 'default'} rendering ...", flush=True)
         fps = _actor_fps(cfg, args.task, fast, args.env_steps)
         name = "actor_frames_per_s_fast_render" if fast else "actor_frames_per_s_default_render"
-        rep.row(name.replace("_", " "), fps, "frames/s", f"action repeat {cfg.env.frame_skip}, MUJOCO_GL="
+        rep.row(name.replace("_", " "), fps, "frames/s", f"action repeat {cfg.env.action_repeat}, MUJOCO_GL="
                 + os.environ.get("MUJOCO_GL", "egl"))
         rep.metrics[name] = fps
     rep.metrics["fast_render_speedup"] = rep.metrics["actor_frames_per_s_fast_render"] / \

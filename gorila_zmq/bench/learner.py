@@ -19,9 +19,10 @@ import zmq
 
 from gorila_zmq import config as C
 from gorila_zmq.net import topology
-from gorila_zmq.agents.dqn.agent import td_loss
+from gorila_zmq.agents.dqn.learning import td_loss
 from gorila_zmq.bench import Report
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network
+from gorila_zmq.launch.program import prepare_run
 
 DESCRIPTION = __doc__.splitlines()[0]
 
@@ -36,8 +37,8 @@ def add_arguments(p):
 
 
 def _bare(cfg, device, B, n) -> float:
-    online = build_model(cfg.model).to(device)
-    target = build_model(cfg.model).to(device).requires_grad_(False)
+    online = build_network(cfg).to(device)
+    target = build_network(cfg).to(device).requires_grad_(False)
     opt = torch.optim.Adagrad(online.parameters(), lr=cfg.ps.lr, eps=cfg.ps.eps,
                               initial_accumulator_value=cfg.ps.initial_accumulator)
     g = torch.Generator().manual_seed(0)
@@ -84,15 +85,15 @@ def learner_pipeline(cfg, rb, n: int, warmup: int = 10, flush_s: float = 30.0) -
     from gorila_zmq.bench.ps import _wait_hello
     from gorila_zmq.ps.client import ShardSet
     from gorila_zmq.ps.layout import ParamLayout
-    from gorila_zmq.roles.learner import Learner, MemorySource
-    conf = os.path.join(cfg.run.run_dir, "config.json")
-    C.save_json(cfg, conf)
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
+    conf = prepare_run(cfg, from_env=False)
     shards = [subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", str(i), "--config", conf,
                                 "--log-level", "WARNING"], start_new_session=True) for i in range(cfg.ps.shards)]
     ctx = zmq.Context()
     learner = None
     try:
-        _wait_hello(ctx, ShardSet(cfg, ParamLayout.from_module(build_model(cfg.model))))
+        _wait_hello(ctx, ShardSet(cfg, ParamLayout.from_module(build_network(cfg))))
         learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
         while learner.updates < warmup:
             learner.step()
@@ -128,7 +129,7 @@ def run(args) -> Report:
                         f"run.run_dir={tmp}/run", f"net.base_port={topology.free_base_port()}",
                         f"agent.batch_size={args.batch}", "agent.learning_starts=100", f"agent.device={args.device}",
                         f"agent.torch_threads={threads}", "ps.checkpoint_interval_s=0", "ps.max_staleness=1000",
-                        "agent.target_sync_every=1000000", "env.name=Pong", *args.overrides])
+                        "dqn.target_sync_every=1000000", "env.name=Pong", *args.overrides])
     from gorila_zmq.roles.learner import pick_device
     device = pick_device(args.device)
     print(f"  bare torch loop ({device}, batch {args.batch}, {threads} threads) ...", flush=True)

@@ -26,7 +26,8 @@ from gorila_zmq.net import protocol as P
 from gorila_zmq.bench import Report
 from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.agents.base import build_network
+from gorila_zmq.launch.program import prepare_run
 
 DESCRIPTION = __doc__.splitlines()[0]
 
@@ -45,8 +46,7 @@ def add_arguments(p):
 # -- processes ----------------------------------------------------------------------------------
 
 def _start_shards(cfg, tmp: str) -> list[subprocess.Popen]:
-    conf = os.path.join(cfg.run.run_dir, "config.json")
-    C.save_json(cfg, conf)
+    conf = prepare_run(cfg, from_env=False)
     return [subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", str(i), "--config", conf,
                               "--log-level", "WARNING"], start_new_session=True)
             for i in range(cfg.ps.shards)]
@@ -142,7 +142,7 @@ def _raw(ctx, endpoints, ranges, grad, pushes, window) -> float:
 
 def _subscriber_proc(cfg_dict: dict, count: int, out_path: str) -> None:
     cfg = C.from_dict(cfg_dict)
-    layout = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed))
+    layout = ParamLayout.from_module(build_network(cfg))
     ctx = zmq.Context()
     sub = ParamSubscriber(ctx, ShardSet(cfg, layout))
     sub.wait_ready(30)
@@ -221,8 +221,7 @@ def _base_cfg(tmp: str, transport: str, shards: int, port: int, **ps) -> C.Confi
 
 def run(args) -> Report:
     rep = Report()
-    model_cfg = C.load(None, ["model.kind=nature_cnn"]).model   # the Nature DQN for Pong: 1,687,206 floats
-    layout = ParamLayout.from_module(build_model(model_cfg))
+    layout = ParamLayout.from_module(build_network(C.load(None, ["model.kind=nature_cnn"])))  # Nature DQN: 1,687,206 floats
     grad = (np.random.default_rng(0).standard_normal(layout.size) * 1e-3).astype(np.float32)
     ctx = zmq.Context()
     port = 23000 + (os.getpid() % 1000) * 20

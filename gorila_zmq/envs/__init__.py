@@ -2,8 +2,8 @@
 pixels (DrQ-v2) and gymnasium vector-observation tasks such as CartPole, behind one small vector
 interface (`VecEnv`).
 
-`spec(cfg)` says what the environment looks like (observation and replay-frame shapes, actions);
-`resolve_model(cfg)` fills `model.*` from it when `model.kind = "auto"`.
+`env_spec(cfg)` says what the environment looks like (observation and replay-frame shapes, actions); the
+agent reads it to configure its network (gorila_zmq.agents.base.prepare).
 """
 from __future__ import annotations
 
@@ -41,40 +41,37 @@ class EnvSpec:
     frame_shape: tuple        # what replay stores per step (84, 84) / (4,)
     stack: int                # frames per observation in replay
     dtype: np.dtype           # replay frame dtype
-    n_actions: int            # discrete: the number of actions; continuous: the action dimension
+    n_actions: int            # discrete actions: how many (0 for continuous actions)
     atari: bool
-    frames_per_step: int = 1  # emulator frames per agent step (frame skip / action repeat)
-    continuous: bool = False  # actions are float vectors in [-1, 1]^n_actions
+    frames_per_step: int = 1  # emulator frames per agent step (the action repeat)
+    action_dim: int = 0       # continuous actions: float vectors in [-1, 1]^action_dim (0 for discrete)
     dmc: bool = False
 
     @property
-    def action_shape(self) -> tuple:
-        return (self.n_actions,) if self.continuous else ()
-
-    @property
-    def action_dtype(self) -> np.dtype:
-        return np.dtype(np.float32) if self.continuous else np.dtype(np.int64)
+    def continuous(self) -> bool:
+        return self.action_dim > 0
 
 
 _SPEC_CACHE: dict = {}
 
 
-def spec(cfg) -> EnvSpec:
-    key = (cfg.env.name, cfg.env.frame_skip)
+def env_spec(cfg) -> EnvSpec:
+    """What the configured environment looks like (opened once per process to learn it, then cached)."""
+    key = (cfg.env.name, cfg.env.action_repeat)
     if key not in _SPEC_CACHE:
         if is_dmc(cfg.env.name):
             from gorila_zmq.envs.dmc import DMCEnv
             env = DMCEnv(cfg.env.name, frame_stack=3)
             n = int(env.action_space.shape[0])
             env.close()
-            _SPEC_CACHE[key] = EnvSpec((9, 84, 84), (3, 84, 84), 3, np.dtype(np.uint8), n, False,
-                                       cfg.env.frame_skip, continuous=True, dmc=True)
+            _SPEC_CACHE[key] = EnvSpec((9, 84, 84), (3, 84, 84), 3, np.dtype(np.uint8), 0, False,
+                                       cfg.env.action_repeat, action_dim=n, dmc=True)
         elif is_atari(cfg.env.name):
             from gorila_zmq.envs.atari import AtariEnv
-            env = AtariEnv(cfg.env.name, frame_skip=cfg.env.frame_skip)
+            env = AtariEnv(cfg.env.name, frame_skip=cfg.env.action_repeat)
             n = env.action_space.n
             env.close()
-            _SPEC_CACHE[key] = EnvSpec((4, 84, 84), (84, 84), 4, np.dtype(np.uint8), int(n), True, cfg.env.frame_skip)
+            _SPEC_CACHE[key] = EnvSpec((4, 84, 84), (84, 84), 4, np.dtype(np.uint8), int(n), True, cfg.env.action_repeat)
         else:
             import gymnasium as gym
             try:
@@ -83,32 +80,17 @@ def spec(cfg) -> EnvSpec:
                 from gorila_zmq.envs.atari import available_games
                 raise ValueError(f"unknown environment {cfg.env.name!r}: not an Atari game (available: "
                                  f"{', '.join(available_games())}) nor a gymnasium id ({e})") from None
-            if not isinstance(env.action_space, gym.spaces.Discrete):
-                raise ValueError(f"{cfg.env.name}: DQN needs a discrete action space, got {env.action_space}")
+            space = env.action_space
             shape = tuple(env.observation_space.shape)
-            _SPEC_CACHE[key] = EnvSpec(shape, shape, 1, np.dtype(np.float32), int(env.action_space.n), False, 1)
             env.close()
+            if isinstance(space, gym.spaces.Discrete):
+                _SPEC_CACHE[key] = EnvSpec(shape, shape, 1, np.dtype(np.float32), int(space.n), False, 1)
+            elif isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+                _SPEC_CACHE[key] = EnvSpec(shape, shape, 1, np.dtype(np.float32), 0, False, 1,
+                                           action_dim=int(space.shape[0]))
+            else:
+                raise ValueError(f"{cfg.env.name}: action space {space} is neither discrete nor a vector")
     return _SPEC_CACHE[key]
-
-
-def resolve_model(cfg):
-    """Fill model.kind/obs_shape/n_actions from the environment when model.kind is 'auto'."""
-    s = spec(cfg)
-    if cfg.agent.name == "drqv2" and not s.continuous:
-        raise ValueError(f"agent drqv2 needs continuous actions (a DeepMind Control task such as "
-                         f"cartpole_swingup); {cfg.env.name} has {s.n_actions} discrete actions")
-    if cfg.agent.name == "dqn" and s.continuous:
-        raise ValueError(f"agent dqn needs discrete actions; {cfg.env.name} has continuous actions "
-                         f"(use --agent drqv2)")
-    if cfg.model.kind == "auto":
-        cfg.model.kind = "drqv2" if cfg.agent.name == "drqv2" else "nature_cnn" if s.atari else "mlp"
-    if cfg.model.kind == "nature_cnn" and not s.atari:
-        raise ValueError(f"model.kind nature_cnn needs Atari frames; {cfg.env.name} has observations {s.obs_shape}")
-    if (cfg.model.kind == "drqv2") != (cfg.agent.name == "drqv2"):
-        raise ValueError(f"model.kind {cfg.model.kind} does not fit agent {cfg.agent.name}")
-    cfg.model.obs_shape = list(s.obs_shape)
-    cfg.model.n_actions = s.n_actions
-    return cfg
 
 
 @dataclass
@@ -132,16 +114,12 @@ class VecEnv:
         self._ret = np.zeros(self.n)
         self._len = np.zeros(self.n, np.int64)
 
-    def _frame(self, e: int, obs) -> np.ndarray:
-        env = self.envs[e]
-        return env.last_frame if hasattr(env, "last_frame") else np.asarray(obs, np.float32)
-
     def reset(self, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         obs, frames = [], []
         for e, env in enumerate(self.envs):
             o, _ = env.reset(seed=None if seed is None else seed + e)
             obs.append(np.asarray(o))
-            frames.append(np.array(self._frame(e, o)))
+            frames.append(np.array(env.last_frame))
         return np.stack(obs), np.stack(frames)
 
     def step(self, actions) -> StepResult:
@@ -152,7 +130,7 @@ class VecEnv:
             o, r, te, tr, info = env.step(int(a) if np.ndim(a) == 0 else a)
             self._ret[e] += info.get("raw_reward", r)
             self._len[e] += 1
-            frames.append(np.array(self._frame(e, o)))
+            frames.append(np.array(env.last_frame))
             if te or tr:
                 # Atari with life-loss terminals: the *game* goes on after a lost life.
                 game_over = info.get("game_over", True) or tr
@@ -161,7 +139,7 @@ class VecEnv:
                     res.finished_lengths.append(int(self._len[e]))
                     self._ret[e], self._len[e] = 0.0, 0
                 o, _ = env.reset()
-                res.reset_frames[e] = np.array(self._frame(e, o))
+                res.reset_frames[e] = np.array(env.last_frame)
             obs.append(np.asarray(o))
             rew.append(r)
             term.append(te)
@@ -176,20 +154,26 @@ class VecEnv:
             env.close()
 
 
-class _ClipReward:
-    """Training-time reward clipping for gymnasium envs (Atari clips inside AtariEnv)."""
+class VectorObsEnv:
+    """A gymnasium task with vector observations, given what our Atari and DeepMind Control envs have:
+    `last_frame` (the newest observation, what replay stores), `raw_reward` in info, and training-time
+    reward clipping (Atari clips inside AtariEnv)."""
 
-    def __init__(self, env):
-        self.env = env
+    def __init__(self, env, clip_rewards: bool):
+        self.env, self.clip = env, clip_rewards
         self.action_space, self.observation_space = env.action_space, env.observation_space
+        self.last_frame = None
 
     def reset(self, **kw):
-        return self.env.reset(**kw)
+        o, info = self.env.reset(**kw)
+        self.last_frame = np.asarray(o, np.float32)
+        return o, info
 
     def step(self, a):
         o, r, te, tr, info = self.env.step(a)
+        self.last_frame = np.asarray(o, np.float32)
         info["raw_reward"] = r
-        return o, float(np.sign(r)), te, tr, info
+        return o, float(np.sign(r)) if self.clip else r, te, tr, info
 
     def close(self):
         self.env.close()
@@ -199,12 +183,12 @@ def make_env(cfg, *, evaluation: bool = False, seed: int | None = None):
     """One environment, set up for training or for the evaluation protocol."""
     if is_dmc(cfg.env.name):
         from gorila_zmq.envs.dmc import DMCEnv
-        return DMCEnv(cfg.env.name, frame_stack=3, action_repeat=cfg.env.frame_skip,
+        return DMCEnv(cfg.env.name, frame_stack=3, action_repeat=cfg.env.action_repeat,
                       fast_render=cfg.env.fast_render, seed=seed)
     if is_atari(cfg.env.name):
         from gorila_zmq.envs.atari import AtariEnv
         ev = cfg.eval
-        return AtariEnv(cfg.env.name, frame_skip=cfg.env.frame_skip,
+        return AtariEnv(cfg.env.name, frame_skip=cfg.env.action_repeat,
                         noop_max=ev.noop_max if evaluation else cfg.env.noop_max,
                         terminal_on_life_loss=False if evaluation else cfg.env.terminal_on_life_loss,
                         clip_rewards=False if evaluation else cfg.env.clip_rewards,
@@ -213,11 +197,23 @@ def make_env(cfg, *, evaluation: bool = False, seed: int | None = None):
                         seed=seed)
     import gymnasium as gym
     env = gym.make(cfg.env.name)
-    env.reset(seed=seed)
     env.action_space.seed(seed)
-    return _ClipReward(env) if cfg.env.clip_rewards and not evaluation else env
+    wrapped = VectorObsEnv(env, cfg.env.clip_rewards and not evaluation)
+    wrapped.reset(seed=seed)
+    return wrapped
 
 
 def make_vec_env(cfg, seed: int = 0, evaluation: bool = False) -> VecEnv:
     return VecEnv([make_env(cfg, evaluation=evaluation, seed=seed + e) for e in range(cfg.env.num_envs)],
                   is_atari(cfg.env.name))
+
+
+def screen(env) -> np.ndarray | None:
+    """The environment's current screen as an (H, W, 3) RGB array, or None where it has none (videos)."""
+    from gorila_zmq.envs.atari import AtariEnv
+    from gorila_zmq.envs.dmc import DMCEnv
+    if isinstance(env, AtariEnv):
+        return env.ale.getScreenRGB()
+    if isinstance(env, DMCEnv):                  # (3, H, W) RGB
+        return np.ascontiguousarray(env.last_frame.transpose(1, 2, 0))
+    return None

@@ -32,12 +32,13 @@ from ale_py import roms
 from gymnasium import spaces
 
 from gorila_zmq.envs.frame import FrameStack
+from gorila_zmq.fields import ConfigError
 
 TRAIN_MAX_FRAMES = 108_000
 EVAL_MAX_FRAMES = 18_000
 
 
-class UnknownGameError(ValueError):
+class UnknownGameError(ConfigError):
     """The name matches no ROM that ale-py ships; the message lists the ones it does."""
 
 

@@ -18,11 +18,16 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from gorila_zmq.fields import ConfigError, UserError
 
 log = logging.getLogger("gorila_zmq.envs.dmc")
 
 
-class UnknownTaskError(ValueError):
+class MissingExtra(UserError, ImportError):
+    """dm_control (the dmc extra) is not installed."""
+
+
+class UnknownTaskError(ConfigError):
     pass
 
 
@@ -51,7 +56,7 @@ def _suite():
     try:
         from dm_control import suite
     except ImportError as e:
-        raise ImportError("DeepMind Control tasks need the dmc extra: pip install 'gorila-zmq[dmc]' "
+        raise MissingExtra("DeepMind Control tasks need the dmc extra: pip install 'gorila-zmq[dmc]' "
                           f"(dm_control, mujoco==3.17.0); import failed: {e}") from None
     return suite
 

@@ -1,6 +1,6 @@
 """Atari frame preprocessing: max over the last two raw frames, luminance, INTER_AREA resize, stack.
 
-Reference semantics (DESIGN.md section 4): ``cv2.resize(np.maximum(a, b), (84, 84),
+Reference semantics (what tests/test_frame.py holds it to): ``cv2.resize(np.maximum(a, b), (84, 84),
 interpolation=cv2.INTER_AREA)`` for grayscale screens, and for RGB screens the Nature order
 ``cv2.resize(cv2.cvtColor(np.maximum(a, b), cv2.COLOR_RGB2GRAY), ...)``; every output pixel is
 within 1 grey level of OpenCV's.

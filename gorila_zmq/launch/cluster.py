@@ -13,6 +13,7 @@ segment of the run is left on any host. OpenSSH runs in batch mode: key-only, ne
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -22,15 +23,19 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 
+import numpy as np
 import zmq
 
 from gorila_zmq import config as C
-from gorila_zmq.net import security
-from gorila_zmq.net import topology
+from gorila_zmq.fields import UserError
+from gorila_zmq.launch.program import make_layout, make_program
+from gorila_zmq.launch.status import collect
+from gorila_zmq.net import security, topology
+from gorila_zmq.ps.layout import INIT_FILE, LAYOUT_FILE, layout_record
 
 
-class ClusterError(RuntimeError):
-    pass
+class ClusterError(UserError, RuntimeError):
+    """A host that cannot be reached, logged into or used."""
 
 
 @dataclass
@@ -60,10 +65,15 @@ class Host:
 
 
 @dataclass
-class Spec:
+class ClusterSpec:
     hosts: dict[str, Host]
     cfg: C.Config
     path: str
+    layout: object = None           # the run's ParamLayout, built once when the spec is loaded
+    theta0: object = None           # and its initial theta (shipped to every host by `up`)
+
+    def program(self, only_host: str | None = None):
+        return make_program(self.cfg, only_host=only_host, layout_hash=self.layout.hash)
 
     def host_of(self, role: str) -> Host:
         addr = topology.address(self.cfg, role)
@@ -73,7 +83,7 @@ class Spec:
 ROLE_KEYS = {"ps": "ps", "bundles": "bundle", "actors": "actor", "learners": "learner", "replay": "replay"}
 
 
-def load_spec(path: str) -> Spec:
+def load_spec(path: str) -> ClusterSpec:
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -133,11 +143,12 @@ def load_spec(path: str) -> Spec:
         print("WARNING: curve = false in the cluster spec: every socket of this cluster is UNAUTHENTICATED and "
               "UNENCRYPTED; anyone who can reach these hosts can read parameters, push gradients, read replay",
               file=sys.stderr)
-    from gorila_zmq.launch.supervisor import make_program
-    missing = [s.name for s in make_program(cfg) if s.name not in placement]
+    layout, theta0 = make_layout(cfg)      # once: status polls and `up` reuse it
+    spec = ClusterSpec(hosts, cfg, path, layout, theta0)
+    missing = [s.name for s in spec.program() if s.name not in placement]
     if missing:
         raise C.ConfigError(f"{path}: no host for roles {missing}: list them under [roles]")
-    return Spec(hosts, cfg, path)
+    return spec
 
 
 def _preset(name):
@@ -151,26 +162,25 @@ def _preset(name):
 
 # -- commands -------------------------------------------------------------------------------------
 
-def _run_dir(spec: Spec) -> str:
+def _run_dir(spec: ClusterSpec) -> str:
     return spec.cfg.run.run_dir
 
 
-def _sup_pid(spec: Spec, host: Host) -> int | None:
+def _sup_pid(spec: ClusterSpec, host: Host) -> int | None:
     r = host.ssh(f"cat {shlex.quote(_run_dir(spec))}/logs/supervisor-{host.name}.pid 2>/dev/null "
                  f"&& kill -0 $(cat {shlex.quote(_run_dir(spec))}/logs/supervisor-{host.name}.pid) 2>/dev/null")
     out = r.stdout.decode().strip()
     return int(out) if r.returncode == 0 and out.isdigit() else None
 
 
-def _check_host(spec: Spec, host: Host) -> None:
+def _check_host(spec: ClusterSpec, host: Host) -> None:
     """Reachable, Python there, and the ports of its roles free."""
     host.ssh("true")
     r = host.ssh(f"test -x {shlex.quote(host.python)} && {shlex.quote(host.python)} -c 'import gorila_zmq'", check=False)
     if r.returncode != 0:
         raise ClusterError(f"host {host.name}: no Python with gorila-zmq at {host.python} "
                            f"({r.stderr.decode(errors='replace').strip()[-200:] or 'not found'}); see `cluster bootstrap`")
-    from gorila_zmq.launch.supervisor import make_program
-    program = make_program(spec.cfg, only_host=host.address)
+    program = spec.program(host.address)
     ports = topology.tcp_ports(spec.cfg, program)
     if ports:
         # Which ports are taken now (an error), and the host's ephemeral range (a warning: see topology).
@@ -194,17 +204,24 @@ def _check_host(spec: Spec, host: Host) -> None:
                                "(another run? change base_port)")
 
 
-def up(spec: Spec, timeout: float = 180.0, launcher_key: str | None = None) -> dict:
+def up(spec: ClusterSpec, timeout: float = 180.0, launcher_key: str | None = None) -> dict:
     t0 = time.monotonic()
     run_dir = _run_dir(spec)
     body = json.dumps(C.to_dict(spec.cfg), indent=2, sort_keys=True).encode()
+    layout = json.dumps(layout_record(spec.layout, spec.cfg.ps.shards)).encode()
+    init = io.BytesIO()
+    np.save(init, spec.theta0)
     started = []
     for host in spec.hosts.values():
         if _sup_pid(spec, host) is not None:
             print(f"{host.name}: supervisor already running")
             continue
         _check_host(spec, host)
-        host.ssh(f"mkdir -p {shlex.quote(run_dir)}/logs && cat > {shlex.quote(run_dir)}/config.json", input=body)
+        q = shlex.quote(run_dir)
+        host.ssh(f"mkdir -p {q}/logs && cat > {q}/config.json.tmp && mv {q}/config.json.tmp {q}/config.json", input=body)
+        host.ssh(f"cat > {q}/{LAYOUT_FILE}.tmp && mv {q}/{LAYOUT_FILE}.tmp {q}/{LAYOUT_FILE}", input=layout)
+        host.ssh(f"cat > {q}/{INIT_FILE}.tmp && mv {q}/{INIT_FILE}.tmp {q}/{INIT_FILE}", input=init.getvalue(),
+                 timeout=120)
         # `cd ... || exit` first, so that only the supervisor is backgrounded (with its output
         # redirected): a backgrounded list would keep the ssh channel open.
         cmd = (f"cd {shlex.quote(host.workdir)} || exit 1; GORILA_KEY_NAME={shlex.quote(host.name)} setsid "
@@ -226,13 +243,13 @@ def up(spec: Spec, timeout: float = 180.0, launcher_key: str | None = None) -> d
     return res
 
 
-def bootstrap(spec: Spec, wheel_dir: str | None = None) -> str:
+def bootstrap(spec: ClusterSpec, wheel_dir: str | None = None) -> str:
     """Build a wheel here and install it on every host over ssh (hosts without a shared filesystem).
     Dependencies come from each host's package index as usual; torch should be installed first."""
     import glob
     import tempfile
     out = wheel_dir or tempfile.mkdtemp(prefix="gz-wheel-")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out,
                         root], capture_output=True, text=True)
     if r.returncode != 0:
@@ -251,19 +268,17 @@ def bootstrap(spec: Spec, wheel_dir: str | None = None) -> str:
     return wheel
 
 
-def _collect(spec: Spec, launcher_key: str | None, timeout_s: float = 1.0) -> dict:
-    from gorila_zmq.launch.status import collect
-    from gorila_zmq.launch.supervisor import make_program
+def _collect(spec: ClusterSpec, launcher_key: str | None, timeout_s: float = 1.0) -> dict:
     ctx = zmq.Context()
     try:
         curve = security.load(spec.cfg.net.keys_dir, launcher_key or "launcher") if spec.cfg.net.curve else None
         with security.use(curve):
-            return collect(spec.cfg, make_program(spec.cfg), ctx, timeout_s)
+            return collect(spec.cfg, spec.program(), ctx, timeout_s)
     finally:
         ctx.destroy(linger=0)
 
 
-def wait_up(spec: Spec, timeout: float, launcher_key: str | None = None) -> dict:
+def wait_up(spec: ClusterSpec, timeout: float, launcher_key: str | None = None) -> dict:
     end = time.monotonic() + timeout
     while True:
         st = _collect(spec, launcher_key, 0.5)
@@ -281,7 +296,7 @@ def wait_up(spec: Spec, timeout: float, launcher_key: str | None = None) -> dict
         time.sleep(1.0)
 
 
-def down(spec: Spec, timeout: float = 30.0) -> None:
+def down(spec: ClusterSpec, timeout: float = 30.0) -> None:
     run_dir = shlex.quote(_run_dir(spec))
     for host in spec.hosts.values():
         pid = _sup_pid(spec, host)
@@ -300,7 +315,7 @@ def down(spec: Spec, timeout: float = 30.0) -> None:
         print(f"{host.name}: stopped")
 
 
-def leftovers(spec: Spec) -> dict[str, list[str]]:
+def leftovers(spec: ClusterSpec) -> dict[str, list[str]]:
     """Processes and shared-memory segments of this run still on each host (should be none)."""
     out = {}
     for host in spec.hosts.values():

@@ -10,8 +10,9 @@ import sys
 import zmq
 
 from gorila_zmq import config as C
-from gorila_zmq.net import protocol as P
-from gorila_zmq.ps.client import ShardUnavailable, request
+from gorila_zmq.launch.program import make_program
+from gorila_zmq.net import protocol as P, security
+from gorila_zmq.net.rpc import Unavailable, request
 
 
 def collect(cfg, program, ctx: zmq.Context, timeout_s: float = 0.5) -> dict[str, dict | None]:
@@ -24,7 +25,7 @@ def collect(cfg, program, ctx: zmq.Context, timeout_s: float = 0.5) -> dict[str,
         try:
             rhdr, body = request(ctx, spec.stats_endpoint, hdr, timeout_s=timeout_s, retries=0)
             out[spec.name] = P.as_json(rhdr, body, max_bytes=1 << 20)
-        except (ShardUnavailable, P.ProtocolError):
+        except (Unavailable, P.ProtocolError):
             out[spec.name] = None
     return out
 
@@ -37,14 +38,12 @@ def load_run(run_dir: str):
 
 
 def main(argv: list[str]) -> int:
-    from gorila_zmq.launch.supervisor import make_program
     p = argparse.ArgumentParser(prog="gorila-zmq status", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
     p.add_argument("--timeout", type=float, default=1.0)
     a = p.parse_args(argv)
     cfg = load_run(a.run_dir)
-    from gorila_zmq.net import security
     security.configure(cfg)
     program = make_program(cfg)
     ctx = zmq.Context()

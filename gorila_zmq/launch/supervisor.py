@@ -1,9 +1,7 @@
-"""The program as data, and the supervisor that runs it on one host (dev mode; the cluster launcher
-runs one per host).
+"""The supervisor: runs a program (launch/program.py) on one host (dev mode; the cluster launcher runs
+one per host), and `gorila-zmq dev`.
 
-`make_program(cfg)` turns a config into role specs (name, role, index, argv); dev mode, the cluster
-launcher and the tests all start these same `gorila-zmq ROLE --index I --config RUN_DIR/config.json`
-processes. The supervisor starts them in dependency order (shards, replay, learners and actors, the
+The supervisor starts the roles in dependency order (shards, replay, learners and actors, the
 evaluator), restarts any that exits or is killed (backoff 1 s doubling to 30 s, reset after a
 minute of good running), prints a progress line, and on Ctrl-C/SIGTERM stops everything: SIGTERM,
 then SIGKILL after a timeout, and removes the run's shared-memory segments.
@@ -22,61 +20,17 @@ from dataclasses import dataclass, field
 import zmq
 
 from gorila_zmq import config as C
-from gorila_zmq.net import topology
+from gorila_zmq.fields import UserError
+from gorila_zmq.host import logs, shm
+from gorila_zmq.launch.program import RoleSpec, make_program, owned_segments, prepare_run
+from gorila_zmq.launch.status import collect
+from gorila_zmq.net import security, topology
 
-log = logging.getLogger("gorila_zmq.launch.supervisor")
-
-
-@dataclass
-class RoleSpec:
-    name: str
-    role: str                       # ps | replay | learner | actor | evaluator
-    index: int
-    argv: list[str]                 # after `gorila-zmq`
-    stats_endpoint: str | None = None
-    layout_hash: int = 0
-    stage: int = 0                  # start order
+log = logging.getLogger("gorila_zmq.supervisor")
 
 
-def make_program(cfg: C.Config, config_path: str | None = None, only_host: str | None = None) -> list[RoleSpec]:
-    """Every process of a run, from its config (only those placed on `only_host`, if given)."""
-    config_path = config_path or os.path.join(cfg.run.run_dir, "config.json")
-    from gorila_zmq.envs import resolve_model
-    from gorila_zmq.ps.layout import ParamLayout
-    from gorila_zmq.agents.dqn.networks import build_model
-    resolve_model(cfg)
-    lhash = ParamLayout.from_module(build_model(cfg.model, cfg.run.seed)).hash
-
-    def spec(role, i, stage, ep, name=None):
-        return RoleSpec(name or f"{role}{i}", role, i, [role, "--index", str(i), "--config", config_path],
-                        ep, lhash, stage)
-
-    prog = [spec("ps", i, 0, topology.ps_request(cfg, i).connect) for i in range(cfg.ps.shards)]
-    r = cfg.roles
-    if r.mode == "bundled":
-        for b in range(r.bundles):
-            prog.append(spec("actor", b, 1, topology.control(cfg, "actor", b).connect))
-            prog.append(spec("learner", b, 2, topology.control(cfg, "learner", b).connect))
-    else:
-        prog += [spec("replay", i, 1, topology.replay(cfg, i).connect) for i in range(r.replay_shards)]
-        prog += [spec("actor", i, 2, topology.control(cfg, "actor", i).connect) for i in range(r.actors)]
-        prog += [spec("learner", i, 2, topology.control(cfg, "learner", i).connect) for i in range(r.learners)]
-    if r.evaluator:
-        prog.append(spec("evaluator", 0, 3, topology.control(cfg, "evaluator", 0).connect, "evaluator"))
-    if only_host is not None:
-        prog = [p for p in prog if topology.address(cfg, p.name) == only_host]
-    return prog
-
-
-def owned_segments(cfg: C.Config, spec: RoleSpec) -> list[str]:
-    """Shared-memory segments a role creates (what its supervisor removes if the role could not)."""
-    if spec.role == "ps":
-        return [f"gz_{cfg.run_id}_ps{spec.index}"]
-    if spec.role == "replay":
-        return [f"gz_{cfg.run_id}_greplay{spec.index}"]
-    if spec.role == "actor" and cfg.roles.mode == "bundled":
-        return [topology.bundle_replay_name(cfg, spec.index)]
-    return []
+class StartError(UserError, RuntimeError):
+    """A role exited while starting, or did not answer in time (the message holds its log's tail)."""
 
 
 def _die_with_parent() -> None:
@@ -127,7 +81,6 @@ class Supervisor:
 
     def _wait_stage_ready(self, stage: int, timeout: float = 120.0) -> None:
         """Wait until every role of a stage answers (shards and replay servers serve the others)."""
-        from gorila_zmq.launch.status import collect
         specs = [p.spec for p in self.procs.values() if p.spec.stage == stage]
         end = time.monotonic() + timeout
         while time.monotonic() < end and not self._stop:
@@ -136,11 +89,11 @@ class Supervisor:
                 return
             for p in self.procs.values():
                 if p.spec.stage == stage and p.popen and p.popen.poll() is not None:
-                    raise RuntimeError(f"{p.spec.name} exited with {p.popen.returncode} while starting; "
+                    raise StartError(f"{p.spec.name} exited with {p.popen.returncode} while starting; "
                                        f"see {self.log_dir}/{p.spec.name}.log:\n{self.tail(p.spec.name)}")
             time.sleep(0.2)
         if not self._stop:
-            raise RuntimeError(f"stage {stage} roles did not answer within {timeout:.0f}s")
+            raise StartError(f"stage {stage} roles did not answer within {timeout:.0f}s")
 
     def tail(self, name: str, lines: int = 15) -> str:
         try:
@@ -198,11 +151,8 @@ class Supervisor:
                     p.popen.wait(5)
         for spec in self.program:
             for name in owned_segments(self.cfg, spec):
-                try:
-                    os.unlink(f"/dev/shm/{name}")
+                if shm.remove(name):
                     log.info("removed leftover shared memory %s", name)
-                except OSError:
-                    pass
         self.ctx.destroy(linger=0)
 
     def request_stop(self, *_) -> None:
@@ -210,7 +160,6 @@ class Supervisor:
 
     # -- progress -------------------------------------------------------------------------------
     def progress(self) -> str:
-        from gorila_zmq.launch.status import collect
         st = collect(self.cfg, self.program, self.ctx, 0.3)
         now = time.monotonic()
         frames = sum(v.get("env_frames", 0) for k, v in st.items() if v and k.startswith("actor"))
@@ -258,17 +207,6 @@ class Supervisor:
             self.stop_all()
 
 
-def prepare_run(cfg: C.Config) -> str:
-    """Resolve the model, write RUN_DIR/config.json (what every role reads); return its path."""
-    from gorila_zmq.envs import resolve_model
-    resolve_model(cfg)
-    os.makedirs(cfg.run.run_dir, exist_ok=True)
-    topology.ensure_ipc_dir(cfg)
-    path = os.path.join(cfg.run.run_dir, "config.json")
-    C.save_json(cfg, path)
-    return path
-
-
 def dev_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gorila-zmq dev", description="Run every role on this host, supervised.")
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="start from a preset (dev: Pong on a small box)")
@@ -280,10 +218,9 @@ def dev_main(argv: list[str]) -> int:
     p.add_argument("--only-host", metavar="ADDRESS",
                    help="run only the roles net.placement puts on this address (one supervisor per host)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
-    p.add_argument("--log-level", default=os.environ.get("GORILA_LOG", "INFO"))
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default, or GORILA_LOG), WARNING ...")
     a = p.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
-                        format="%(asctime)s supervisor %(levelname)s %(message)s")
+    logs.setup("supervisor", a.log_level)
     overrides = ([f"agent.name={a.agent}"] if a.agent else []) + list(a.overrides) + \
         ([f"env.name={a.env}"] if a.env else [])
     preset = a.preset or ("drqv2" if a.agent == "drqv2" and not a.config else None)
@@ -300,12 +237,9 @@ def dev_main(argv: list[str]) -> int:
         # One of several per-host supervisors: the roles read the run's config.json as written (by
         # the first supervisor or the cluster launcher); run.run_dir only locates it.
         path = resumed
-        from gorila_zmq.envs import resolve_model
-        resolve_model(cfg)
         topology.ensure_ipc_dir(cfg)
     else:
         path = prepare_run(cfg)
-    from gorila_zmq.net import security
     security.configure_role(cfg, "supervisor")
     program = make_program(cfg, path, a.only_host)
     if not program:

@@ -23,14 +23,18 @@ or UTF-8 JSON for small control data. Nothing is pickled, and nothing received i
 """
 from __future__ import annotations
 
+import collections
 import enum
 import json
+import logging
 import struct
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import zmq
+
+from gorila_zmq.net import security
 
 MAGIC = b"GZ"
 PROTOCOL_VERSION = 1
@@ -84,10 +88,6 @@ class Dtype(enum.IntEnum):
 
 _NP = {Dtype.FLOAT32: np.dtype(np.float32), Dtype.UINT8: np.dtype(np.uint8),
        Dtype.INT64: np.dtype(np.int64)}
-
-
-def np_dtype(d: Dtype) -> np.dtype:
-    return _NP[d]
 
 
 class ProtocolError(Exception):
@@ -219,23 +219,6 @@ def message(hdr: Header, payload=None) -> list:
     raise TypeError(f"unsupported payload type {type(payload)}")
 
 
-def send(sock: zmq.Socket, hdr: Header, payload=None, identity: bytes | None = None,
-         copy_threshold: int = 65536) -> None:
-    frames = message(hdr, payload)
-    if identity is not None:
-        frames.insert(0, identity)
-    big = len(frames[-1]) if not isinstance(frames[-1], np.ndarray) else frames[-1].nbytes
-    sock.send_multipart(frames, copy=big < copy_threshold)
-
-
-def recv(sock: zmq.Socket, router: bool = False) -> tuple[bytes | None, list]:
-    """Receive one multipart message without copying large frames; ROUTER: (identity, rest)."""
-    frames = sock.recv_multipart(copy=False)
-    if router:
-        return frames[0].bytes, frames[1:]
-    return None, frames
-
-
 def error_reply(request: Header, status: Status, detail: str, shard: int = 0, incarnation: int = 0,
                 pversion: int = 0) -> tuple[Header, dict]:
     return (Header(Cmd.ERROR, shard=shard, status=int(status), client=request.client if request else 0,
@@ -243,12 +226,46 @@ def error_reply(request: Header, status: Status, detail: str, shard: int = 0, in
             {"status": Status(status).name, "detail": detail[:500]})
 
 
+class Rejections:
+    """The one way a server refuses a request: count it by kind, log the first of each kind (an
+    unexpected error with its traceback, once per exception type), and build the ERROR reply. A peer
+    that sends the same bad message a million times writes one log line."""
+
+    def __init__(self, log: logging.Logger, who: str):
+        self.log, self.who = log, who
+        self.counts: collections.Counter = collections.Counter()
+        self._logged: set[str] = set()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def reject(self, request: Header | None, error: Exception, **reply) -> tuple[Header, dict]:
+        """Count `error` (a ProtocolError, or an unexpected exception: REJECTED "internal error") and
+        return the ERROR reply's header and body; `reply` sets the header's shard/incarnation/pversion."""
+        if not isinstance(error, ProtocolError):
+            kind = f"internal:{type(error).__name__}"
+            if kind not in self._logged:
+                self._logged.add(kind)
+                self.log.error("%s: internal error handling a request (later ones of this kind are counted, "
+                               "not logged)", self.who, exc_info=error)
+            error = ProtocolError(Status.REJECTED, f"internal error: {type(error).__name__}")
+        kind = Status(error.status).name
+        self.counts[kind] += 1
+        if kind not in self._logged:
+            self._logged.add(kind)
+            self.log.warning("%s: rejected a request (%s): %s (logged once per kind)", self.who, kind, error.detail)
+        return error_reply(request, error.status, error.detail, **reply)
+
+    def as_dict(self) -> dict:
+        return {"rejected": dict(self.counts), "rejected_total": self.total}
+
+
 def make_socket(ctx: zmq.Context, kind: int, *, linger: int = 0, rcvhwm: int | None = None,
                 sndhwm: int | None = None, maxmsgsize: int | None = None,
                 server: bool | None = None) -> zmq.Socket:
     """Every socket in gorila-zmq is made here: linger 0, explicit high-water marks, and CurveZMQ when
     this process runs with it (ROUTER/PUB are servers, DEALER/SUB clients, unless `server` says)."""
-    from gorila_zmq.net import security
     s = ctx.socket(kind)
     security.apply(s, kind in (zmq.ROUTER, zmq.PUB) if server is None else server)
     s.setsockopt(zmq.LINGER, linger)

@@ -25,7 +25,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import parse_monitor_message
 
-log = logging.getLogger("gorila_zmq.net.security")
+log = logging.getLogger("gorila_zmq.security")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,43 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from gorila_zmq.net import protocol as P
-from gorila_zmq.net import topology
+from gorila_zmq.net import protocol as P, topology
+from gorila_zmq.net.rpc import Unavailable, Window, new_client_id, request
 from gorila_zmq.ps.layout import ParamLayout
 
-log = logging.getLogger("gorila_zmq.ps.client")
-
-
-class ShardUnavailable(RuntimeError):
-    pass
-
-
-def new_client_id() -> int:
-    return random.getrandbits(32) or 1
-
-
-def request(ctx: zmq.Context, endpoint: str, hdr: P.Header, payload=None, *, timeout_s: float = 5.0,
-            retries: int = 3, socket_options=None) -> tuple[P.Header, memoryview | None]:
-    """Lazy Pirate request/reply: poll with a timeout; on timeout close the socket, open a new one and
-    resend, `retries` times; then raise ShardUnavailable. An ERROR reply raises ProtocolError."""
-    frames = P.message(hdr, payload)
-    for attempt in range(retries + 1):
-        s = P.make_socket(ctx, zmq.DEALER)
-        if socket_options:
-            socket_options(s)
-        try:
-            s.connect(endpoint)
-            s.send_multipart(frames, copy=False)
-            if s.poll(int(timeout_s * 1000), zmq.POLLIN):
-                rhdr, body = P.parse(s.recv_multipart(copy=False))
-                if rhdr.command == P.Cmd.ERROR:
-                    detail = P.as_json(rhdr, body).get("detail", "") if body is not None else ""
-                    raise P.ProtocolError(P.Status(rhdr.status), f"{endpoint}: {detail}")
-                return rhdr, body
-        finally:
-            s.close(linger=0)
-        log.debug("no reply from %s (attempt %d/%d)", endpoint, attempt + 1, retries + 1)
-    raise ShardUnavailable(f"no reply from {endpoint} after {retries + 1} attempts of {timeout_s:g}s")
+log = logging.getLogger("gorila_zmq.client")
 
 
 class ShardSet:
@@ -115,13 +82,6 @@ class PushStats:
         return {k: v for k, v in self.__dict__.items()}
 
 
-class _Pending:
-    __slots__ = ("frames", "sent_at", "tries")
-
-    def __init__(self, frames, sent_at):
-        self.frames, self.sent_at, self.tries = frames, sent_at, 0
-
-
 class GradientPusher:
     def __init__(self, ctx: zmq.Context, shards: ShardSet, client_id: int | None = None,
                  socket_options=None, hello: bool = True, record: bool = False):
@@ -138,7 +98,7 @@ class GradientPusher:
                                          for i in range(shards.n)})
         self.versions = [0] * shards.n           # latest version each shard reported
         self.incarnations = [0] * shards.n
-        self.pending: list[dict[int, _Pending]] = [{} for _ in range(shards.n)]
+        self.pending = [Window(self.window, self.timeout, self.retries) for _ in range(shards.n)]
         self.abandoned: dict[int, None] = {}    # pushes given up on some shard (the latest 1,024): reusable()
         self._logged: set = set()
         self.socks: list[zmq.Socket] = [self._connect(i) for i in range(shards.n)]
@@ -164,13 +124,13 @@ class GradientPusher:
                              f"got {grad.dtype} {grad.shape}")
         self.seq += 1
         for i, (a, b) in enumerate(self.shards.ranges):
-            while len(self.pending[i]) >= self.window:
+            while self.pending[i].full():
                 self.poll(timeout_s=min(0.1, self.timeout), shard=i)
             hdr = P.Header(P.Cmd.PUSH_GRAD, shard=i, client=self.client, seq=self.seq,
                            pversion=versions[i], layout=self.shards.layout.hash)
             frames = P.message(hdr, grad[a:b])
             self.socks[i].send_multipart(frames, copy=False)
-            self.pending[i][self.seq] = _Pending(frames, time.monotonic())
+            self.pending[i].sent(self.seq, frames)
         self.stats.sent += 1
         return self.seq
 
@@ -199,8 +159,7 @@ class GradientPusher:
         except P.ProtocolError as e:
             log.warning("shard %d sent a malformed reply: %s", i, e)
             return 0
-        p = self.pending[i].pop(hdr.seq, None)
-        if p is None:
+        if not self.pending[i].answered(hdr.seq):
             return 0   # a late reply to a request already retried and answered
         self.versions[i], self.incarnations[i] = hdr.pversion, hdr.incarnation
         st = hdr.status
@@ -230,26 +189,20 @@ class GradientPusher:
     def _check_timeouts(self) -> None:
         now = time.monotonic()
         for i, pend in enumerate(self.pending):
-            if not pend or now - min(p.sent_at for p in pend.values()) < self.timeout:
+            if not pend.expired(now):
                 continue
             # Lazy Pirate: a fresh socket, resend everything in flight (same client/seq: idempotent).
             self.socks[i].close(linger=0)
             self.socks[i] = self._connect(i)
-            for seq in list(pend):
-                p = pend[seq]
-                if p.tries >= self.retries:
-                    del pend[seq]
-                    self.abandoned[seq] = None
-                    if len(self.abandoned) > 1024:
-                        del self.abandoned[next(iter(self.abandoned))]
-                    self.stats.lost += 1
-                    self.stats.by_shard[i]["lost"] += 1
-                    log.warning("push %d to shard %d lost after %d retries", seq, i, p.tries)
-                    continue
-                p.tries += 1
-                p.sent_at = now
-                self.stats.retries += 1
-                self.socks[i].send_multipart(p.frames, copy=False)
+            lost = pend.resend(self.socks[i])
+            self.stats.retries += len(pend)
+            for seq in lost:
+                self.abandoned[seq] = None
+                if len(self.abandoned) > 1024:
+                    del self.abandoned[next(iter(self.abandoned))]
+                self.stats.lost += 1
+                self.stats.by_shard[i]["lost"] += 1
+                log.warning("push %d to shard %d lost after %d retries", seq, i, self.retries)
 
     def in_flight(self) -> int:
         return sum(len(p) for p in self.pending)
@@ -353,7 +306,7 @@ class ParamSubscriber:
                                  timeout_s=min(self.timeout, 2.0), retries=0,
                                  socket_options=self._socket_options)
             arr = P.as_array(rhdr, body, P.Dtype.FLOAT32, b - a)
-        except (ShardUnavailable, P.ProtocolError) as e:
+        except (Unavailable, P.ProtocolError) as e:
             if isinstance(e, P.ProtocolError) and e.status == P.Status.BAD_LAYOUT and "layout" not in self._said:
                 self._said.add("layout")
                 log.error("shard %d runs another model than this process: %s", i, e.detail)

@@ -6,9 +6,13 @@ any request that names another hash, so two different models can never silently 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from gorila_zmq.host.files import atomic_write, write_json
 
 
 @dataclass(frozen=True)
@@ -94,3 +98,40 @@ def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
         out.append((start, stop))
         start = stop
     return out
+
+
+# -- the layout recorded with a run ---------------------------------------------------------------
+# RUN_DIR/layout.json (every tensor's name and shape, the hash, the shard ranges) and RUN_DIR/init.npy
+# (the initial theta) are written once when the run is prepared (launch/program.py), so shards, status
+# and the launchers know the layout without building a model or opening an environment.
+LAYOUT_FILE, INIT_FILE = "layout.json", "init.npy"
+
+
+def save_run_layout(run_dir: str, layout: ParamLayout, shards: int, theta0: np.ndarray) -> None:
+    with atomic_write(os.path.join(run_dir, INIT_FILE)) as f:
+        np.save(f, np.ascontiguousarray(theta0, np.float32))
+    write_json(os.path.join(run_dir, LAYOUT_FILE), layout_record(layout, shards), indent=1)
+
+
+def layout_record(layout: ParamLayout, shards: int) -> dict:
+    return {"hash": layout.hash, "size": layout.size, "shards": layout.shard_ranges(shards),
+            "tensors": [[e.name, list(e.shape)] for e in layout.entries]}
+
+
+def load_run_layout(run_dir: str) -> ParamLayout | None:
+    """The run's recorded layout, or None where the run has none (a role started by hand)."""
+    path = os.path.join(run_dir, LAYOUT_FILE)
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return None
+    layout = ParamLayout([(name, tuple(shape), "float32") for name, shape in rec["tensors"]])
+    if layout.hash != rec["hash"] or layout.size != rec["size"]:
+        raise ValueError(f"{path} is inconsistent (hash or size do not match its tensors)")
+    return layout
+
+
+def load_init_slice(run_dir: str, start: int, stop: int) -> np.ndarray:
+    """theta0[start:stop] from the run's init.npy (memory-mapped: a shard reads only its slice)."""
+    return np.array(np.load(os.path.join(run_dir, INIT_FILE), mmap_mode="r")[start:stop], np.float32)

@@ -66,14 +66,14 @@ import os
 import secrets
 import struct
 import sys
-import threading
 import weakref
 from dataclasses import dataclass, field, fields
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
 from gorila_zmq._native import load_ext, try_load_ext
+from gorila_zmq.host import shm as host_shm
 
 __all__ = ["ReplayMemory", "Batch", "IMPLEMENTATION", "START", "TERMINATED", "TRUNCATED"]
 
@@ -189,7 +189,6 @@ def _validate_params(lay: _Layout) -> None:
 
 # ---------------------------------------------------------------- shared memory
 
-_attach_lock = threading.Lock()
 _open_handles: "weakref.WeakSet[ReplayMemory]" = weakref.WeakSet()
 
 
@@ -199,21 +198,6 @@ def _close_open_handles() -> None:
     # of it are alive ("BufferError: cannot close exported pointers exist").
     for rb in list(_open_handles):
         rb.close()
-
-
-def _open_untracked(name: str) -> shared_memory.SharedMemory:
-    """Attach without registering with the resource tracker, which would unlink the segment when
-    this (reader) process exits; unregistering afterwards is not enough, because spawned children
-    share their parent's tracker and a shared registration would be dropped for the creator too."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    with _attach_lock:
-        register = resource_tracker.register
-        resource_tracker.register = lambda *a, **k: None
-        try:
-            return shared_memory.SharedMemory(name=name)
-        finally:
-            resource_tracker.register = register
 
 
 def _check_shm_space(nbytes: int) -> None:
@@ -229,6 +213,10 @@ def _check_shm_space(nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------- batches
+
+class NotReady(ValueError):
+    """sample() found no valid transition yet: wait for the writer (any other error is a real one)."""
+
 
 @dataclass(eq=False)
 class Batch:
@@ -442,7 +430,7 @@ class ReplayMemory:
     def attach(cls, name: str, *, impl: str | None = None, **expect) -> "ReplayMemory":
         """Open an existing memory by name (any process on the host). Keyword arguments, e.g.
         frame_shape=(84, 84), stack=4, dtype=np.uint8, are checked against its header."""
-        shm = _open_untracked(name)
+        shm = host_shm.attach(name)
         try:
             if shm.size < _HEAD.size:
                 raise ValueError(f"shared memory {name!r} ({shm.size} bytes) is too small to be a "
@@ -651,7 +639,7 @@ class ReplayMemory:
         for _ in range(_MAX_ROUNDS):
             total = core.snapshot(w, lo, cum)
             if total == 0:
-                raise ValueError("sample: the replay memory holds no transition yet")
+                raise NotReady("sample: the replay memory holds no transition yet")
             filled = self._fill(core, rng, total, w, lo, cum, need, out, sc)
             if not self._detect_torn:
                 return out
@@ -680,7 +668,7 @@ class ReplayMemory:
             valid = np.empty(total, np.int64)
             nv = core.valid_u(w, lo, cum, valid)
             if nv == 0:
-                raise ValueError(f"sample: no valid transition yet ({total} slots stored; a transition "
+                raise NotReady(f"sample: no valid transition yet ({total} slots stored; a transition "
                                  f"needs its n_step={self._lay.n_step} window written)")
             x = (valid[rng.integers(0, nv, size=n - filled, dtype=np.int64)] + 0.5) / total
             filled = core.gather(x, total, w, lo, cum, need, filled, *args)
@@ -720,11 +708,7 @@ class ReplayMemory:
 
     def unlink(self) -> None:
         """Destroy the segment's name (existing mappings stay valid until closed)."""
-        if self._owner or sys.version_info >= (3, 13):
-            self._shm.unlink()
-        else:
-            from multiprocessing import _posixshmem  # unlink() would unregister a name never registered
-            _posixshmem.shm_unlink(self._shm._name)
+        host_shm.unlink(self._shm, self._owner)
 
     def __enter__(self) -> "ReplayMemory":
         return self

@@ -1,7 +1,8 @@
 """What every role process shares: the role interface, its control socket (stats on request), scalar
-logging (TensorBoard event files + a CSV of the same scalars), and the common command-line setup.
+logging (TensorBoard event files + a CSV of the same scalars), and the one entry point (`role_main`).
 
-A role implements `Role`: `step()` does one unit of work, `stats()` reports counters; `run()` loops.
+A role implements `Role`: `step()` does one unit of work, `stats()` reports counters, `finish()` runs
+once when the loop ends (a shard's last checkpoint); `run()` loops, `close()` releases everything.
 A background thread answers control requests, so `gorila-zmq status` gets an answer from any live
 role, even one in the middle of a long step (a DrQ-v2 update on a CPU, an evaluation episode).
 """
@@ -18,10 +19,11 @@ import time
 import zmq
 
 from gorila_zmq import config as C
-from gorila_zmq.net import protocol as P
-from gorila_zmq.net import topology
+from gorila_zmq.fields import UserError
+from gorila_zmq.host import logs
+from gorila_zmq.net import protocol as P, security, topology
 
-log = logging.getLogger("gorila_zmq.roles.base")
+log = logging.getLogger("gorila_zmq.roles")
 
 
 class ControlServer:
@@ -31,7 +33,7 @@ class ControlServer:
         self.name = name
         self.sock = P.make_socket(ctx, zmq.ROUTER, maxmsgsize=1 << 16)
         self.sock.bind(endpoint.bind)
-        self.rejected = 0
+        self.rejections = P.Rejections(log, f"{name} control")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -64,11 +66,8 @@ class ControlServer:
                 except Exception as e:  # noqa: BLE001 - a counter read mid-update must not end the thread
                     raise P.ProtocolError(P.Status.REJECTED, f"stats unavailable: {type(e).__name__}: {e}") from None
                 out = P.message(P.Header(P.Cmd.REPLY, seq=req.seq, client=req.client), body)
-            except P.ProtocolError as e:
-                if e.status != P.Status.REJECTED:
-                    self.rejected += 1
-                hdr, body = P.error_reply(req, e.status, e.detail)
-                out = P.message(hdr, body)
+            except Exception as e:  # noqa: BLE001 - nothing a peer sends may end the control thread
+                out = P.message(*self.rejections.reject(req, e))
             try:
                 self.sock.send_multipart([ident] + out, zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -112,9 +111,11 @@ class ScalarLog:
             self._tb.flush()
 
     def close(self) -> None:
+        """Idempotent (a role may be closed by its run loop and again by its owner)."""
         self._csv.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 class Role:
@@ -122,12 +123,13 @@ class Role:
 
     name = "role"
 
-    def __init__(self, cfg: C.Config, ctx: zmq.Context | None = None, control: topology.Endpoint | None = None):
+    def __init__(self, cfg: C.Config, ctx: zmq.Context | None = None, control: topology.Endpoint | None = None,
+                 scalars: bool = True):
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         self._stop = False
         self.control = ControlServer(self.ctx, control, self.name) if control is not None else None
-        self.scalars = ScalarLog(cfg.run.run_dir, self.name)
+        self.scalars = ScalarLog(cfg.run.run_dir, self.name) if scalars else None
         self._last_log = time.monotonic()
 
     def request_stop(self, *_) -> None:
@@ -150,17 +152,23 @@ class Role:
         try:
             while not self._stop and (end is None or time.monotonic() < end):
                 self.step()
-                if time.monotonic() - self._last_log >= self.cfg.dev.stats_interval_s:
+                if self.scalars is not None and time.monotonic() - self._last_log >= self.cfg.dev.stats_interval_s:
                     self._last_log = time.monotonic()
                     self.scalars.log(self.log_step(), self.stats())
+            self.finish()
         finally:
             self.close()
 
+    def finish(self) -> None:
+        """Once, when the loop ends without an error (before close)."""
+
     def close(self) -> None:
+        """Release sockets, memory and files; safe to call more than once."""
         if self.control is not None:
             self.control.close()
             self.control = None
-        self.scalars.close()
+        if self.scalars is not None:
+            self.scalars.close()
 
 
 def torch_threads(cfg: C.Config, prog: str) -> int:
@@ -171,33 +179,42 @@ def torch_threads(cfg: C.Config, prog: str) -> int:
     return cfg.agent.torch_threads
 
 
-def role_main(argv: list[str], prog: str, description: str, make_role, index_required: bool = True) -> int:
-    """Shared `gorila-zmq ROLE` entry point: config, logging, signals, run."""
+def role_main(argv: list[str], prog: str, description: str, make_role, index_required: bool = True,
+              uses_torch: bool = True) -> int:
+    """The `gorila-zmq ROLE` entry point of every role: config, logging, signals, run. A user's mistake
+    (a bad config, a missing ROM) is one clear line in the role's log and exit code 2; an unexpected
+    error is logged with its full traceback (the supervisor's restart message shows the log's tail)."""
     p = argparse.ArgumentParser(prog=f"gorila-zmq {prog}", description=description)
     p.add_argument("--index", type=int, default=0, required=index_required, help="which one of its kind")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--config", help="TOML (or a run's config.json)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
-    p.add_argument("--log-level", default=os.environ.get("GORILA_LOG", "INFO"))
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default, or GORILA_LOG), WARNING ...")
     a = p.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.INFO),
-                        format=f"%(asctime)s {prog}{a.index} %(levelname)s %(message)s")
-    cfg = C.load(a.config, a.overrides)
-    from gorila_zmq.net import security
-    security.configure_role(cfg, f"{prog}{a.index}")
-    from gorila_zmq.envs import resolve_model
-    resolve_model(cfg)
-    os.makedirs(cfg.run.run_dir, exist_ok=True)
-    topology.ensure_ipc_dir(cfg)
-    import torch
-    torch.set_num_threads(torch_threads(cfg, prog))
+    name = prog if prog == "evaluator" else f"{prog}{a.index}"
+    logs.setup(name, a.log_level)
+    rlog = logging.getLogger(f"gorila_zmq.{prog}")
 
     def early_exit(*_):          # while the role is still being built (it may wait for the shards)
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, early_exit)
     signal.signal(signal.SIGINT, early_exit)
-    role = make_role(cfg, a.index)
-    signal.signal(signal.SIGTERM, role.request_stop)
-    signal.signal(signal.SIGINT, role.request_stop)
-    role.run(a.duration)
+    try:
+        cfg = C.load(a.config, a.overrides)
+        security.configure_role(cfg, name)
+        os.makedirs(cfg.run.run_dir, exist_ok=True)
+        topology.ensure_ipc_dir(cfg)
+        if uses_torch:
+            import torch
+            torch.set_num_threads(torch_threads(cfg, prog))
+        role = make_role(cfg, a.index)
+        signal.signal(signal.SIGTERM, role.request_stop)
+        signal.signal(signal.SIGINT, role.request_stop)
+        role.run(a.duration)
+    except UserError as e:
+        rlog.error("%s: %s", name, e)
+        return 2
+    except Exception:
+        rlog.exception("%s died of an unexpected error", name)
+        return 1
     return 0

@@ -1,23 +1,17 @@
-"""The learner role: samples minibatches from replay, computes the agent's gradient, drops loss
-outliers (Gorila 4.2), and pushes the gradient to every shard.
-
-- DQN: the TD loss against the target network theta^- (below).
-- DrQ-v2: augmentation, critic loss (encoder + critic) and actor loss (actor only) as one flat
-  gradient for the parameter server's Adam; the critic target is local to the learner and
-  soft-updated (tau) toward the critic after every update.
+"""The learner role: samples minibatches from replay, has the agent compute its gradient (its
+`Learning`: DQN's TD loss against theta^-, DrQ-v2's critic and actor losses), drops loss outliers
+(Gorila 4.2), pushes the gradient to every shard, and lets the agent handle its target network.
 
 - A loader thread samples into a ring of preallocated batches (pinned when CUDA is present) while the
   main thread computes the gradient; batches move to the device with non-blocking copies.
 - theta is refreshed from the background subscriber before every update (never blocking); the
   gradient carries the per-shard versions of the theta it was computed against.
-- The target network theta^- is fetched (blocking snapshot) every `target_sync_every` *global*
-  updates (Gorila 4.1): the global count is shard 0's version.
+- Target networks are the agent's: its Learning gets `load_theta(module)`, a blocking snapshot of
+  the current theta (DQN syncs theta^- every `dqn.target_sync_every` *global* updates, Gorila 4.1).
 """
 from __future__ import annotations
 
-import copy
 import logging
-import os
 import queue
 import threading
 import time
@@ -25,16 +19,18 @@ import time
 import numpy as np
 import torch
 
+from gorila_zmq.agents import base as agents
+from gorila_zmq.agents.common import OutlierFilter
+from gorila_zmq.envs import env_spec
+from gorila_zmq.fields import ConfigError
 from gorila_zmq.net import topology
-from gorila_zmq.agents import drqv2
-from gorila_zmq.agents.dqn.agent import Every, OutlierFilter, td_loss
 from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
-from gorila_zmq.envs import spec
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.agents.dqn.networks import build_model
+from gorila_zmq.replay.memory import NotReady
+from gorila_zmq.replay.sources import make_source
 from gorila_zmq.roles.base import Role, role_main
 
-log = logging.getLogger("gorila_zmq.roles.learner")
+log = logging.getLogger("gorila_zmq.learner")
 
 
 def pick_device(name: str) -> torch.device:
@@ -42,90 +38,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"agent.device={name} but CUDA is not available on this host")
+        raise ConfigError(f"agent.device={name} but CUDA is not available on this host")
     return dev
-
-
-class LocalSource:
-    """Bundle replay in shared memory, owned by the bundle's actor. When the actor is restarted (a new
-    segment under the same name), the loader thread switches to the new memory between two samples,
-    once it holds `need` transitions; until then it keeps sampling the old one (its mapping stays
-    valid after the unlink)."""
-
-    def __init__(self, cfg, index: int):
-        self.name = topology.bundle_replay_name(cfg, index)
-        self.rb = None
-        self._ino = None
-        self._next_check = 0.0
-        self._need = 1
-        self._pending = None          # (handle, inode) of a recreated memory still filling up
-
-    def _path_ino(self):
-        try:
-            return os.stat(f"/dev/shm/{self.name}").st_ino
-        except OSError:
-            return None
-
-    def _attach_new(self):
-        ino = self._path_ino()
-        if ino is None or ino == self._ino or (self._pending and self._pending[1] == ino):
-            return
-        from gorila_zmq.replay.memory import ReplayMemory
-        try:
-            new = ReplayMemory.attach(self.name)
-        except (FileNotFoundError, ValueError):
-            return
-        if self._pending is not None:
-            self._pending[0].close()
-        self._pending = (new, ino)
-
-    def ready(self, need: int) -> bool:
-        """Before the loader starts (main thread): attached, and holding `need` transitions?"""
-        self._need = need
-        self.refresh(force=self.rb is None)
-        return self.rb is not None and len(self.rb) >= need
-
-    def refresh(self, force: bool = False) -> None:
-        """Once a second: adopt a recreated memory when it is full enough. Only the thread that
-        samples calls this, so no sample is ever in flight on a handle being closed."""
-        now = time.monotonic()
-        if not force and now < self._next_check:
-            return
-        self._next_check = now + 1.0
-        self._attach_new()
-        if self._pending is not None and (self.rb is None or len(self._pending[0]) >= self._need):
-            if self.rb is not None:
-                log.info("replay %s was recreated (actor restarted): switched to the new memory", self.name)
-                self.rb.close()
-            self.rb, self._ino = self._pending
-            self._pending = None
-
-    def allocate(self, batch_size: int, pinned):
-        return None  # allocated lazily once attached (shapes come from the memory)
-
-    def sample(self, batch_size: int, rng, out):
-        return self.rb.sample(batch_size, rng, out=out)
-
-    def close(self):
-        for rb in (self.rb, self._pending[0] if self._pending else None):
-            if rb is not None:
-                rb.close()
-
-
-class MemorySource:
-    """A replay memory this process already holds (benchmarks, tests, single-process use)."""
-
-    def __init__(self, rb):
-        self.rb = rb
-
-    def ready(self, need: int) -> bool:
-        return len(self.rb) >= need
-
-    def sample(self, batch_size: int, rng, out):
-        return self.rb.sample(batch_size, rng, out=out)
-
-    def close(self):
-        pass
 
 
 class FlatStaging:
@@ -193,18 +107,18 @@ class Loader(threading.Thread):
                     buf = self.free.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if hasattr(self.source, "refresh"):
-                    self.source.refresh()
+                self.source.refresh()
                 t0 = time.perf_counter()
                 try:
                     out = self.source.sample(self.B, self.rng, buf)
-                except ValueError:             # nothing valid yet (e.g. right after a re-attach)
+                except NotReady:               # nothing valid yet (right after a re-attach, shards filling)
                     self.free.put(buf)
                     time.sleep(0.05)
                     continue
                 self.sample_s += time.perf_counter() - t0
                 self.full.put(out)
         except BaseException as e:  # surfaced by get(); a learner must not train on nothing silently
+            log.exception("batch loader failed")
             self.error = e
 
     def get(self, timeout: float = 5.0):
@@ -221,20 +135,14 @@ class Learner(Role):
         self.name = f"learner{index}"
         super().__init__(cfg, ctx, topology.control(cfg, "learner", index))
         self.index = index
+        agent = agents.prepare(cfg)
         self.device = pick_device(cfg.agent.device)
-        self.online = build_model(cfg.model, cfg.run.seed).to(self.device)
-        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.online = agent.make_network(cfg).to(self.device)
         self.layout = ParamLayout.from_module(self.online)
         self.shards = ShardSet(cfg, self.layout)
         self.sub = ParamSubscriber(self.ctx, self.shards)
         self.pusher = GradientPusher(self.ctx, self.shards)
-        if source is None:
-            if cfg.roles.mode == "bundled":
-                source = LocalSource(cfg, index)
-            else:
-                from gorila_zmq.roles.replay import RemoteSource
-                source = RemoteSource(self.ctx, cfg, index, spec(cfg))
-        self.source = source
+        self.source = source if source is not None else make_source(self.ctx, cfg, index, agent.record(env_spec(cfg)))
         self.loader = None
         self.filter = OutlierFilter(cfg.agent.outlier_k, cfg.agent.outlier_warmup)
         # On CUDA: whole-vector pinned transfers (FlatStaging); on the CPU: per-tensor copies.
@@ -247,7 +155,6 @@ class Learner(Role):
         self.versions = [0] * self.shards.n
         self.updates = 0
         self.dropped = 0
-        self.target_syncs = 0
         self.last = {}
         self.compute_s = 0.0
         self.wait_s = 0.0
@@ -257,12 +164,83 @@ class Learner(Role):
             waited += 30
             log.warning("%s: still no parameters from every shard after %d s (alive: %s)", self.name,
                         waited, self.sub.alive)
-        self._sync_target()
-        self.drq = cfg.agent.name == "drqv2"
-        # DQN: theta^- synced every N global updates. DrQ-v2: self.target.critic is the soft-updated
-        # critic target (starting from the parameter server's critic).
-        self.target_every = None if self.drq else Every(cfg.agent.target_sync_every, max(self.sub.global_version, 0))
+        self._refresh()
+        self.learning = agent.learning(cfg, self.online, self._load_theta, max(self.sub.global_version, 0))
 
+    def _load_theta(self, module) -> None:
+        """The agent's target handling: the exact current theta (a blocking snapshot) into `module`."""
+        theta, _ = fetch_params(self.ctx, self.shards)
+        self.layout.load_into(module, theta)
+
+    # -- one update -----------------------------------------------------------------------------
+    def step(self) -> None:
+        need = max(self.cfg.agent.learning_starts, self.cfg.agent.batch_size)
+        if self.loader is None:
+            if not self.source.ready(need):
+                time.sleep(0.05)
+                self.pusher.poll(0)
+                return
+            self._start_loader()
+        t0 = time.perf_counter()
+        try:
+            batch = self.loader.get(timeout=1.0)
+        except queue.Empty:
+            self.wait_s += time.perf_counter() - t0
+            return
+        t1 = time.perf_counter()
+        self.wait_s += t1 - t0
+        self._refresh()
+        versions = list(self.versions)
+        t = batch.as_tensors()
+        nb = self.device.type == "cuda"
+        on_device = agents.Batch(*(torch.as_tensor(getattr(t, k)).to(self.device, non_blocking=nb)
+                                   for k in ("obs", "action", "reward", "discount", "next_obs")))
+        copied = None
+        if nb:                  # the pinned buffer goes back to the loader only once the copies landed
+            copied = torch.cuda.Event()
+            copied.record()
+        grad, host = self._free_grad_buffer()
+        views = self._bind_grads(host) if self.staging is None else None
+        global_updates = max(self.sub.global_version, 0)
+        self.last, ok = self.learning.gradients(on_device, global_updates, self.filter.accept)
+        if copied is not None:
+            copied.synchronize()
+        self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
+        if views is not None:
+            self._unbind_grads(views)
+        if not ok:
+            self._grad_bufs.append((-1, grad, host))        # unused: back to the pool
+            self.dropped += 1
+            self.compute_s += time.perf_counter() - t1
+            return
+        if self.staging is not None:
+            self.staging.grads_to_host(host)
+            self.staging.copies_done()
+        seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until reusable(seq)
+        self._grad_bufs.append((seq, grad, host))
+        self.pusher.poll(0)
+        self.updates += 1
+        self.compute_s += time.perf_counter() - t1
+        self.learning.after_update(max(self.pusher.versions[0], self.sub.global_version))
+        if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:
+            self.request_stop()
+
+    def _start_loader(self) -> None:
+        self.loader = Loader(self.source, self.cfg.agent.batch_size,
+                             seed=hash((self.cfg.run.seed, 2, self.index)) % 2**32)
+        for _ in range(self.loader.depth):
+            self.loader.free.put(self.source.allocate(self.cfg.agent.batch_size))
+        self.loader.start()
+
+    def _refresh(self) -> None:
+        if self.sub.updates != self._seen:
+            _, self.versions, self._seen = self.sub.latest(self._flat)
+            if self.staging is not None:        # its H2D copy has landed before the next refresh: every
+                self.staging.load_params()      # step synchronises on the batch copies enqueued after it
+            else:
+                self.layout.load_into(self.online, self._flat)
+
+    # -- gradient buffers -----------------------------------------------------------------------
     def _free_grad_buffer(self) -> tuple[np.ndarray, torch.Tensor]:
         """A gradient buffer no push still needs (every shard answered it), else a new one: no 6.7 MB
         allocation and page faults per update once the window's worth of buffers exists. A buffer
@@ -304,123 +282,17 @@ class Learner(Role):
                     v.copy_(g)
             p.grad = None
 
-    def _sync_target(self) -> None:
-        theta, _ = fetch_params(self.ctx, self.shards)
-        self.layout.load_into(self.target, theta)
-        self.target_syncs += 1
-
-    def _refresh(self) -> None:
-        if self.sub.updates != self._seen:
-            _, self.versions, self._seen = self.sub.latest(self._flat)
-            if self.staging is not None:        # its H2D copy has landed before the next refresh: every
-                self.staging.load_params()      # step synchronises on the batch copies enqueued after it
-            else:
-                self.layout.load_into(self.online, self._flat)
-
-    def _start_loader(self) -> None:
-        rb = getattr(self.source, "rb", None)
-        self.loader = Loader(self.source, self.cfg.agent.batch_size,
-                             seed=hash((self.cfg.run.seed, 2, self.index)) % 2**32)
-        for _ in range(self.loader.depth):
-            if rb is not None:
-                buf = rb.allocate_batch(self.cfg.agent.batch_size)
-            else:
-                buf = self.source.allocate(self.cfg.agent.batch_size, None)
-            self.loader.free.put(buf)
-        self.loader.start()
-
-    def step(self) -> None:
-        need = max(self.cfg.agent.learning_starts, self.cfg.agent.batch_size)
-        if self.loader is None:
-            if not self.source.ready(need):
-                time.sleep(0.05)
-                self.pusher.poll(0)
-                return
-            self._start_loader()
-        t0 = time.perf_counter()
-        try:
-            batch = self.loader.get(timeout=1.0)
-        except queue.Empty:
-            self.wait_s += time.perf_counter() - t0
-            return
-        t1 = time.perf_counter()
-        self.wait_s += t1 - t0
-        self._refresh()
-        versions = list(self.versions)
-        t = batch.as_tensors() if hasattr(batch, "as_tensors") else batch
-        nb = self.device.type == "cuda"
-        obs = torch.as_tensor(t.obs).to(self.device, non_blocking=nb)
-        next_obs = torch.as_tensor(t.next_obs).to(self.device, non_blocking=nb)
-        action = torch.as_tensor(t.action).to(self.device, non_blocking=nb)
-        action = action.float() if self.drq else action.long()
-        reward = torch.as_tensor(t.reward).to(self.device, non_blocking=nb)
-        discount = torch.as_tensor(t.discount).to(self.device, non_blocking=nb)
-        copied = None
-        if nb:                  # the pinned buffer goes back to the loader only once the copies landed
-            copied = torch.cuda.Event()
-            copied.record()
-        grad, host = self._free_grad_buffer()
-        views = self._bind_grads(host) if self.staging is None else None
-        if self.drq:
-            ok = self._drqv2_gradients(obs, action, reward, discount, next_obs)
-        else:
-            ok = self._dqn_gradients(obs, action, reward, discount, next_obs)
-        if copied is not None:
-            copied.synchronize()
-        self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
-        if views is not None:
-            self._unbind_grads(views)
-        if not ok:
-            self._grad_bufs.append((-1, grad, host))        # unused: back to the pool
-            self.dropped += 1
-            self.compute_s += time.perf_counter() - t1
-            return
-        if self.staging is not None:
-            self.staging.grads_to_host(host)
-            self.staging.copies_done()
-        seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until reusable(seq)
-        self._grad_bufs.append((seq, grad, host))
-        self.pusher.poll(0)
-        self.updates += 1
-        self.compute_s += time.perf_counter() - t1
-        if self.drq:
-            drqv2.soft_update(self.target.critic, self.online.critic, self.cfg.agent.critic_tau)
-        elif self.target_every(max(self.pusher.versions[0], self.sub.global_version)):
-            self._sync_target()
-        if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:
-            self.request_stop()
-
-    def _dqn_gradients(self, obs, action, reward, discount, next_obs) -> bool:
-        loss, info = td_loss(self.online, self.target, obs, action, reward, discount, next_obs,
-                             double=self.cfg.agent.double_dqn, huber=self.cfg.agent.huber)
-        self.last = info
-        if not self.filter.accept(info["loss"]):
-            return False
-        self.online.zero_grad(set_to_none=False)    # in place: on the CPU .grad is the push buffer
-        loss.backward()
-        return True
-
-    def _drqv2_gradients(self, obs, action, reward, discount, next_obs) -> bool:
-        a = self.cfg.agent
-        std = drqv2.schedule(a.std_schedule, max(self.sub.global_version, 0))
-        info, ok = drqv2.gradients(self.online, self.target.critic, obs, action, reward, discount, next_obs,
-                                   std, a.std_clip, accept=self.filter.accept, pretanh_reg=a.actor_pretanh_reg)
-        self.last = {"loss": info["critic_loss"], "q_mean": info["critic_q1"], "std": std, **info}
-        return ok
-
+    # -- reporting ------------------------------------------------------------------------------
     def log_step(self) -> int:
         return max(self.sub.global_version, 0)
 
     def stats(self) -> dict:
         up = time.monotonic() - self.started
-        return {"updates": self.updates, "updates_per_s": self.updates / up if up > 0 else 0.0,
-                "outliers_dropped": self.dropped, "target_syncs": self.target_syncs,
-                "global_updates": self.sub.global_version, "loss": self.last.get("loss"),
-                "q_mean": self.last.get("q_mean"), "actor_loss": self.last.get("actor_loss"),
-                "actor_pretanh": self.last.get("actor_pretanh"),
-                "exploration_std": self.last.get("std"), "push": self.pusher.stats.as_dict(),
-                "device": str(self.device), "compute_s": self.compute_s, "wait_for_batch_s": self.wait_s,
-                "sample_s": self.loader.sample_s if self.loader else 0.0, **self.filter.state()}
+        return {"loss": None, "q_mean": None, **self.last, "updates": self.updates, "updates_per_s": self.updates / up if up > 0 else 0.0,
+                "outliers_dropped": self.dropped, "global_updates": self.sub.global_version,
+                "push": self.pusher.stats.as_dict(), "device": str(self.device), "compute_s": self.compute_s,
+                "wait_for_batch_s": self.wait_s, "sample_s": self.loader.sample_s if self.loader else 0.0,
+                **self.learning.stats(), **self.filter.state()}
 
     def close(self) -> None:
         if self.loader is not None:

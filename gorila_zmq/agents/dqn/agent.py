@@ -1,108 +1,121 @@
-"""DQN as Gorila trains it: the loss against a target network, the loss-outlier safeguard (Gorila 4.2),
-and the schedules (epsilon on the *global* update count, target sync every N global updates).
-
-Reads top to bottom: `td_loss` (one screen), `OutlierFilter`, `linear_schedule`, `Every`.
-"""
+"""DQN as Gorila trains it, behind the Agent protocol: epsilon-greedy acting with epsilon annealed on the
+*global* update count, the TD loss against a target network theta^- synced from the parameter server
+every `dqn.target_sync_every` *global* updates (Gorila 4.1), and the evaluation policy (epsilon
+`eval.epsilon`, 0.05 in the Atari protocol)."""
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+
+from gorila_zmq.agents.base import Agent, Batch, Clock, Learning, Policy
+from gorila_zmq.agents.common import Every, linear_schedule
+from gorila_zmq.agents.dqn.learning import td_loss
+from gorila_zmq.agents.dqn.networks import MLP, NatureCNN
+from gorila_zmq.fields import ConfigError
+from gorila_zmq.replay import records
 
 
-def td_loss(q_net, target_net, obs, action, reward, discount, next_obs, *, double: bool = False,
-            huber: bool = True) -> tuple[torch.Tensor, dict]:
-    """Mean TD loss of a batch. `reward` is the n-step discounted return, `discount` is gamma^n
-    (0 where the episode terminated inside the n steps, gamma^k > 0 through a truncation)."""
-    q = q_net(obs).gather(1, action.view(-1, 1)).squeeze(1)
-    with torch.no_grad():
-        q_next_target = target_net(next_obs)
-        if double:
-            best = q_net(next_obs).argmax(1, keepdim=True)
-            q_next = q_next_target.gather(1, best).squeeze(1)
-        else:
-            q_next = q_next_target.max(1).values
-        target = reward + discount * q_next
-    loss = F.smooth_l1_loss(q, target) if huber else F.mse_loss(q, target)
-    loss_v, q_mean = torch.stack([loss.detach(), q.detach().mean()]).tolist()     # one device sync, not two
-    return loss, {"loss": loss_v, "q_mean": q_mean}
-
-
-class OutlierFilter:
-    """Gorila 4.2: drop a gradient whose |loss| is above mean + k*std of the running |loss|, after a
-    warm-up. Running moments are exponential (window ~ 1/alpha) and only accepted losses update them,
-    so one spike cannot widen the band for the next."""
-
-    def __init__(self, k: float = 5.0, warmup: int = 100, alpha: float = 0.01, rewarm_after: int = 50):
-        self.k, self.warmup, self.alpha, self.rewarm_after = k, warmup, alpha, rewarm_after
-        self.n = 0
-        self.mean = 0.0
-        self.var = 0.0
-        self.dropped = 0
-        self.in_a_row = 0
-        self.rewarms = 0
-
-    def accept(self, loss: float) -> bool:
-        x = abs(loss)
-        if not math.isfinite(x):
-            self.dropped += 1
-            return False
-        if self.k > 0 and self.n >= self.warmup and x > self.mean + self.k * math.sqrt(self.var):
-            self.dropped += 1
-            self.in_a_row += 1
-            if self.in_a_row >= self.rewarm_after:
-                # Not a spike but a new level of loss (e.g. after a target sync): learn it again
-                # rather than drop every gradient from now on.
-                self.n, self.mean, self.var, self.in_a_row = 0, 0.0, 0.0, 0
-                self.rewarms += 1
-            return False
-        self.in_a_row = 0
-        self.n += 1
-        if self.n <= self.warmup:               # exact running moments while warming up
-            d = x - self.mean
-            self.mean += d / self.n
-            self.var += (d * (x - self.mean) - self.var) / self.n
-        else:
-            d = x - self.mean
-            self.mean += self.alpha * d
-            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
-        return True
-
-    def state(self) -> dict:
-        return {"outlier_mean": self.mean, "outlier_std": math.sqrt(self.var), "outliers_dropped": self.dropped,
-                "outlier_rewarms": self.rewarms}
-
-
-def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
-    """start -> end linearly over `duration` steps of t, then end."""
-    if duration <= 0:
-        return end
-    frac = min(max(t, 0) / duration, 1.0)
-    return start + frac * (end - start)
-
-
-def actor_epsilon(cfg_agent, global_updates: int, actor_index: int = 0, num_actors: int = 1) -> float:
+def actor_epsilon(dqn_cfg, global_updates: int, actor_index: int = 0, num_actors: int = 1) -> float:
     """Epsilon for an actor, annealed on the global update count. With `eps_per_actor`, actor i of N
     anneals to eps_end ** (1 + 7 i / (N - 1)) instead (the per-actor spread of Ape-X), an option."""
-    end = cfg_agent.eps_end
-    if cfg_agent.eps_per_actor and num_actors > 1:
-        end = cfg_agent.eps_end ** (1 + 7 * actor_index / (num_actors - 1))
-    return linear_schedule(cfg_agent.eps_start, end, cfg_agent.eps_anneal_updates, global_updates)
+    end = dqn_cfg.eps_end
+    if dqn_cfg.eps_per_actor and num_actors > 1:
+        end = dqn_cfg.eps_end ** (1 + 7 * actor_index / (num_actors - 1))
+    return linear_schedule(dqn_cfg.eps_start, end, dqn_cfg.eps_anneal_updates, global_updates)
 
 
-class Every:
-    """True once each time the counter crosses a multiple of `period` (counters may jump)."""
+class EpsilonGreedy(Policy):
+    """Greedy on the Q-network with probability 1 - epsilon, else a uniformly random action. `epsilon`
+    is a number, or a function of the clock (an actor's annealing)."""
 
-    def __init__(self, period: int, start: int = 0):
-        self.period = period
-        self.last = start // period if period > 0 else 0
+    def __init__(self, net, n_actions: int, epsilon, rng: np.random.Generator):
+        self.net, self.n_actions, self.rng = net, n_actions, rng
+        self._epsilon = epsilon if callable(epsilon) else (lambda clock, e=float(epsilon): e)
+        self.epsilon = None
 
-    def __call__(self, t: int) -> bool:
-        if self.period <= 0:
-            return False
-        k = t // self.period
-        if k != self.last:
-            self.last = k
-            return True
-        return False
+    def act(self, obs: np.ndarray, clock: Clock) -> np.ndarray:
+        self.epsilon = self._epsilon(clock)
+        E = len(obs)
+        explore = self.rng.random(E) < self.epsilon
+        random = self.rng.integers(self.n_actions, size=E)
+        if explore.all():                  # no forward pass when no greedy action is used
+            return random
+        with torch.no_grad():
+            greedy = self.net(torch.from_numpy(np.asarray(obs))).argmax(1).numpy()
+        return np.where(explore, random, greedy)
+
+    def stats(self) -> dict:
+        return {"epsilon": self.epsilon}
+
+    def describe(self) -> str:
+        return f"epsilon-greedy on the Q-network, epsilon {self._epsilon(Clock()):g}"
+
+
+class DQNLearning(Learning):
+    def __init__(self, cfg, online, load_theta, global_updates: int):
+        self.cfg, self.online, self.load_theta = cfg, online, load_theta
+        self.target = copy.deepcopy(online).requires_grad_(False)
+        self.target_syncs = 0
+        self.sync_target()
+        self.every = Every(cfg.dqn.target_sync_every, max(global_updates, 0))
+
+    def sync_target(self) -> None:
+        self.load_theta(self.target)
+        self.target_syncs += 1
+
+    def gradients(self, batch: Batch, global_updates: int, accept) -> tuple[dict, bool]:
+        d = self.cfg.dqn
+        loss, info = td_loss(self.online, self.target, batch.obs, batch.action.long(), batch.reward,
+                             batch.discount, batch.next_obs, double=d.double_dqn, huber=d.huber)
+        if not accept(info["loss"]):
+            return info, False
+        self.online.zero_grad(set_to_none=False)    # in place: on the CPU .grad is the push buffer
+        loss.backward()
+        return info, True
+
+    def after_update(self, global_updates: int) -> None:
+        if self.every(global_updates):
+            self.sync_target()
+
+    def stats(self) -> dict:
+        return {"target_syncs": self.target_syncs}
+
+
+class DQN(Agent):
+    name = "dqn"
+
+    def configure(self, cfg, env) -> None:
+        if env.continuous:
+            raise ConfigError(f"agent dqn needs discrete actions; {cfg.env.name} has continuous actions "
+                              "(use --agent drqv2)")
+        if cfg.model.kind == "auto":
+            cfg.model.kind = "nature_cnn" if env.atari else "mlp"
+        if cfg.model.kind not in ("nature_cnn", "mlp"):
+            raise ConfigError(f"model.kind {cfg.model.kind!r} does not fit agent dqn (nature_cnn or mlp)")
+        if cfg.model.kind == "nature_cnn" and not env.atari:
+            raise ConfigError(f"model.kind nature_cnn needs Atari frames; {cfg.env.name} has observations "
+                              f"{env.obs_shape}")
+        cfg.model.obs_shape, cfg.model.n_actions, cfg.model.action_dim = list(env.obs_shape), env.n_actions, 0
+
+    def network(self, cfg) -> torch.nn.Module:
+        m = cfg.model
+        if m.kind == "nature_cnn":
+            return NatureCNN(tuple(m.obs_shape), m.n_actions)
+        return MLP(int(math.prod(m.obs_shape)), m.n_actions, tuple(m.hidden))
+
+    def record(self, env) -> records.Record:
+        return records.discrete(env, env.n_actions)
+
+    def behaviour(self, cfg, net, index: int, num_actors: int) -> Policy:
+        return EpsilonGreedy(net, cfg.model.n_actions,
+                             lambda clock: actor_epsilon(cfg.dqn, clock.global_updates, index, num_actors),
+                             np.random.default_rng([cfg.run.seed, 1, index]))
+
+    def evaluation(self, cfg, net, seed: int) -> Policy:
+        return EpsilonGreedy(net, cfg.model.n_actions, cfg.eval.epsilon, np.random.default_rng(seed))
+
+    def learning(self, cfg, online, load_theta, global_updates: int = 0) -> Learning:
+        return DQNLearning(cfg, online, load_theta, global_updates)

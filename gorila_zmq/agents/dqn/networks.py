@@ -40,25 +40,3 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.reshape(x.shape[0], -1).float())
-
-
-def build_model(model_cfg, seed: int = 0) -> nn.Module:
-    """The same seed gives the same initial parameters on every host and in every role."""
-    if model_cfg.kind == "auto":
-        raise ValueError("model.kind is 'auto': resolve it from the environment first "
-                         "(gorila_zmq.envs.resolve_model)")
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        if model_cfg.kind == "nature_cnn":
-            return NatureCNN(tuple(model_cfg.obs_shape), model_cfg.n_actions)
-        if model_cfg.kind == "drqv2":
-            from gorila_zmq.agents.drqv2.agent import DrQV2
-            return DrQV2(tuple(model_cfg.obs_shape), model_cfg.n_actions, model_cfg.feature_dim,
-                         int(model_cfg.hidden[0]))
-        if model_cfg.kind == "mlp":
-            import math
-            return MLP(int(math.prod(model_cfg.obs_shape)), model_cfg.n_actions, tuple(model_cfg.hidden))
-        raise ValueError(f"unknown model kind {model_cfg.kind!r}")
-    finally:
-        torch.random.set_rng_state(gen_state)

@@ -1,0 +1,196 @@
+"""Where a learner's batches come from. Every source takes the same calls, so the learner does not know
+which it reads: `ready(need)` (holds `need` transitions?), `allocate(B)` (an empty batch to sample
+into), `sample(B, rng, out)` (fills `out`; raises NotReady while nothing can be sampled yet, and any
+other error is a real one), `refresh()` (between two samples, from the sampling thread) and `close()`.
+
+- `LocalSource` (bundled mode): the bundle's shared-memory ring, written by the bundle's actor.
+- `RemoteSource` (global mode): batches from the global replay shards in turn, over ZeroMQ.
+- `MemorySource`: a ReplayMemory this process already holds (benchmarks, tests).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+from gorila_zmq.net import protocol as P, topology
+from gorila_zmq.net.rpc import Client, Unavailable, new_client_id
+from gorila_zmq.replay.memory import NotReady, ReplayMemory
+from gorila_zmq.replay.records import Record
+from gorila_zmq.replay.sinks import bundle_memory_name
+
+log = logging.getLogger("gorila_zmq.replay.sources")
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+class MemorySource:
+    """A replay memory this process already holds."""
+
+    def __init__(self, rb: ReplayMemory):
+        self.rb = rb
+
+    def ready(self, need: int) -> bool:
+        return len(self.rb) >= need
+
+    def allocate(self, B: int):
+        return self.rb.allocate_batch(B)
+
+    def sample(self, B: int, rng, out):
+        return self.rb.sample(B, rng, out=out)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class LocalSource(MemorySource):
+    """Bundle replay in shared memory, owned by the bundle's actor. When the actor is restarted (a new
+    segment under the same name), the loader thread switches to the new memory between two samples,
+    once it holds `need` transitions; until then it keeps sampling the old one (its mapping stays
+    valid after the unlink)."""
+
+    def __init__(self, cfg, index: int):
+        super().__init__(None)
+        self.name = bundle_memory_name(cfg, index)
+        self._ino = None
+        self._next_check = 0.0
+        self._need = 1
+        self._pending = None          # (handle, inode) of a recreated memory still filling up
+
+    def _path_ino(self):
+        try:
+            return os.stat(f"/dev/shm/{self.name}").st_ino
+        except OSError:
+            return None
+
+    def _attach_new(self) -> None:
+        ino = self._path_ino()
+        if ino is None or ino == self._ino or (self._pending and self._pending[1] == ino):
+            return
+        try:
+            new = ReplayMemory.attach(self.name)
+        except (FileNotFoundError, ValueError):      # gone again, or its creator is still writing the header
+            return
+        if self._pending is not None:
+            self._pending[0].close()
+        self._pending = (new, ino)
+
+    def ready(self, need: int) -> bool:
+        """Before the loader starts (main thread): attached, and holding `need` transitions?"""
+        self._need = need
+        self.refresh(force=self.rb is None)
+        return self.rb is not None and len(self.rb) >= need
+
+    def refresh(self, force: bool = False) -> None:
+        """Once a second: adopt a recreated memory when it is full enough. Only the thread that
+        samples calls this, so no sample is ever in flight on a handle being closed."""
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        self._attach_new()
+        if self._pending is not None and (self.rb is None or len(self._pending[0]) >= self._need):
+            if self.rb is not None:
+                log.info("replay %s was recreated (actor restarted): switched to the new memory", self.name)
+                self.rb.close()
+            self.rb, self._ino = self._pending
+            self._pending = None
+
+    def close(self) -> None:
+        for rb in (self.rb, self._pending[0] if self._pending else None):
+            if rb is not None:
+                rb.close()
+
+
+class RemoteBatch:
+    def __init__(self, arrays: dict):
+        self.__dict__.update(arrays)
+
+    def as_tensors(self):
+        import torch
+        return RemoteBatch({k: torch.from_numpy(v) for k, v in self.__dict__.items()})
+
+
+class RemoteSource:
+    """Learner side of global replay: a batch from the shards in turn."""
+
+    def __init__(self, ctx, cfg, learner_index: int, record: Record):
+        self.cfg, self.record = cfg, record
+        self.R = cfg.roles.replay_shards
+        self.next = learner_index % self.R
+        self.clients = [Client(ctx, topology.replay(cfg, r).connect) for r in range(self.R)]
+        self.min_size = 0
+        self.sizes = [0] * self.R
+        self.client = new_client_id()
+
+    def ready(self, need: int) -> bool:
+        self.min_size = need // self.R
+        for r, c in enumerate(self.clients):
+            try:
+                rh, body = c.request(P.Header(P.Cmd.STATS, shard=r), timeout_s=1.0, retries=0)
+            except (Unavailable, P.ProtocolError):
+                return False
+            self.sizes[r] = P.as_json(rh, body, max_bytes=1 << 20).get("size", 0)
+        return all(s >= self.min_size for s in self.sizes) and sum(self.sizes) >= need
+
+    def allocate(self, B: int, pinned: bool | None = None) -> RemoteBatch:
+        pinned = _cuda() if pinned is None else pinned
+        arrays = {}
+        for k, d, shape in self.record.batch_layout(B):
+            if pinned:
+                import torch
+                arrays[k] = torch.empty(shape, dtype=torch.from_numpy(np.zeros(0, d)).dtype).pin_memory().numpy()
+            else:
+                arrays[k] = np.empty(shape, d)
+        return RemoteBatch(arrays)
+
+    def sample(self, B: int, rng, out: RemoteBatch) -> RemoteBatch:
+        """One batch from the next shard that has one (each tried once, in turn); NotReady when every
+        shard is busy (filling up) or down."""
+        for _ in range(self.R):
+            r = self.next
+            self.next = (self.next + 1) % self.R
+            hdr = P.Header(P.Cmd.REPLAY_SAMPLE, shard=r, client=self.client)
+            try:
+                rh, body = self.clients[r].request(hdr, {"batch": B, "min_size": self.min_size},
+                                                   timeout_s=self.cfg.net.request_timeout_s, retries=0)
+            except Unavailable:
+                continue                          # down: try the next one
+            except P.ProtocolError as e:
+                if e.status == P.Status.BUSY:
+                    continue                      # filling up
+                raise RuntimeError(f"replay shard {r} refused a sample of {B}: {e}") from e
+            want = self.record.batch_nbytes(B)
+            if body is None or body.nbytes != want:
+                raise RuntimeError(f"replay shard {r} sent {0 if body is None else body.nbytes} bytes for a "
+                                   f"batch of {B}, expected {want}: does it run another environment or agent?")
+            off = 0
+            for k, d, shape in self.record.batch_layout(B):
+                n = math.prod(shape)
+                np.copyto(getattr(out, k), np.frombuffer(body, dtype=d, count=n, offset=off).reshape(shape))
+                off += np.dtype(d).itemsize * n
+            return out
+        raise NotReady("every replay shard is filling up or down")
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+
+
+def make_source(ctx, cfg, index: int, record: Record):
+    """Learner `index`'s source: its bundle's memory (bundled mode) or the global replay shards."""
+    if cfg.roles.mode == "bundled":
+        return LocalSource(cfg, index)
+    return RemoteSource(ctx, cfg, index, record)
