@@ -13,7 +13,7 @@ import torch
 from gorila_zmq import config as C
 from gorila_zmq.roles.ps import load_checkpoint
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.agents.base import build_network, prepare
+from gorila_zmq.agents.base import build_network
 from gorila_zmq.envs.dmc import DMCEnv
 from gorila_zmq.agents.drqv2 import learning as drqv2
 from gorila_zmq.agents.common import schedule

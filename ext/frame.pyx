@@ -1,7 +1,7 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Fused Atari frame preprocessing: max over two raw frames, (luminance,) INTER_AREA resize, nogil.
 
-Wrapped (and validated) by gorila_zmq.frame, which also builds the weight tables; never called
+Wrapped (and validated) by gorila_zmq.envs.frame, which also builds the weight tables; never called
 directly. The resize is integer-exact: OpenCV's INTER_AREA weights for a downscale by ssize/dsize are
 all multiples of 1/p with p = ssize / gcd(ssize, dsize) (210 -> 84: fifths; 160 -> 84: fortieths),
 so out = round(sum(wy * wx * pixel) / (py * px)) with small integer weights, accumulated in uint16

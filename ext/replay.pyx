@@ -2,7 +2,7 @@
 """Replay-memory kernels on raw pointers into one shared-memory segment: slot writes published with
 a release store, the validity test of a transition, and the frame-stack / n-step gather.
 
-Wrapped (and validated) by gorila_zmq.replay, which documents the layout and the semantics; its
+Wrapped (and validated) by gorila_zmq.replay.memory, which documents the layout and the semantics; its
 _NumpyCore is the same algorithm in NumPy, step for step. Never called directly.
 
 Addressing: lane l is a ring of `cap` slots; `writes[l]` counts slots ever written to it (the seqlock
@@ -27,7 +27,7 @@ cdef extern from *:
     void gz_fence_acquire() noexcept nogil
     void __builtin_prefetch(const void* p) noexcept nogil
 
-# Slot flags (gorila_zmq.replay.START/TERMINATED/TRUNCATED).
+# Slot flags (gorila_zmq.replay.numpy_core.START/TERMINATED/TRUNCATED).
 cdef enum:
     START = 1        # the slot holds an episode's first frame; no transition leads into it
     TERM = 2         # the transition into this slot ended the episode: discount 0
@@ -130,7 +130,7 @@ cdef class Core:
         if fl & START:
             if open_:
                 # An episode abandoned without an end flag (a restarted actor): end it as truncated.
-                # Readers see either flag value with the same meaning (see gorila_zmq.replay).
+                # Readers see either flag value with the same meaning (see gorila_zmq.replay.memory).
                 lf[last] = lf[last] | TRUNC
             memset(self.actions + slot * self.ab, 0, self.ab)
             self.rewards[slot] = 0

@@ -6,7 +6,7 @@ import torch
 from gorila_zmq.ps import optim
 from gorila_zmq._native import try_load_ext
 
-_ext = try_load_ext("adagrad")
+_ext = try_load_ext("optim")
 IMPLS = {"numpy": (optim.adagrad_update_numpy, optim.all_finite_numpy)}
 if _ext is not None:
     IMPLS["cython"] = (lambda t, a, g, lr, eps: _ext.adagrad_update(t, a, g, lr, eps, 2), _ext.all_finite)

@@ -202,7 +202,7 @@ def test_bootstrap_installs_a_locally_built_wheel_over_ssh(hosts, keys, tmp_path
     assert "alpha: installed gorila_zmq-" in r.stdout
     out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "show", "-f", "gorila-zmq"], capture_output=True,
                          text=True)
-    assert "gorila_zmq/_ext/adagrad" in out.stdout and "site-packages" in out.stdout   # the compiled kernels too
+    assert "gorila_zmq/_ext/optim" in out.stdout and "site-packages" in out.stdout   # the compiled kernels too
 
 
 def spec_pub(spec):

@@ -6,9 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
 
-import numpy as np
 import pytest
 
 from conftest import ROOT, SMALL_MLP

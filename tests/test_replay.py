@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from gorila_zmq.replay import memory as R
 from gorila_zmq._native import pure_python
 from gorila_zmq.replay.memory import ReplayMemory
+from gorila_zmq.replay.segment import Layout
 
 IMPLS = ["numpy"] if pure_python() else ["cython", "numpy"]
 
@@ -522,7 +523,7 @@ def test_capacity_and_byte_accounting():
         path = f"/dev/shm/{rb.name}"
         if os.path.exists(path):     # nothing is resident until written (sparse tmpfs file)
             assert os.stat(path).st_blocks * 512 <= 2 * 4096
-    lay = R._Layout(1, 1_000_000, 4, 1, 0.99, (84, 84), np.dtype(np.uint8), (), np.dtype(np.int64))
+    lay = Layout(1, 1_000_000, 4, 1, 0.99, (84, 84), np.dtype(np.uint8), (), np.dtype(np.int64))
     assert lay.offsets()["total"] < 7.1e9                     # 1 M Atari transitions in ~7.07 GB
 
 

@@ -59,14 +59,6 @@ def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
     return start + frac * (end - start)
 
 
-def linear_schedule(start: float, end: float, duration: int, t: int) -> float:
-    """start -> end linearly over `duration` steps of t, then end."""
-    if duration <= 0:
-        return end
-    frac = min(max(t, 0) / duration, 1.0)
-    return start + frac * (end - start)
-
-
 def schedule(spec: str, step: int) -> float:
     """'0.2' (a constant) or 'linear(init, final, duration)' (DrQ-v2's stddev schedule)."""
     try:

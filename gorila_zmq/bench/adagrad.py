@@ -39,7 +39,7 @@ def _variants(n: int, rng):
 
     out = {"torch_inplace": torch_inplace, "torch_optim": opt.step,
            "numpy": lambda: optim.adagrad_update_numpy(theta, accum, grad, lr, eps)}
-    ext = try_load_ext("adagrad")
+    ext = try_load_ext("optim")
     if ext is not None:
         nt = optim.default_threads()
         out["fused"] = lambda: ext.adagrad_update(theta, accum, grad, lr, eps, nt)
@@ -56,7 +56,7 @@ def run(args) -> Report:
     rep = Report()
     rng = np.random.default_rng(0)
     rep.notes.append(f"torch threads: {torch.get_num_threads()}; fused kernel: "
-                     f"{'built' if try_load_ext('adagrad') else 'NOT BUILT (run make build)'}")
+                     f"{'built' if try_load_ext('optim') else 'NOT BUILT (run make build)'}")
     results = {}
     for label, n in (("dqn", NATURE_DQN), ("large", args.large)):
         times = {k: best_time(f, repeat=args.repeat) for k, f in _variants(n, rng).items()}

@@ -14,7 +14,7 @@ import numpy as np
 
 from gorila_zmq._native import load_ext
 
-_ext = load_ext("adagrad")
+_ext = load_ext("optim")
 
 
 def default_threads() -> int:

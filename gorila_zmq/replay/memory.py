@@ -39,7 +39,7 @@ one per episode stream, so an actor stepping E environments writes into one memo
 gymnasium vector env (autoreset NEXT_STEP), per step: call start_episode(obs[i], lane=i) for the envs
 whose previous step ended (that step is their reset), add_batch(..., lanes=the others) for the rest.
 
-Storage (gorila_zmq/_ext/replay from ext/replay.pyx, or _NumpyCore): each lane is a ring of slots;
+Storage (gorila_zmq/_ext/replay from ext/replay.pyx, or NumpyCore): each lane is a ring of slots;
 a slot holds one frame plus the action, reward and flags of the transition that led to it (START
 marks an episode's first frame: no transition). An episode of T steps takes T + 1 slots; `capacity`
 counts slots. Per slot: frame bytes + action bytes + 4 (reward) + 1 (flags), 7,069 bytes for Atari.
@@ -61,10 +61,8 @@ writer and a NumPy reader interoperate.
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import secrets
-import struct
 import sys
 import weakref
 from dataclasses import dataclass, field, fields
@@ -74,117 +72,16 @@ import numpy as np
 
 from gorila_zmq._native import load_ext, try_load_ext
 from gorila_zmq.host import shm as host_shm
+from gorila_zmq.replay.numpy_core import START, TERMINATED, TRUNCATED, NumpyCore
+from gorila_zmq.replay.segment import HEAD, HEADER_BYTES, MAGIC, Layout, check_dtype, validate_params
 
 __all__ = ["ReplayMemory", "Batch", "IMPLEMENTATION", "START", "TERMINATED", "TRUNCATED"]
 
 _ext = load_ext("replay")
 IMPLEMENTATION = "numpy" if _ext is None else "cython"
 
-# Slot flags (the same values in ext/replay.pyx).
-START, TERMINATED, TRUNCATED = 1, 2, 4
-_ENDED = TERMINATED | TRUNCATED
 
-MAGIC = b"GZREPLAY"
-VERSION = 1
-_HEADER_BYTES = 512
-# magic, version, header bytes | lanes, lane capacity, stack, n_step | gamma |
-# frame dtype, ndim, shape[8] | action dtype, ndim, shape[4] | total bytes
-_HEAD = struct.Struct("<8sII qqqq d 16sq8q 16sq4q q")
-_MAX_FRAME_NDIM, _MAX_ACTION_NDIM = 8, 4
 _MAX_ROUNDS = 10_000      # seqlock redraw rounds before giving up (a writer lapping every gather)
-
-
-def _align(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
-
-
-@dataclass(frozen=True)
-class _Layout:
-    lanes: int
-    lane_capacity: int
-    stack: int
-    n_step: int
-    gamma: float
-    frame_shape: tuple
-    dtype: np.dtype
-    action_shape: tuple
-    action_dtype: np.dtype
-
-    @property
-    def frame_nbytes(self) -> int:
-        return int(np.prod(self.frame_shape, dtype=np.int64)) * self.dtype.itemsize
-
-    @property
-    def action_nbytes(self) -> int:
-        return int(np.prod(self.action_shape, dtype=np.int64)) * self.action_dtype.itemsize
-
-    def offsets(self) -> dict[str, int]:
-        n = self.lanes * self.lane_capacity
-        o = {"writes": _HEADER_BYTES, "episodes": _HEADER_BYTES + 8 * self.lanes}
-        o["frames"] = _align(o["episodes"] + 8 * self.lanes, 4096)
-        o["actions"] = _align(o["frames"] + n * self.frame_nbytes, 64)
-        o["rewards"] = _align(o["actions"] + n * self.action_nbytes, 64)
-        o["flags"] = _align(o["rewards"] + 4 * n, 64)
-        o["total"] = o["flags"] + n
-        return o
-
-    def pack(self, total: int) -> bytes:
-        fs = list(self.frame_shape) + [0] * (_MAX_FRAME_NDIM - len(self.frame_shape))
-        acs = list(self.action_shape) + [0] * (_MAX_ACTION_NDIM - len(self.action_shape))
-        return _HEAD.pack(MAGIC, VERSION, _HEADER_BYTES, self.lanes, self.lane_capacity, self.stack,
-                          self.n_step, self.gamma, self.dtype.str.encode(), len(self.frame_shape), *fs,
-                          self.action_dtype.str.encode(), len(self.action_shape), *acs, total)
-
-    @staticmethod
-    def unpack(raw: bytes, name: str) -> tuple["_Layout", int]:
-        v = _HEAD.unpack_from(raw)
-        if v[0] != MAGIC:
-            raise ValueError(f"shared memory {name!r} is not a gorila-zmq replay memory "
-                             f"(magic {v[0]!r}, or it is still being created)")
-        if v[1] != VERSION or v[2] != _HEADER_BYTES:
-            raise ValueError(f"replay memory {name!r} has layout version {v[1]}, this code reads {VERSION}")
-        lanes, lcap, stack, n_step, gamma = v[3:8]
-        fdt, fnd = v[8], v[9]
-        fshape = v[10:10 + _MAX_FRAME_NDIM]
-        i = 10 + _MAX_FRAME_NDIM
-        adt, and_ = v[i], v[i + 1]
-        ashape = v[i + 2:i + 2 + _MAX_ACTION_NDIM]
-        total = v[-1]
-        try:
-            if not (0 <= fnd <= _MAX_FRAME_NDIM and 0 <= and_ <= _MAX_ACTION_NDIM):
-                raise ValueError("bad ndim")
-            lay = _Layout(lanes, lcap, stack, n_step, gamma, tuple(fshape[:fnd]),
-                          _check_dtype(fdt.rstrip(b"\0").decode()), tuple(ashape[:and_]),
-                          _check_dtype(adt.rstrip(b"\0").decode()))
-            _validate_params(lay)
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"replay memory {name!r} has a corrupt header: {e}") from None
-        return lay, total
-
-
-def _check_dtype(dt) -> np.dtype:
-    d = np.dtype(dt)
-    if d.kind not in "biuf" or d.hasobject:
-        raise ValueError(f"dtype must be a plain numeric dtype, got {d}")
-    return d
-
-
-def _validate_params(lay: _Layout) -> None:
-    if lay.lanes < 1:
-        raise ValueError(f"lanes must be >= 1, got {lay.lanes}")
-    if lay.stack < 1 or lay.n_step < 1:
-        raise ValueError(f"stack and n_step must be >= 1, got stack={lay.stack}, n_step={lay.n_step}")
-    if lay.lane_capacity < lay.n_step + 2:
-        raise ValueError(f"each lane needs at least n_step + 2 = {lay.n_step + 2} slots "
-                         f"(capacity // lanes is {lay.lane_capacity})")
-    if not (0.0 <= lay.gamma <= 1.0) or math.isnan(lay.gamma):
-        raise ValueError(f"gamma must be in [0, 1], got {lay.gamma}")
-    for what, shape, mx in (("frame_shape", lay.frame_shape, _MAX_FRAME_NDIM),
-                            ("action_shape", lay.action_shape, _MAX_ACTION_NDIM)):
-        if len(shape) > mx or any(int(s) < 1 for s in shape):
-            raise ValueError(f"{what} must have at most {mx} positive dims, got {shape}")
-    if lay.frame_nbytes < 1:
-        raise ValueError("frames must not be empty")
 
 
 # ---------------------------------------------------------------- shared memory
@@ -255,143 +152,6 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-# ---------------------------------------------------------------- NumPy implementation
-
-class _NumpyCore:
-    """ext/replay.pyx's Core in NumPy: the same segment layout, the same results."""
-
-    def __init__(self, seg, off_writes, off_episodes, off_frames, off_actions, off_rewards, off_flags,
-                 lanes, cap, stack, nstep, fb, ab, gamma):
-        n = lanes * cap
-        self.writes = seg[off_writes:off_writes + 8 * lanes].view(np.int64)
-        self.episodes = seg[off_episodes:off_episodes + 8 * lanes].view(np.int64)
-        self.frames = seg[off_frames:off_frames + n * fb].reshape(lanes, cap, fb)
-        self.actions = seg[off_actions:off_actions + n * ab].reshape(lanes, cap, ab)
-        self.rewards = seg[off_rewards:off_rewards + 4 * n].view(np.float32).reshape(lanes, cap)
-        self.flags = seg[off_flags:off_flags + n].reshape(lanes, cap)
-        self.lanes, self.cap, self.stack, self.nstep = lanes, cap, stack, nstep
-        self.fb, self.ab, self.gamma = fb, ab, gamma
-
-    def release(self):
-        self.writes = self.episodes = self.frames = self.actions = self.rewards = self.flags = None
-
-    # writer
-    def write(self, lane, frame, action, reward, flags):
-        cap, lf = self.cap, self.flags[lane]
-        w = int(self.writes[lane])
-        last = (w - 1) % cap
-        open_ = w > 0 and not (lf[last] & _ENDED)
-        slot = w % cap
-        if flags & START:
-            if open_:
-                lf[last] |= TRUNCATED
-            self.actions[lane, slot] = 0
-            self.rewards[lane, slot] = 0
-            self.episodes[lane] += 1
-        else:
-            if not open_:
-                return False
-            self.actions[lane, slot] = np.ravel(action).view(np.uint8)
-            self.rewards[lane, slot] = reward
-        self.frames[lane, slot] = np.ravel(frame).view(np.uint8)
-        lf[slot] = flags
-        self.writes[lane] = w + 1        # publish after the data (numpy calls are not reordered)
-        return True
-
-    def write_many(self, lanes, frames, actions, rewards, flags):
-        for i in range(lanes.shape[0]):
-            if not self.write(int(lanes[i]), frames[i], actions[i], rewards[i], int(flags[i])):
-                return i
-        return -1
-
-    # readers
-    def snapshot(self, w, lo, cum):
-        np.copyto(w, self.writes)
-        np.maximum(w - self.cap + 1, 0, out=lo)
-        cnt = w - lo
-        cum[0] = 0
-        np.cumsum(cnt[:-1], out=cum[1:])
-        return int(cnt.sum())
-
-    def _valid(self, lane, L, w, lo):
-        cap, lf = self.cap, self.flags
-        ok = (L >= lo) & (L + 1 <= w - 1)
-        k = np.full(L.shape, self.nstep, np.int64)
-        term = np.zeros(L.shape, bool)
-        ended = np.zeros(L.shape, bool)
-        for i in range(1, self.nstep + 1):
-            x = L + i
-            ok &= ~(~ended & (x > w - 1))
-            f = lf[lane, x % cap]
-            live = ok & ~ended
-            ok &= ~(live & ((f & START) != 0))
-            e = ok & live & ((f & _ENDED) != 0)
-            k[e] = i
-            term |= e & ((f & TERMINATED) != 0)
-            ended |= e
-        low = L.copy()
-        stop = np.zeros(L.shape, bool)
-        for _ in range(self.stack - 1):
-            stop |= ~ok | ((lf[lane, low % cap] & START) != 0)
-            low -= ~stop
-            ok &= ~(~stop & (low < lo))
-        return ok, k, term, low
-
-    def gather(self, x, total, w, lo, cum, rows, filled, obs, next_obs, action, reward, discount,
-               index, row_lane, row_low):
-        want = rows.shape[0] - filled
-        if want <= 0 or x.shape[0] == 0:
-            return filled
-        u = np.minimum((x * total).astype(np.int64), total - 1)
-        lane = np.searchsorted(cum, u, side="right") - 1
-        L = lo[lane] + (u - cum[lane])
-        ok, k, term, low = self._valid(lane, L, w[lane], lo[lane])
-        sel = np.flatnonzero(ok)[:want]
-        if sel.size == 0:
-            return filled
-        lane, L, k, term, low = lane[sel], L[sel], k[sel], term[sel], low[sel]
-        r = rows[filled:filled + sel.size]
-        B, S, cap = reward.shape[0], self.stack, self.cap
-        back = (S - 1 - np.arange(S))[None, :]
-        for out, top in ((obs, L), (next_obs, L + k)):
-            x = top[:, None] - back
-            g = self.frames[lane[:, None], x % cap]
-            g[x < low[:, None]] = 0                       # before the episode's first frame
-            out.reshape(B, -1).view(np.uint8).reshape(B, S, self.fb)[r] = g
-        action.reshape(B, -1).view(np.uint8)[r] = self.actions[lane, (L + 1) % cap]
-        ret = np.zeros(sel.size)
-        g = np.ones(sel.size)
-        for i in range(1, self.nstep + 1):
-            act = i <= k
-            ret = np.where(act, ret + g * self.rewards[lane, (L + i) % cap].astype(np.float64), ret)
-            g = np.where(act, g * self.gamma, g)
-        reward[r] = ret
-        discount[r] = np.where(term, 0.0, g)
-        index[r] = lane * cap + L % cap
-        row_lane[r] = lane
-        row_low[r] = low
-        return filled + sel.size
-
-    def torn(self, rows, n, row_lane, row_low, out):
-        rr = rows[:n]
-        bad = rr[row_low[rr] <= self.writes.copy()[row_lane[rr]] - self.cap]
-        out[:bad.size] = bad
-        return bad.size
-
-    def valid_u(self, w, lo, cum, out=None):
-        n = 0
-        for l in range(self.lanes):
-            for a in range(int(lo[l]), int(w[l]), 1 << 16):
-                L = np.arange(a, min(a + (1 << 16), int(w[l])), dtype=np.int64)
-                lane = np.full(L.shape, l, np.int64)
-                ok = self._valid(lane, L, w[lane], lo[lane])[0]
-                u = cum[l] + (L[ok] - lo[l])
-                if out is not None:
-                    out[n:n + u.size] = u
-                n += u.size
-        return n
-
-
 # ---------------------------------------------------------------- the memory
 
 class ReplayMemory:
@@ -406,11 +166,11 @@ class ReplayMemory:
         frame_shape = (frame_shape,) if isinstance(frame_shape, (int, np.integer)) else frame_shape
         if lanes < 1 or capacity < lanes:
             raise ValueError(f"need capacity >= lanes >= 1, got capacity={capacity}, lanes={lanes}")
-        lay = _Layout(lanes, capacity // lanes, int(stack), int(n_step), float(gamma),
+        lay = Layout(lanes, capacity // lanes, int(stack), int(n_step), float(gamma),
                       tuple(int(s) for s in frame_shape),
-                      _check_dtype(dtype), tuple(int(s) for s in action_shape),
-                      _check_dtype(action_dtype))
-        _validate_params(lay)
+                      check_dtype(dtype), tuple(int(s) for s in action_shape),
+                      check_dtype(action_dtype))
+        validate_params(lay)
         off = lay.offsets()
         _check_shm_space(off["total"])
         name = name or f"gzrb_{os.getpid()}_{secrets.token_hex(4)}"
@@ -418,7 +178,7 @@ class ReplayMemory:
         try:
             head = lay.pack(off["total"])
             shm.buf[8:len(head)] = head[8:]
-            shm.buf[_HEADER_BYTES:off["frames"]] = bytes(off["frames"] - _HEADER_BYTES)
+            shm.buf[HEADER_BYTES:off["frames"]] = bytes(off["frames"] - HEADER_BYTES)
             shm.buf[:8] = MAGIC                  # last: an attacher never sees a half-made header
             self._setup(shm, lay, owner=True, impl=impl)
         except BaseException:
@@ -432,10 +192,10 @@ class ReplayMemory:
         frame_shape=(84, 84), stack=4, dtype=np.uint8, are checked against its header."""
         shm = host_shm.attach(name)
         try:
-            if shm.size < _HEAD.size:
+            if shm.size < HEAD.size:
                 raise ValueError(f"shared memory {name!r} ({shm.size} bytes) is too small to be a "
                                  f"gorila-zmq replay memory")
-            lay, total = _Layout.unpack(bytes(shm.buf[:_HEAD.size]), name)
+            lay, total = Layout.unpack(bytes(shm.buf[:HEAD.size]), name)
             if total != lay.offsets()["total"] or shm.size < total:
                 raise ValueError(f"replay memory {name!r}: header says {total} bytes, layout needs "
                                  f"{lay.offsets()['total']}, segment has {shm.size}")
@@ -453,7 +213,7 @@ class ReplayMemory:
                 raise ValueError(f"replay memory {name!r} has {key}={have!r}, expected {want!r}")
         return self
 
-    def _setup(self, shm, lay: _Layout, owner: bool, impl: str | None) -> None:
+    def _setup(self, shm, lay: Layout, owner: bool, impl: str | None) -> None:
         if impl is None:
             ext = _ext
         elif impl == "cython":
@@ -470,7 +230,7 @@ class ReplayMemory:
         self._seg = np.frombuffer(shm.buf, np.uint8, count=off["total"])
         self._writes = self._seg[off["writes"]:off["writes"] + 8 * lay.lanes].view(np.int64)
         self._episodes = self._seg[off["episodes"]:off["episodes"] + 8 * lay.lanes].view(np.int64)
-        core_cls = _NumpyCore if ext is None else ext.Core
+        core_cls = NumpyCore if ext is None else ext.Core
         self._core = core_cls(self._seg, off["writes"], off["episodes"], off["frames"], off["actions"],
                               off["rewards"], off["flags"], lay.lanes, lay.lane_capacity, lay.stack,
                               lay.n_step, lay.frame_nbytes, lay.action_nbytes, lay.gamma)

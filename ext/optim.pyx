@@ -3,7 +3,7 @@
 temporaries, nogil, split across cores by OpenMP.
 
 The inner loops live in gz_simd.h (one clone per instruction set). Wrapped (and validated) by
-gorila_zmq.optim; never called directly.
+gorila_zmq.ps.optim; never called directly.
 """
 from cython.parallel cimport prange
 
