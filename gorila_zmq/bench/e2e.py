@@ -66,7 +66,7 @@ def run(args) -> Report:
         while not os.path.exists(cfg_path) and time.monotonic() < end:
             time.sleep(0.5)
         cfg = C.load(cfg_path)
-        from gorila_zmq.launch.supervisor import make_program
+        from gorila_zmq.launch.program import make_program
         program = make_program(cfg)
         print(f"  warming up {args.warmup:.0f}s (run dir {run_dir}) ...", flush=True)
         time.sleep(args.warmup)

@@ -204,6 +204,14 @@ def _check_host(spec: ClusterSpec, host: Host) -> None:
                                "(another run? change base_port)")
 
 
+def _write_remote(host: Host, path: str, data: bytes) -> None:
+    """Write a file on a host the way host/files.atomic_write does here: a temporary file, synced, then
+    renamed over the old one; a cut connection leaves the previous file whole."""
+    tmp = shlex.quote(f"{path}.tmp-launcher")
+    host.ssh(f"cat > {tmp} && sync {tmp} && mv {tmp} {shlex.quote(path)} && sync {shlex.quote(os.path.dirname(path))}",
+             input=data, timeout=120)
+
+
 def up(spec: ClusterSpec, timeout: float = 180.0, launcher_key: str | None = None) -> dict:
     t0 = time.monotonic()
     run_dir = _run_dir(spec)
@@ -217,11 +225,9 @@ def up(spec: ClusterSpec, timeout: float = 180.0, launcher_key: str | None = Non
             print(f"{host.name}: supervisor already running")
             continue
         _check_host(spec, host)
-        q = shlex.quote(run_dir)
-        host.ssh(f"mkdir -p {q}/logs && cat > {q}/config.json.tmp && mv {q}/config.json.tmp {q}/config.json", input=body)
-        host.ssh(f"cat > {q}/{LAYOUT_FILE}.tmp && mv {q}/{LAYOUT_FILE}.tmp {q}/{LAYOUT_FILE}", input=layout)
-        host.ssh(f"cat > {q}/{INIT_FILE}.tmp && mv {q}/{INIT_FILE}.tmp {q}/{INIT_FILE}", input=init.getvalue(),
-                 timeout=120)
+        host.ssh(f"mkdir -p {shlex.quote(run_dir)}/logs")
+        for name, data in (("config.json", body), (LAYOUT_FILE, layout), (INIT_FILE, init.getvalue())):
+            _write_remote(host, os.path.join(run_dir, name), data)
         # `cd ... || exit` first, so that only the supervisor is backgrounded (with its output
         # redirected): a backgrounded list would keep the ssh channel open.
         cmd = (f"cd {shlex.quote(host.workdir)} || exit 1; GORILA_KEY_NAME={shlex.quote(host.name)} setsid "
