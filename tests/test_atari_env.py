@@ -12,8 +12,8 @@ gym = pytest.importorskip("gymnasium")
 from gorila_zmq.envs import frame  # noqa: E402
 from gorila_zmq._native import try_load_ext  # noqa: E402
 from gorila_zmq.envs.atari import (  # noqa: E402
-    EVAL_MAX_FRAMES, TRAIN_MAX_FRAMES, AtariEnv, AtariVectorEnv, UnknownGameError,
-    available_games, make_atari, resolve_game)
+    EVAL_MAX_FRAMES, TRAIN_MAX_FRAMES, AtariEnv, UnknownGameError, available_games, make_atari, resolve_game)
+from gorila_zmq.envs.atari_vector import AtariVectorEnv  # noqa: E402
 
 IMPLS = [pytest.param("cython", marks=pytest.mark.skipif(try_load_ext("frame") is None,
                                                          reason="kernel not built")), "numpy"]

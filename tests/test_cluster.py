@@ -4,7 +4,6 @@ openssh-server (.ci/run installs them); skips with the reason where they are mis
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time

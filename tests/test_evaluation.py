@@ -1,7 +1,6 @@
 """Evaluation protocol: no-op starts, frame cap, epsilon, whole games, human normalisation, and
 `gorila-zmq eval` on a saved checkpoint."""
 import json
-import os
 import subprocess
 import sys
 

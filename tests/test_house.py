@@ -15,7 +15,7 @@ from gorila_zmq.fields import ConfigError
 
 PKG = pathlib.Path(ROOT) / "gorila_zmq"
 # Bottom to top; a module may import its own layer and the layers below, never one above.
-LAYERS = ["fields", "_native", "host", "net", "agents/common", "agents/*/config", "config", "ps", "replay",
+LAYERS = ["fields", "_native", "host", "net", "agents/common", "agents/*/config", "presets", "config", "ps", "replay",
           "envs", "agents", "roles", "launch", "bench", "cli"]
 
 

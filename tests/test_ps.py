@@ -9,7 +9,8 @@ import zmq
 from conftest import SMALL_MLP, wait_for
 from gorila_zmq.ps import optim
 from gorila_zmq.net import protocol as P
-from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.ps.client import GradientPusher, ShardSet, fetch_params
+from gorila_zmq.ps.subscriber import ParamSubscriber
 from gorila_zmq.net.rpc import request
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.agents.base import build_network

@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from conftest import SMALL_MLP, start_role, stop_proc, wait_for
 from gorila_zmq import config as C
 from gorila_zmq.ps import optim
-from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.ps.client import GradientPusher, ShardSet, fetch_params
+from gorila_zmq.ps.subscriber import ParamSubscriber
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.agents.base import build_network
 from gorila_zmq.launch.program import prepare_run

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import wait_for
 from gorila_zmq.net import protocol as P
 from gorila_zmq.agents.base import prepare
 from gorila_zmq.envs import env_spec
@@ -102,6 +101,19 @@ def test_bad_adds_are_refused_and_the_server_keeps_serving(server, ctx, name, fr
     assert servers[0].counters["records_in"] == 0
     rh, body = ask(ctx, cfg, 0, P.Header(P.Cmd.STATS, shard=0))
     assert P.as_json(rh, body)["rejected_total"] == 1
+
+
+def test_a_refused_add_changes_no_state(server, ctx):
+    """A batch refused for a NaN reward leaves the actor's sequence table alone: the same seq, valid,
+    is then applied (not dropped as a duplicate) and opens no gap."""
+    cfg, servers = server
+    hdr = P.Header(P.Cmd.REPLAY_ADD, shard=0, client=0, seq=1, incarnation=5, dtype=P.Dtype.RAW)
+    bad = np.frombuffer(records(cfg, 4), spec(cfg).wire_dtype()).copy()
+    bad["reward"][2] = np.nan
+    assert ask(ctx, cfg, 0, hdr, bad.tobytes())[0] == P.Status.NON_FINITE
+    assert ask(ctx, cfg, 0, hdr, records(cfg, 4))[0].command == P.Cmd.REPLY
+    c = servers[0].counters
+    assert c["records_in"] == 4 and c["duplicates"] == 0 and c["gaps"] == 0
 
 
 @pytest.mark.parametrize("body", [{"batch": 4, "min_size": "x"}, {"batch": "4"}, {"batch": 10**9}, {"batch": 4.0}])

@@ -24,7 +24,8 @@ import zmq
 from gorila_zmq import config as C
 from gorila_zmq.net import protocol as P
 from gorila_zmq.bench import Report
-from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet
+from gorila_zmq.ps.client import GradientPusher, ShardSet
+from gorila_zmq.ps.subscriber import ParamSubscriber
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.agents.base import build_network
 from gorila_zmq.launch.program import prepare_run

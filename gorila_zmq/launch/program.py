@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from gorila_zmq import config as C
 from gorila_zmq.agents import base as agents
 from gorila_zmq.fields import ConfigError
@@ -29,7 +31,7 @@ class RoleSpec:
     stage: int = 0                  # start order
 
 
-def make_layout(cfg: C.Config, from_env: bool = True) -> tuple[ParamLayout, "object"]:
+def make_layout(cfg: C.Config, from_env: bool = True) -> tuple[ParamLayout, np.ndarray]:
     """Build the agent's network once: its layout and initial theta. cfg.model is filled from the
     environment first, unless from_env=False (a network given by model.* alone: tests, benchmarks)."""
     net = agents.prepare(cfg).make_network(cfg) if from_env else agents.build_network(cfg)

@@ -20,7 +20,8 @@ import numpy as np
 from gorila_zmq.agents import base as agents
 from gorila_zmq.envs import env_spec, make_vec_env
 from gorila_zmq.host.files import write_json
-from gorila_zmq.ps.client import ParamSubscriber, ShardSet
+from gorila_zmq.ps.client import ShardSet
+from gorila_zmq.ps.subscriber import ParamSubscriber
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.net import topology
 from gorila_zmq.replay.sinks import make_sink

@@ -24,7 +24,8 @@ from gorila_zmq.agents.common import OutlierFilter
 from gorila_zmq.envs import env_spec
 from gorila_zmq.fields import ConfigError
 from gorila_zmq.net import topology
-from gorila_zmq.ps.client import GradientPusher, ParamSubscriber, ShardSet, fetch_params
+from gorila_zmq.ps.client import GradientPusher, ShardSet, fetch_params
+from gorila_zmq.ps.subscriber import ParamSubscriber
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.replay.memory import NotReady
 from gorila_zmq.replay.sources import make_source
