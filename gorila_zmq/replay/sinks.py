@@ -11,6 +11,7 @@ Actor j writes to shard j % R, in lanes (j // R) * E .. + E - 1 (E = env.num_env
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -48,8 +49,10 @@ class LocalSink:
         return self.memory.stats()
 
     def close(self) -> None:
+        """Unmap and remove the memory (safe to call twice: the run loop and the owner may both close)."""
         self.memory.close()
-        self.memory.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.memory.unlink()
 
 
 class ReplayWriter:

@@ -101,6 +101,8 @@ class ParameterServerShard(Role):
         maxmsg = int(4 * self.size * cfg.ps.max_payload_factor) + 65536
         self.router = P.make_socket(self.ctx, zmq.ROUTER, maxmsgsize=maxmsg, rcvhwm=64, sndhwm=256)
         self.pub = P.make_socket(self.ctx, zmq.PUB, sndhwm=2)
+        self._poller = zmq.Poller()                        # made once: step() polls on every turn
+        self._poller.register(self.router, zmq.POLLIN)
         self.auth = [security.AuthMonitor(s) for s in (self.router, self.pub)] if security.current() else []
         self.router_ep = topology.ps_request(cfg, index)
         self.pub_ep = topology.ps_broadcast(cfg, index)
@@ -210,7 +212,7 @@ class ParameterServerShard(Role):
     def step(self) -> None:
         """Serve what is queued (waiting at most until the next broadcast or heartbeat is due), but
         never starve the broadcast/heartbeat timers; then the periodic checkpoint."""
-        if self.router.poll(self._poll_timeout_ms(), zmq.POLLIN):
+        if self._poller.poll(self._poll_timeout_ms()):
             for _ in range(64):
                 try:
                     frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
