@@ -1,6 +1,7 @@
 """A parameter-server shard on real sockets, served from a thread of the test process."""
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -422,3 +423,65 @@ def test_adam_shard_matches_serial_adam_and_resumes(make_cfg, ctx):
     cfg.ps.optimizer = "adagrad"
     with pytest.raises(RuntimeError, match="adam state"):
         Running(cfg, ctx)
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_half_width_gradients_are_widened_and_applied_in_float32(running, ctx, wire):
+    """net.grad_dtype: the pusher narrows, the shard widens exactly and applies in float32: theta moves
+    as it does for the float32 gradient of the same (rounded) values; half the bytes travel."""
+    import torch
+    narrow = running(f"net.grad_dtype={wire}", "ps.max_staleness=1000")
+    wide = running("ps.max_staleness=1000", f"run.run_dir={narrow.cfg.run.run_dir}-wide")
+    g = (np.random.default_rng(1).standard_normal(narrow.layout.size) * 1e-2).astype(np.float32)
+    rounded = torch.from_numpy(g).to(getattr(torch, wire)).float().numpy()
+    assert not np.array_equal(rounded, g)                    # the narrowing did something
+    p16 = GradientPusher(ctx, narrow.set)
+    p32 = GradientPusher(ctx, wide.set)
+    p16.push(g, p16.versions)
+    p32.push(rounded, p32.versions)
+    assert p16.flush(10) and p32.flush(10)
+    assert p16.stats.applied == p32.stats.applied == 1
+    assert np.array_equal(narrow.shards[0].state.theta, wide.shards[0].state.theta)
+    assert p16.bytes_sent * 2 == p32.bytes_sent
+
+
+def test_non_finite_half_gradient_is_refused(running, ctx):
+    r = running("net.grad_dtype=bfloat16")
+    g = np.zeros(r.layout.size, np.float32)
+    g[3] = np.nan
+    before = r.shards[0].state.theta.copy()
+    p = GradientPusher(ctx, r.set)
+    p.push(g, p.versions)
+    p.flush(10)
+    assert p.stats.rejected == 1 and p.stats.applied == 0
+    assert np.array_equal(r.shards[0].state.theta, before)
+
+
+def test_age_bound_discards_a_gradient_whose_theta_went_out_of_date_long_ago(running, ctx):
+    """ps.max_staleness_s: the time since the theta a gradient was computed against stopped being the
+    newest; the count bound off (0) lets any number of updates pass meanwhile."""
+    r = running("ps.max_staleness=0", "ps.max_staleness_s=0.5")
+    g = np.full(r.layout.size, 0.01, np.float32)
+    for k in range(200):                                      # many updates, quickly: all young
+        assert push_one(ctx, r, 0, g, pversion=0 if k < 100 else k, seq=k + 1)[1] == P.Status.APPLIED
+    time.sleep(0.7)                    # the bound is time itself: this test waits on the clock
+    # theta at version 150 was superseded 0.7 s ago: too old; the current version is still welcome
+    assert push_one(ctx, r, 0, g, pversion=150, seq=1000) == (P.Cmd.REPLY, P.Status.STALE)
+    assert push_one(ctx, r, 0, g, pversion=r.shards[0].state.version, seq=1001)[1] == P.Status.APPLIED
+    st = r.set.stats(ctx, 0)
+    assert st["discarded_stale"] == 1 and sum(st["age_ms"].values()) == 202
+
+
+def test_broadcast_rate_cap(running, ctx):
+    """ps.broadcast_min_interval_ms bounds a shard's broadcasts whatever its update rate."""
+    r = running("ps.broadcast_every=1", "ps.broadcast_min_interval_ms=200", "ps.max_staleness=0")
+    g = np.full(r.layout.size, 0.01, np.float32)
+    p = GradientPusher(ctx, r.set)
+    t0 = time.monotonic()
+    b0 = r.shards[0].counters["broadcasts"]
+    while time.monotonic() - t0 < 1.0:
+        p.push(g, p.versions)
+        p.poll(0.01)
+    p.flush(10)
+    sent = r.shards[0].counters["broadcasts"] - b0
+    assert p.stats.applied > 20 and 2 <= sent <= 7, (p.stats.applied, sent)

@@ -84,10 +84,46 @@ class Dtype(enum.IntEnum):
     INT64 = 3
     JSON = 4
     RAW = 5            # a packed record with its own documented layout
+    FLOAT16 = 6        # IEEE half (gradients with net.grad_dtype=float16)
+    BFLOAT16 = 7       # the top 16 bits of a float32, sent as uint16 arrays (net.grad_dtype=bfloat16)
 
 
 _NP = {Dtype.FLOAT32: np.dtype(np.float32), Dtype.UINT8: np.dtype(np.uint8),
-       Dtype.INT64: np.dtype(np.int64)}
+       Dtype.INT64: np.dtype(np.int64), Dtype.FLOAT16: np.dtype(np.float16),
+       Dtype.BFLOAT16: np.dtype(np.uint16)}
+
+# The wire dtypes a gradient may travel in (net.grad_dtype); a shard widens them to float32.
+GRAD_DTYPES = {"float32": Dtype.FLOAT32, "float16": Dtype.FLOAT16, "bfloat16": Dtype.BFLOAT16}
+
+
+def narrow_floats(x: np.ndarray, code: Dtype) -> np.ndarray:
+    """float32 -> the wire dtype `code`, rounding to nearest even (NaN and Inf stay non-finite, so the
+    shard still refuses them; float16 overflows past 65504 become Inf and are refused too)."""
+    if code == Dtype.FLOAT32:
+        return x
+    import torch        # vectorised, threads released from the GIL, and correct at the edges (NaN, overflow)
+    if code == Dtype.FLOAT16:
+        return torch.from_numpy(x).to(torch.float16).numpy()
+    if code == Dtype.BFLOAT16:
+        return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    raise ValueError(f"no narrowing to {Dtype(code).name}")
+
+
+def widen_floats(hdr: Header, payload: memoryview | None, count: int, out: np.ndarray) -> np.ndarray:
+    """A float32 / float16 / bfloat16 payload of exactly `count` items as float32: the payload itself
+    (read-only) when it is float32, else widened into `out` (float32, `count` long) and returned."""
+    if hdr.dtype == Dtype.FLOAT32:
+        return as_array(hdr, payload, Dtype.FLOAT32, count)
+    if hdr.dtype == Dtype.FLOAT16:
+        np.copyto(out, as_array(hdr, payload, Dtype.FLOAT16, count), casting="unsafe")
+        return out
+    if hdr.dtype == Dtype.BFLOAT16:
+        bits = as_array(hdr, payload, Dtype.BFLOAT16, count)
+        wide = out.view(np.uint32)
+        np.copyto(wide, bits, casting="unsafe")
+        np.left_shift(wide, 16, out=wide)        # exact: bfloat16 is float32 without its low 16 bits
+        return out
+    raise ProtocolError(Status.BAD_DTYPE, f"payload dtype {Dtype(hdr.dtype).name}, expected a float type")
 
 
 class ProtocolError(Exception):

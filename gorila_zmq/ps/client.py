@@ -4,7 +4,8 @@
   keeping at most `net.in_flight` requests outstanding per shard; every reply is accounted (applied /
   stale / duplicate / rejected) and a request without a reply is resent on a new socket (Lazy Pirate)
   up to `net.request_retries` times, then counted lost. Retries reuse (client, seq), so the shard
-  applies a push at most once.
+  applies a push at most once. With `net.grad_dtype` bfloat16 or float16 the gradient is narrowed once
+  per push (half the bytes on the wire); the shard widens it back and applies in float32.
 - `ParamSubscriber` (ps/subscriber.py): a background thread (zguide Clone agent): subscribe to every
   shard's PUB first, then take a snapshot of each, then apply only newer broadcasts. `latest()` never blocks on the
   network. A shard silent for `heartbeat_liveness` intervals is marked dead; the thread reconnects
@@ -83,12 +84,18 @@ class PushStats:
 
 class GradientPusher:
     def __init__(self, ctx: zmq.Context, shards: ShardSet, client_id: int | None = None,
-                 socket_options=None, hello: bool = True, record: bool = False):
+                 socket_options=None, hello: bool = True, record: bool = False, record_staleness: bool = False):
         self.ctx, self.shards = ctx, shards
         # With record=True, every applied slice is logged as (shard, seq, version after applying):
         # the shard's version orders its updates, so tests can replay them serially.
         self.applied_log: list[tuple[int, int, int]] | None = [] if record else None
+        # With record_staleness=True, every answered slice adds (shard, staleness in updates, applied?):
+        # the updates the shard applied between the theta a push was computed against and its turn.
+        self.staleness_log: list[tuple[int, int, bool]] | None = [] if record_staleness else None
+        self._pushed_versions: dict[int, list[int]] = {}
         net = shards.cfg.net
+        self.wire = P.GRAD_DTYPES[net.grad_dtype]
+        self.bytes_sent = 0
         self.window, self.timeout, self.retries = net.in_flight, net.request_timeout_s, net.request_retries
         self.client = client_id or new_client_id()
         self._socket_options = socket_options
@@ -122,14 +129,18 @@ class GradientPusher:
             raise ValueError(f"gradient must be float32 of shape ({self.shards.layout.size},), "
                              f"got {grad.dtype} {grad.shape}")
         self.seq += 1
+        wire = P.narrow_floats(grad, self.wire)       # a new array unless float32: the frames keep it alive
+        if self.staleness_log is not None:
+            self._pushed_versions[self.seq] = list(versions)
         for i, (a, b) in enumerate(self.shards.ranges):
             while self.pending[i].full():
                 self.poll(timeout_s=min(0.1, self.timeout), shard=i)
             hdr = P.Header(P.Cmd.PUSH_GRAD, shard=i, client=self.client, seq=self.seq,
                            pversion=versions[i], layout=self.shards.layout.hash)
-            frames = P.message(hdr, grad[a:b])
+            frames = P.message(hdr, wire[a:b])
             self.socks[i].send_multipart(frames, copy=False)
             self.pending[i].sent(self.seq, frames)
+            self.bytes_sent += hdr.length
         self.stats.sent += 1
         return self.seq
 
@@ -183,6 +194,13 @@ class GradientPusher:
         elif st == P.Status.STALE:
             self.stats.stale += 1
             per["stale"] += 1
+        if self.staleness_log is not None and hdr.command != P.Cmd.ERROR:
+            pushed = self._pushed_versions.get(hdr.seq)
+            if pushed is not None:
+                applied = st == P.Status.APPLIED   # the reply's version is the one after applying it
+                self.staleness_log.append((i, hdr.pversion - applied - pushed[i], applied))
+                if self.answered(hdr.seq):
+                    del self._pushed_versions[hdr.seq]
         return 1
 
     def _check_timeouts(self) -> None:
@@ -196,12 +214,24 @@ class GradientPusher:
             lost = pend.resend(self.socks[i])
             self.stats.retries += len(pend)
             for seq in lost:
+                self._pushed_versions.pop(seq, None)
                 self.abandoned[seq] = None
                 if len(self.abandoned) > 1024:
                     del self.abandoned[next(iter(self.abandoned))]
                 self.stats.lost += 1
                 self.stats.by_shard[i]["lost"] += 1
                 log.warning("push %d to shard %d lost after %d retries", seq, i, self.retries)
+
+    def wait_room(self, timeout_s: float | None = None) -> bool:
+        """Wait until every shard's window has room for one more push (True), or timeout_s. A learner
+        calls this *before* it reads theta: a gradient computed and then held back by a full window
+        would be older than it needs to be by the time it is sent."""
+        end = time.monotonic() + (self.timeout if timeout_s is None else timeout_s)
+        while any(p.full() for p in self.pending):
+            if time.monotonic() > end:
+                return False
+            self.poll(timeout_s=min(0.05, self.timeout))
+        return True
 
     def in_flight(self) -> int:
         return sum(len(p) for p in self.pending)

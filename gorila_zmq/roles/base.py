@@ -126,7 +126,7 @@ class Role:
     def __init__(self, cfg: C.Config, ctx: zmq.Context | None = None, control: topology.Endpoint | None = None,
                  scalars: bool = True):
         self.cfg = cfg
-        self.ctx = ctx or zmq.Context.instance()
+        self.ctx = ctx or zmq.Context.instance(io_threads=cfg.net.io_threads)
         self._stop = False
         self.control = ControlServer(self.ctx, control, self.name) if control is not None else None
         self.scalars = ScalarLog(cfg.run.run_dir, self.name) if scalars else None

@@ -25,7 +25,7 @@ from gorila_zmq.envs import env_spec
 from gorila_zmq.fields import ConfigError
 from gorila_zmq.net import topology
 from gorila_zmq.ps.client import GradientPusher, ShardSet, fetch_params
-from gorila_zmq.ps.subscriber import ParamSubscriber
+from gorila_zmq.ps.shared import param_source
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.replay.memory import NotReady
 from gorila_zmq.replay.sources import make_source
@@ -141,7 +141,7 @@ class Learner(Role):
         self.online = agent.make_network(cfg).to(self.device)
         self.layout = ParamLayout.from_module(self.online)
         self.shards = ShardSet(cfg, self.layout)
-        self.sub = ParamSubscriber(self.ctx, self.shards)
+        self.sub = param_source(self.ctx, self.shards, cfg, self.name)
         self.pusher = GradientPusher(self.ctx, self.shards)
         self.source = source if source is not None else make_source(self.ctx, cfg, index, agent.record(env_spec(cfg)))
         self.loader = None
@@ -151,6 +151,7 @@ class Learner(Role):
             if self.device.type == "cuda" else None
         self._flat = self.staging.param_host.numpy() if self.staging else np.empty(self.layout.size, np.float32)
         self._grad_bufs: list[tuple[int, np.ndarray, torch.Tensor]] = []
+        self._group: list | None = None                # agent.grads_per_push: the group being summed
         self._params = list(self.online.parameters())
         self._seen = -1
         self.versions = [0] * self.shards.n
@@ -188,6 +189,7 @@ class Learner(Role):
         except queue.Empty:
             self.wait_s += time.perf_counter() - t0
             return
+        self.pusher.wait_room()          # the window first, then theta: no gradient waits to be sent
         t1 = time.perf_counter()
         self.wait_s += t1 - t0
         self._refresh()
@@ -217,14 +219,37 @@ class Learner(Role):
         if self.staging is not None:
             self.staging.grads_to_host(host)
             self.staging.copies_done()
-        seq = self.pusher.push(grad, versions)             # the pusher owns `grad` until reusable(seq)
-        self._grad_bufs.append((seq, grad, host))
-        self.pusher.poll(0)
         self.updates += 1
+        pushed = self._accumulate(grad, host, versions)
+        if pushed is not None:
+            grad, host, versions = pushed
+            seq = self.pusher.push(grad, versions)         # the pusher owns `grad` until reusable(seq)
+            self._grad_bufs.append((seq, grad, host))
+        self.pusher.poll(0)
         self.compute_s += time.perf_counter() - t1
         self.learning.after_update(max(self.pusher.versions[0], self.sub.global_version))
         if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:
             self.request_stop()
+
+    def _accumulate(self, grad: np.ndarray, host, versions: list[int]):
+        """agent.grads_per_push = k: the mean of k minibatch gradients goes out as one push, computed
+        against the versions of the first of them (the oldest theta, so staleness is not understated).
+        Returns (grad, host, versions) to push now, or None while the group is filling."""
+        k = self.cfg.agent.grads_per_push
+        if k == 1:
+            return grad, host, versions
+        if self._group is None:
+            self._group = [grad, host, versions, 1]    # this buffer sums the group
+        else:
+            np.add(self._group[0], grad, out=self._group[0])
+            self._group[3] += 1
+            self._grad_bufs.append((-1, grad, host))   # summed: back to the pool
+        if self._group[3] < k:
+            return None
+        total, host, versions, _ = self._group
+        self._group = None
+        total *= np.float32(1.0 / k)
+        return total, host, versions
 
     def _start_loader(self) -> None:
         self.loader = Loader(self.source, self.cfg.agent.batch_size,

@@ -8,7 +8,11 @@ when the run was prepared), so a shard never builds a model. The version (update
 shard's clock; shard 0's is the global update count.
 
 Every request is validated before it touches state; a bad one is counted by reason, logged once per
-reason, and answered with an ERROR. A (client, seq) pair is applied at most once: a retried push gets
+reason, and answered with an ERROR. A gradient is discarded as stale (answered STALE) when the theta it
+was computed against is more than `ps.max_staleness` of the shard's updates old, or stopped being the
+newest more than `ps.max_staleness_s` seconds ago, or more than `ps.staleness_factor` times the
+median age of the latest gradients (each 0: off; docs/SCALING.md says which to use when). A gradient may come as float32, float16 or bfloat16 (net.grad_dtype); it is applied in
+float32. A (client, seq) pair is applied at most once: a retried push gets
 the first outcome back (counted as a duplicate) and is not applied again, across restarts too (the table is saved
 with the checkpoint).
 """
@@ -35,6 +39,9 @@ from gorila_zmq.ps.state import DEDUP_CLIENTS, DEDUP_PER_CLIENT, ShardState, che
 from gorila_zmq.roles.base import Role, role_main
 
 log = logging.getLogger("gorila_zmq.ps")
+
+AGE_RING = 1 << 18      # updates whose application time a shard remembers (2 MB), for ps.max_staleness_s
+
 
 def _bucket(staleness: int) -> int:
     """Histogram bucket of a staleness: itself up to 16, else the power of two at or above it."""
@@ -94,9 +101,17 @@ class ParameterServerShard(Role):
                          "broadcasts": 0, "heartbeats": 0, "snapshots": 0, "checkpoints": 0,
                          "checkpoint_errors": 0, "checkpoint_write_s": 0.0,
                          "staleness": collections.Counter(),   # histogram: exact to 16, then powers of 2
+                         "age_ms": collections.Counter(),      # the same, of the gradient's age in ms
                          "resumed_from_checkpoint": resumed}
         self.rejections = P.Rejections(log, f"shard {index}")
         self.started = time.monotonic()
+        self._wide = np.empty(self.size, np.float32)         # float16/bfloat16 gradients widened here
+        # When each of the latest AGE_RING versions was reached; a resumed shard's past versions count
+        # as reached now (a gradient computed before a restart is not old because of the restart).
+        self._reached = np.full(AGE_RING, self.started, np.float64)
+        self._ages = np.zeros(256, np.float64)                # the latest gradients' ages (staleness_factor)
+        self._n_ages = 0
+        self._age_median: float | None = None
         topology.ensure_ipc_dir(cfg)
         maxmsg = int(4 * self.size * cfg.ps.max_payload_factor) + 65536
         self.router = P.make_socket(self.ctx, zmq.ROUTER, maxmsgsize=maxmsg, rcvhwm=64, sndhwm=256)
@@ -114,7 +129,7 @@ class ParameterServerShard(Role):
             raise ConfigError(f"shard {index}: cannot bind {self.router_ep.bind} / {self.pub_ep.bind}: {e} "
                               "(is another shard or program using the port? see net.base_port)") from e
         self._bcast_seq = 0
-        self._last_send = time.monotonic()
+        self._last_send = self._last_bcast_t = time.monotonic()
         self._last_bcast_version = self.state.version
         self._last_ckpt = time.monotonic()
         log.info("shard %d: params [%d, %d) of %d, version %d%s, router %s, pub %s", index, self.start,
@@ -239,13 +254,16 @@ class ParameterServerShard(Role):
     def _poll_timeout_ms(self) -> int:
         wait = self.cfg.net.heartbeat_interval_s - (time.monotonic() - self._last_send)
         if self.state.version != self._last_bcast_version:
-            wait = min(wait, self.cfg.ps.broadcast_interval_ms / 1000.0)
+            wait = min(wait, max(self.cfg.ps.broadcast_interval_ms, self.cfg.ps.broadcast_min_interval_ms) / 1000.0)
         return max(1, min(1000, int(wait * 1000)))
 
     def _broadcast_due(self) -> bool:
         pending = self.state.version - self._last_bcast_version
         if pending <= 0:
             return False
+        gap = self.cfg.ps.broadcast_min_interval_ms
+        if gap and (time.monotonic() - self._last_bcast_t) * 1000.0 < gap:
+            return False                    # a rate cap: the fan-out's bytes stay bounded at any update rate
         return (pending >= self.cfg.ps.broadcast_every or
                 (time.monotonic() - self._last_send) * 1000.0 >= self.cfg.ps.broadcast_interval_ms)
 
@@ -262,7 +280,7 @@ class ParameterServerShard(Role):
         self.counters["broadcasts"] += 1
         self.counters["bytes_out"] += 4 * self.size
         self._last_bcast_version = self.state.version
-        self._last_send = time.monotonic()
+        self._last_send = self._last_bcast_t = time.monotonic()
 
     def heartbeat(self) -> None:
         self.pub.send_multipart(P.message(self._hdr(P.Cmd.HEARTBEAT, seq=self._bcast_seq)))
@@ -332,11 +350,15 @@ class ParameterServerShard(Role):
             self.counters["duplicates"] += 1
             status, version = seen[req.seq]
             return self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client, status=status))
-        grad = P.as_array(req, payload, P.Dtype.FLOAT32, self.size)
+        grad = P.widen_floats(req, payload, self.size, self._wide)
         version = self.state.version
         staleness = version - req.pversion
+        age_s = self._age_s(req.pversion)
         self.counters["staleness"][_bucket(staleness)] += 1
-        if staleness > self.cfg.ps.max_staleness:
+        self.counters["age_ms"][_bucket(int(min(age_s, 1e6) * 1000.0))] += 1
+        bound, bound_s = self.cfg.ps.max_staleness, self._age_bound()
+        self._note_age(age_s)
+        if (bound and staleness > bound) or (bound_s and age_s > bound_s):
             self.counters["discarded_stale"] += 1
             status = P.Status.STALE
         elif not optim.all_finite(grad):
@@ -344,6 +366,7 @@ class ParameterServerShard(Role):
         else:
             self.optimizer.apply(self.state.theta, self.state.states, grad, version)
             self.state.version = version + 1
+            self._reached[(version + 1) % AGE_RING] = time.monotonic()
             self.counters["updates_applied"] += 1
             status = P.Status.APPLIED
         if seen is None:
@@ -355,16 +378,47 @@ class ParameterServerShard(Role):
             seen.popitem(last=False)
         self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client, status=status))
 
+    def _age_bound(self) -> float:
+        """The age bound now: ps.max_staleness_s, or ps.staleness_factor x the median age of the latest
+        256 gradients if that is larger (0: no age bound). The median is what an honest gradient waits
+        in this layout, so the bound grows with the learners; a learner that stalled for many of its
+        peers' cycles is still refused."""
+        bound = self.cfg.ps.max_staleness_s
+        if self.cfg.ps.staleness_factor and self._age_median is not None:
+            bound = max(bound, self.cfg.ps.staleness_factor * self._age_median)
+        return bound
+
+    def _note_age(self, age_s: float) -> None:
+        if not self.cfg.ps.staleness_factor:
+            return
+        self._ages[self._n_ages % len(self._ages)] = min(age_s, 1e6)
+        self._n_ages += 1
+        if self._n_ages >= 64 and self._n_ages % 16 == 0:
+            self._age_median = float(np.median(self._ages[:min(self._n_ages, len(self._ages))]))
+
+    def _age_s(self, pversion: int) -> float:
+        """How long ago theta at `pversion` stopped being the newest: 0 for the current version, the
+        time since update pversion+1 was applied otherwise (the shard's own clock, so hosts need no
+        synchronised clocks). Older than the ring remembers: infinitely old."""
+        behind = self.state.version - pversion
+        if behind <= 0:
+            return 0.0
+        if behind >= AGE_RING:
+            return float("inf")
+        return time.monotonic() - float(self._reached[(pversion + 1) % AGE_RING])
+
     # -- introspection --------------------------------------------------------------------------
     def describe(self) -> dict:
         return {"shard": self.index, "shards": self.cfg.ps.shards, "start": self.start, "stop": self.stop,
                 "n_params": self.layout.size, "layout_hash": self.layout.hash, "version": self.state.version,
                 "incarnation": self.incarnation, "max_staleness": self.cfg.ps.max_staleness,
+                "max_staleness_s": self.cfg.ps.max_staleness_s, "age_bound_s": self._age_bound(),
                 "pub": self.pub_ep.connect}
 
     def stats(self) -> dict:
         d = dict(self.counters, **self.rejections.as_dict())
-        d["staleness"] = {str(k): v for k, v in sorted(self.counters["staleness"].items())}
+        for k in ("staleness", "age_ms"):
+            d[k] = {str(b): v for b, v in sorted(self.counters[k].items())}
         d["curve"] = bool(self.auth)
         d["auth_failures"] = sum(m.poll() for m in self.auth)
         d.update(role="ps", shard=self.index, version=self.state.version if self.state else None,
