@@ -145,7 +145,7 @@ def load_spec(path: str) -> ClusterSpec:
               file=sys.stderr)
     layout, theta0 = make_layout(cfg)      # once: status polls and `up` reuse it
     spec = ClusterSpec(hosts, cfg, path, layout, theta0)
-    missing = [s.name for s in spec.program() if s.name not in placement]
+    missing = [s.name for s in spec.program() if s.name not in placement and s.role != "relay"]   # relays follow
     if missing:
         raise C.ConfigError(f"{path}: no host for roles {missing}: list them under [roles]")
     return spec

@@ -2,7 +2,7 @@
 
 Addresses are bound late (launchpad style): roles are built with a config and resolve their
 endpoints here when they start. `net.placement` maps a role name (ps0, replay1, actor3, learner0,
-evaluator) to the address of the host it runs on; a server binds that address only (not every
+evaluator; a relay follows the actors and learners of its host) to the address of the host it runs on; a server binds that address only (not every
 interface) and clients connect to it. Roles without a placement use `net.host`.
 """
 from __future__ import annotations
@@ -20,8 +20,27 @@ class Endpoint:
 
 
 def address(cfg, role: str) -> str:
-    """The host address of role `role` (e.g. "ps0")."""
-    return cfg.net.placement.get(role) or cfg.net.host
+    """The host address of role `role` (e.g. "ps0"). A relay (net.param_relay) sits on the k-th host
+    of actors and learners."""
+    placed = cfg.net.placement.get(role)
+    if placed:
+        return placed
+    if role.startswith("relay") and role[5:].isdigit():
+        return relay_hosts(cfg)[int(role[5:])]
+    return cfg.net.host
+
+
+def relay_hosts(cfg) -> list[str]:
+    """The hosts of a run's actors and learners, in a fixed order: relay k serves the k-th."""
+    r = cfg.roles
+    actors, learners = (r.bundles, r.bundles) if r.mode == "bundled" else (r.actors, r.learners)
+    names = [f"actor{i}" for i in range(actors)] + [f"learner{i}" for i in range(learners)]
+    return sorted({cfg.net.placement.get(n) or cfg.net.host for n in names})
+
+
+def relay_index(cfg, role: str) -> int:
+    """Which relay serves role `role` (an actor or learner): the one on its host."""
+    return relay_hosts(cfg).index(address(cfg, role))
 
 
 def _ep(cfg, name: str, port_offset: int, host: str | None = None) -> Endpoint:
@@ -52,7 +71,7 @@ def ensure_ipc_dir(cfg) -> None:
 
 
 # Port offsets from net.base_port: shards use [0, 2S); the rest sit far above any shard count.
-REPLAY_PORT, ACTOR_CTL, LEARNER_CTL, EVAL_CTL = 1000, 2000, 3000, 4000
+REPLAY_PORT, ACTOR_CTL, LEARNER_CTL, EVAL_CTL, RELAY_CTL = 1000, 2000, 3000, 4000, 5000
 
 
 def replay(cfg, r: int, host: str | None = None) -> Endpoint:
@@ -62,7 +81,7 @@ def replay(cfg, r: int, host: str | None = None) -> Endpoint:
 
 def control(cfg, role: str, i: int = 0, host: str | None = None) -> Endpoint:
     """A role's control socket (stats on request); shards answer on their request socket."""
-    base = {"actor": ACTOR_CTL, "learner": LEARNER_CTL, "evaluator": EVAL_CTL}[role]
+    base = {"actor": ACTOR_CTL, "learner": LEARNER_CTL, "evaluator": EVAL_CTL, "relay": RELAY_CTL}[role]
     name = "evaluator" if role == "evaluator" else f"{role}{i}"
     return _ep(cfg, f"{name}.ctl", base + i, host)
 
@@ -130,9 +149,10 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
 def free_base_port(count: int = 16, host: str = "127.0.0.1") -> int:
     """A net.base_port for a run on `host` (tests, benchmarks): the shard ports [0, count), and the
     first 8 replay shard and control ports of each kind, free now and below the ephemeral range."""
-    offsets = list(range(count)) + [o + k for o in (REPLAY_PORT, ACTOR_CTL, LEARNER_CTL, EVAL_CTL) for k in range(8)]
+    offsets = list(range(count)) + [o + k for o in (REPLAY_PORT, ACTOR_CTL, LEARNER_CTL, EVAL_CTL, RELAY_CTL)
+                                    for k in range(8)]
     rng = ephemeral_range()
-    top = min(32768, rng[0] if rng else 32768) - EVAL_CTL - 16
+    top = min(32768, rng[0] if rng else 32768) - RELAY_CTL - 16
     if top <= 10000:
         raise RuntimeError(f"the ephemeral port range {rng} leaves no room below it for a run")
     for _ in range(200):

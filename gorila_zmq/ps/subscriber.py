@@ -21,7 +21,10 @@ log = logging.getLogger("gorila_zmq.client")
 class ParamSubscriber:
     """Background thread keeping the latest complete theta. Thread-safe readers: latest(), versions."""
 
-    def __init__(self, ctx: zmq.Context, shards: ShardSet, socket_options=None, hwm: int | None = None):
+    def __init__(self, ctx: zmq.Context, shards: ShardSet, socket_options=None, hwm: int | None = None,
+                 record_latency: bool = False, store=None):
+        """`store` (ps/shared.py's SharedParamsWriter): every slice goes there instead of into a theta
+        of this object's own (the relay; latest() is then not available)."""
         self.ctx, self.shards = ctx, shards
         net = shards.cfg.net
         self.hb_interval, self.liveness = net.heartbeat_interval_s, net.heartbeat_liveness
@@ -29,7 +32,8 @@ class ParamSubscriber:
         self.hwm = hwm if hwm is not None else net.sub_hwm
         self._socket_options = socket_options
         n = shards.n
-        self._theta = np.zeros(shards.layout.size, np.float32)
+        self.store = store
+        self._theta = np.zeros(shards.layout.size if store is None else 0, np.float32)
         self._lock = threading.Lock()
         self.versions = [-1] * n            # -1: no snapshot yet
         self.incarnations = [0] * n
@@ -39,7 +43,7 @@ class ParamSubscriber:
         self.counters = {"broadcasts": 0, "applied": 0, "ignored_old": 0, "snapshots": 0, "gaps": 0,
                          "reconnects": 0, "malformed": 0, "dead_events": 0}
         self.latency_ns: list[int] = []     # broadcast delivery latencies (same-host clocks)
-        self.record_latency = False
+        self.record_latency = record_latency
         self._bseq = [0] * n
         self._said: set = set()
         self.error: str | None = None       # the last unexpected error of the thread (it carries on)
@@ -93,15 +97,24 @@ class ParamSubscriber:
                 log.error("shard %d runs another model than this process: %s", i, e.detail)
             log.debug("snapshot of shard %d failed: %s", i, e)
             return False
-        with self._lock:
-            self._theta[a:b] = arr
-            self.versions[i], self.incarnations[i] = rhdr.pversion, rhdr.incarnation
-            self.updates += 1
+        self._store(i, a, b, arr, rhdr.pversion, rhdr.incarnation)
         self.counters["snapshots"] += 1
         self.alive[i], self.last_seen[i] = True, time.monotonic()
         if all(v >= 0 for v in self.versions):
             self._ready.set()
         return True
+
+    def _store(self, i: int, a: int, b: int, arr: np.ndarray, version: int, incarnation: int) -> None:
+        if self.store is not None:
+            self.store.write(i, arr, version, incarnation)
+            with self._lock:
+                self.versions[i], self.incarnations[i] = version, incarnation
+                self.updates += 1
+            return
+        with self._lock:
+            self._theta[a:b] = arr
+            self.versions[i], self.incarnations[i] = version, incarnation
+            self.updates += 1
 
     def _run(self) -> None:
         n = self.shards.n
@@ -149,6 +162,9 @@ class ParamSubscriber:
                     need_snapshot[i] = True
                     next_try[i] = 0.0
         now = time.monotonic()
+        if self.store is not None:
+            self.store.set_alive(self.alive)
+            self.store.beat()
         for i in range(n):
             if self.alive[i] and now - self.last_seen[i] > dead_after:
                 # Paranoid Pirate: silent for `liveness` intervals -> dead. New socket, and a
@@ -203,9 +219,6 @@ class ParamSubscriber:
         except P.ProtocolError:
             self.counters["malformed"] += 1
             return False
-        with self._lock:
-            self._theta[a:b] = arr
-            self.versions[i] = hdr.pversion
-            self.updates += 1
+        self._store(i, a, b, arr, hdr.pversion, hdr.incarnation)
         self.counters["applied"] += 1
         return False

@@ -21,7 +21,7 @@ from gorila_zmq.agents import base as agents
 from gorila_zmq.envs import env_spec, make_vec_env
 from gorila_zmq.host.files import write_json
 from gorila_zmq.ps.client import ShardSet
-from gorila_zmq.ps.subscriber import ParamSubscriber
+from gorila_zmq.ps.shared import param_source
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.net import topology
 from gorila_zmq.replay.sinks import make_sink
@@ -57,7 +57,7 @@ class Actor(Role):
         self.model.eval()
         self.policy = agent.behaviour(cfg, self.model, index, num_actors(cfg))
         self.layout = ParamLayout.from_module(self.model)
-        self.sub = ParamSubscriber(self.ctx, ShardSet(cfg, self.layout))
+        self.sub = param_source(self.ctx, ShardSet(cfg, self.layout), cfg, self.name)
         self._flat = np.empty(self.layout.size, np.float32)
         self._seen_updates = -1
         self.rng = np.random.default_rng([cfg.run.seed, 1, index])
