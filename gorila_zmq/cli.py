@@ -20,12 +20,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "actor": ("gorila_zmq.roles.actor", "main", "run one actor"),
     "learner": ("gorila_zmq.roles.learner", "main", "run one learner"),
     "replay": ("gorila_zmq.roles.replay", "main", "run one global replay shard"),
+    "relay": ("gorila_zmq.roles.relay", "main", "hand theta to this host's actors and learners (net.param_relay)"),
     "evaluator": ("gorila_zmq.roles.evaluator", "evaluator_main", "run the evaluator role"),
     "eval": ("gorila_zmq.cli", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
     "status": ("gorila_zmq.launch.status", "main", "ask every live role of a run for its stats"),
     "keys": ("gorila_zmq.net.security", "keys_main", "make CurveZMQ keys for a cluster"),
     "cluster": ("gorila_zmq.launch.cluster", "main", "start, stop and inspect a run on several hosts over ssh"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
+    "scale": ("gorila_zmq.launch.scale", "main", "predict a layout's throughput, staleness and bandwidth (scale plan)"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),
 }
 

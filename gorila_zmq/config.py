@@ -25,6 +25,7 @@ from gorila_zmq.presets import PRESETS
 
 __all__ = ["Config", "ConfigError", "PRESETS", "load", "from_dict", "to_dict", "save_json", "describe"]
 log = logging.getLogger("gorila_zmq.config")
+_WARNED: set = set()
 
 
 @dataclass
@@ -40,14 +41,21 @@ class NetConfig:
     host: str = _f("127.0.0.1", "address servers bind to and clients connect to in dev mode")
     base_port: int = _f(15500, "first port; shard i uses base_port+2i (requests) and base_port+2i+1 (broadcast), "
                                "replay shard r base_port+1000+r, actor/learner i's control base_port+2000+i/"
-                               "+3000+i, the evaluator's base_port+4000")
+                               "+3000+i, the evaluator's base_port+4000, relay k's base_port+5000+k")
     heartbeat_interval_s: float = _f(1.0, "an idle server publishes a heartbeat this often")
     heartbeat_liveness: int = _f(3, "a peer silent for this many heartbeat intervals is dead")
     reconnect_max_s: float = _f(32.0, "reconnect backoff doubles from 1 s up to this")
     request_timeout_s: float = _f(5.0, "a request without a reply after this long is retried on a new socket")
     request_retries: int = _f(3, "retries (Lazy Pirate) before a request is given up as lost")
     in_flight: int = _f(2, "gradient pushes in flight per shard (bounded window)")
+    grad_dtype: str = _f("float32", "gradients travel as float32, bfloat16 or float16 (half the bytes; the shard "
+                                    "widens them and applies in float32; float16 overflows past 65504)")
     sub_hwm: int = _f(2, "subscriber high-water mark: slow actors drop stale parameters, not queue them")
+    io_threads: int = _f(1, "ZeroMQ I/O threads per process (each moves ~1-2 GB/s in the clear, ~0.8 GB/s under "
+                            "CurveZMQ): more for a shard that serves many learners over fast links")
+    param_relay: bool = _f(False, "one parameter subscriber per host: a relay role takes theta from the shards and "
+                                  "hands it to the host's actors and learners through shared memory (a shard's "
+                                  "fan-out then grows with hosts, not with roles)")
     curve: bool = _f(False, "CurveZMQ on every socket: encryption + only the authorised keys get service")
     keys_dir: str = _f("", "directory made by `gorila-zmq keys gen` (needed with net.curve)")
     key_name: str = _f("local", "this host's client key name in keys_dir")
@@ -67,9 +75,19 @@ class PSConfig:
     adam_beta1: float = _f(0.9, "Adam: first-moment decay")
     adam_beta2: float = _f(0.999, "Adam: second-moment decay")
     adam_eps: float = _f(1e-8, "Adam: epsilon added to the bias-corrected sqrt(v)")
-    max_staleness: int = _f(50, "discard a gradient computed more than this many of the shard's updates ago")
+    max_staleness: int = _f(50, "discard a gradient computed more than this many of the shard's updates ago (0: "
+                                "no such bound); with N learners pushing, an honest gradient is ~N updates old, "
+                                "so keep it >= 2 x learners + broadcast_every, or use max_staleness_s")
+    max_staleness_s: float = _f(0.0, "discard a gradient whose theta stopped being the newest more than this many "
+                                     "seconds ago (the paper's time bound; 0: off)")
+    staleness_factor: float = _f(0.0, "... or more than this many times the median age of the latest 256 "
+                                      "gradients, if longer (0: off): a bound that grows with the layout, so "
+                                      "honest gradients pass at any learner count and a stalled learner's do not")
     broadcast_every: int = _f(10, "broadcast the slice after this many applied updates ...")
     broadcast_interval_ms: float = _f(100.0, "... or this many milliseconds after the last send, if any is unbroadcast")
+    broadcast_min_interval_ms: float = _f(0.0, "never broadcast more often than this (0: no cap): a shard's bytes "
+                                               "out are subscribers x slice x broadcast rate, the wall at scale "
+                                               "(docs/SCALING.md)")
     checkpoint_interval_s: float = _f(60.0, "write theta, G and the version to disk this often (and on SIGTERM)")
     max_payload_factor: float = _f(2.0, "messages larger than this times the shard's slice are refused by ZeroMQ")
     apply_threads: int = _f(1, "threads for the AdaGrad apply (0: every core); 1 leaves the other cores to "
@@ -109,6 +127,8 @@ class AgentConfig:
     limiter_stall_s: float = _f(10.0, "a rate-limited actor steps anyway once the global update count has not "
                                       "moved for this long: the learners may be starved (a replay shard "
                                       "restarted empty), and waiting for them would wait forever")
+    grads_per_push: int = _f(1, "minibatch gradients a learner averages locally before one push (k times fewer "
+                                "bytes and shard updates per gradient computed)")
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
     device: str = _f("auto", "torch device for learners: auto (cuda when present), cpu, cuda, cuda:1 ...")
     torch_threads: int = _f(1, "torch intra-op threads per role process")
@@ -191,12 +211,18 @@ class Config:
             errs.append(f"ps.optimizer {self.ps.optimizer!r} is not one of: adagrad, adam")
         if self.ps.lr <= 0 or self.ps.eps < 0 or self.ps.initial_accumulator < 0:
             errs.append("ps.lr must be > 0, ps.eps and ps.initial_accumulator >= 0")
-        if self.ps.max_staleness < 0:
-            errs.append("ps.max_staleness must be >= 0")
-        if self.ps.broadcast_every < 1:
-            errs.append("ps.broadcast_every must be >= 1")
-        if self.net.in_flight < 1:
-            errs.append("net.in_flight must be >= 1")
+        if self.ps.max_staleness < 0 or self.ps.max_staleness_s < 0 or self.ps.staleness_factor < 0:
+            errs.append("ps.max_staleness, ps.max_staleness_s and ps.staleness_factor must be >= 0 (0: off)")
+        if 0 < self.ps.staleness_factor < 2:
+            errs.append("ps.staleness_factor below 2 would refuse honest gradients (half are older than the median)")
+        if self.net.grad_dtype not in ("float32", "bfloat16", "float16"):
+            errs.append(f"net.grad_dtype {self.net.grad_dtype!r} is not one of: float32, bfloat16, float16")
+        if self.agent.grads_per_push < 1:
+            errs.append("agent.grads_per_push must be >= 1")
+        if self.ps.broadcast_every < 1 or self.ps.broadcast_min_interval_ms < 0:
+            errs.append("ps.broadcast_every must be >= 1 and ps.broadcast_min_interval_ms >= 0")
+        if self.net.in_flight < 1 or self.net.io_threads < 1:
+            errs.append("net.in_flight and net.io_threads must be >= 1")
         if self.roles.mode not in ("bundled", "global"):
             errs.append(f"roles.mode must be 'bundled' or 'global', not {self.roles.mode!r}")
         for k in ("bundles", "actors", "learners", "replay_shards"):
@@ -228,7 +254,20 @@ class Config:
         errs += self._port_errors()
         if errs:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
+        self._warn_staleness()
         return self
+
+    def _warn_staleness(self) -> None:
+        """With N learners an honest gradient meets ~N other pushes before it lands: a count bound below
+        2N + broadcast_every throws most of them away (docs/SCALING.md)."""
+        learners = self.roles.bundles if self.roles.mode == "bundled" else self.roles.learners
+        need = 2 * learners + self.ps.broadcast_every
+        if 0 < self.ps.max_staleness < need and not (self.ps.max_staleness_s or self.ps.staleness_factor) \
+                and need not in _WARNED:
+            _WARNED.add(need)
+            log.warning("ps.max_staleness=%d is below 2 x %d learners + ps.broadcast_every = %d: most gradients "
+                        "may be discarded as stale; raise it or bound the age instead (ps.max_staleness_s, "
+                        "docs/SCALING.md)", self.ps.max_staleness, learners, need)
 
     def _port_errors(self) -> list[str]:
         """Ports are offsets from net.base_port (net/topology.py): shards at 2i and 2i+1, replay shards,
@@ -239,8 +278,8 @@ class Config:
                       "learners (roles.learners or roles.bundles)": max(self.roles.learners, self.roles.bundles)}
         errs = [f"{what} needs {n} ports, more than the 1,000 its block of net.base_port offsets holds"
                 for what, n in from_block.items() if n > 1000]
-        if self.net.transport == "tcp" and not 0 < self.net.base_port <= 65535 - 5000:
-            errs.append(f"net.base_port {self.net.base_port} leaves no room for the run's ports (1 .. 60535)")
+        if self.net.transport == "tcp" and not 0 < self.net.base_port <= 65535 - 6000:
+            errs.append(f"net.base_port {self.net.base_port} leaves no room for the run's ports (1 .. 59535)")
         return errs
 
 

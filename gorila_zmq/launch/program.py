@@ -17,6 +17,10 @@ from gorila_zmq.agents import base as agents
 from gorila_zmq.fields import ConfigError
 from gorila_zmq.net import topology
 from gorila_zmq.ps.layout import ParamLayout, load_run_layout, save_run_layout
+from gorila_zmq.envs import env_spec
+from gorila_zmq.ps import optim, shared as shared_params
+from gorila_zmq.ps.state import SHM_HEADER
+from gorila_zmq.replay.memory import segment_bytes
 from gorila_zmq.replay.sinks import bundle_memory_name
 
 
@@ -86,6 +90,9 @@ def make_program(cfg: C.Config, config_path: str | None = None, only_host: str |
         prog += [spec("learner", i, 2, topology.control(cfg, "learner", i).connect) for i in range(r.learners)]
     if r.evaluator:
         prog.append(spec("evaluator", 0, 3, topology.control(cfg, "evaluator", 0).connect, "evaluator"))
+    if cfg.net.param_relay:            # one per host of actors and learners, started with the shards
+        prog += [spec("relay", k, 0, topology.control(cfg, "relay", k, host=h).connect)
+                 for k, h in enumerate(topology.relay_hosts(cfg))]
     if only_host is not None:
         prog = [p for p in prog if topology.address(cfg, p.name) == only_host]
     return prog
@@ -99,4 +106,58 @@ def owned_segments(cfg: C.Config, spec: RoleSpec) -> list[str]:
         return [f"gz_{cfg.run_id}_greplay{spec.index}"]
     if spec.role == "actor" and cfg.roles.mode == "bundled":
         return [bundle_memory_name(cfg, spec.index)]
+    if spec.role == "relay":
+        return [shared_params.segment_name(cfg, spec.index)]
     return []
+
+
+def shared_memory_plan(cfg: C.Config, program: list[RoleSpec]) -> dict[str, int]:
+    """Bytes of shared memory each role of `program` will create on its host: a bundle's actor its
+    local replay, a replay server its shard, a shard theta and its optimiser state."""
+    layout = load_run_layout(cfg.run.run_dir)
+    record = agents.prepare(cfg).record(env_spec(cfg))
+    n_states = optim.make_server_optimizer(cfg.ps).n_states
+    mem = dict(n_step=cfg.agent.n_step, gamma=cfg.agent.gamma, **record.memory_args())
+    plan = {}
+    for spec in program:
+        if spec.role == "ps" and layout is not None:
+            a, b = layout.shard_ranges(cfg.ps.shards)[spec.index]
+            plan[spec.name] = SHM_HEADER + 4 * (b - a) * (1 + n_states)
+        elif spec.role == "actor" and cfg.roles.mode == "bundled":
+            plan[spec.name] = segment_bytes(cfg.agent.replay_capacity, lanes=cfg.env.num_envs, **mem)
+        elif spec.role == "relay" and layout is not None:
+            plan[spec.name] = shared_params.segment_bytes(layout.size, cfg.ps.shards)
+        elif spec.role == "replay":
+            lanes = -(-cfg.roles.actors // cfg.roles.replay_shards) * cfg.env.num_envs
+            plan[spec.name] = segment_bytes(cfg.agent.replay_capacity, lanes=lanes, **mem)
+    return plan
+
+
+def check_shared_memory(cfg: C.Config, program: list[RoleSpec], shm_dir: str = "/dev/shm") -> int:
+    """Refuse, before any role starts, a program whose segments do not fit in this host's shared memory
+    (a tmpfs fills silently and the role that writes past it dies of SIGBUS much later). Returns the
+    total it needs."""
+    plan = shared_memory_plan(cfg, program)
+    total = sum(plan.values())
+    if not os.path.isdir(shm_dir):
+        return total
+    st = os.statvfs(shm_dir)
+    free = st.f_bavail * st.f_frsize
+    if total > free:
+        gib = 2.0 ** 30
+        replays = [v for k, v in plan.items() if k.startswith(("actor", "replay"))]
+        parts = []
+        if replays:
+            parts.append(f"{len(replays)} replay memor{'y' if len(replays) == 1 else 'ies'} of "
+                         f"{max(replays) / gib:.2f} GiB (agent.replay_capacity={cfg.agent.replay_capacity:,})")
+        shards = [v for k, v in plan.items() if k.startswith("ps")]
+        if shards:
+            parts.append(f"{len(shards)} shard segment(s) of {sum(shards) / gib:.3f} GiB in all")
+        relays = [v for k, v in plan.items() if k.startswith("relay")]
+        if relays:
+            parts.append(f"{len(relays)} relay segment(s) of {sum(relays) / gib:.3f} GiB")
+        raise ConfigError(
+            f"this host's roles need {total / gib:.1f} GiB of shared memory ({' + '.join(parts)}), but {shm_dir} "
+            f"has {free / gib:.1f} GiB free. Use fewer bundles (roles.bundles={cfg.roles.bundles}), a smaller "
+            f"agent.replay_capacity, or cluster mode (`gorila-zmq cluster up` spreads the roles over hosts)")
+    return total

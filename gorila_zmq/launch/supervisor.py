@@ -22,7 +22,7 @@ import zmq
 from gorila_zmq import config as C
 from gorila_zmq.fields import UserError
 from gorila_zmq.host import logs, shm
-from gorila_zmq.launch.program import RoleSpec, make_program, owned_segments, prepare_run
+from gorila_zmq.launch.program import RoleSpec, check_shared_memory, make_program, owned_segments, prepare_run
 from gorila_zmq.launch.status import collect
 from gorila_zmq.net import security, topology
 
@@ -244,6 +244,7 @@ def dev_main(argv: list[str]) -> int:
     program = make_program(cfg, path, a.only_host)
     if not program:
         raise C.ConfigError(f"no role is placed on {a.only_host} (net.placement: {cfg.net.placement})")
+    check_shared_memory(cfg, program)
     warning = topology.ephemeral_warning(cfg, program)
     if warning:
         log.warning("net.base_port: %s", warning)

@@ -109,6 +109,24 @@ def _check_shm_space(nbytes: int) -> None:
                           f"has {free / 2**30:.2f} GiB free (in docker: --shm-size)")
 
 
+def _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape, action_dtype) -> Layout:
+    capacity, lanes = int(capacity), int(lanes)
+    frame_shape = (frame_shape,) if isinstance(frame_shape, (int, np.integer)) else frame_shape
+    if lanes < 1 or capacity < lanes:
+        raise ValueError(f"need capacity >= lanes >= 1, got capacity={capacity}, lanes={lanes}")
+    lay = Layout(lanes, capacity // lanes, int(stack), int(n_step), float(gamma), tuple(int(s) for s in frame_shape),
+                 check_dtype(dtype), tuple(int(s) for s in action_shape), check_dtype(action_dtype))
+    validate_params(lay)
+    return lay
+
+
+def segment_bytes(capacity: int, frame_shape=(84, 84), stack: int = 4, dtype=np.uint8, n_step: int = 1,
+                  gamma: float = 0.99, lanes: int = 1, *, action_shape=(), action_dtype=np.int64) -> int:
+    """The size of the segment ReplayMemory(...) with these arguments would create (nothing is made)."""
+    return _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape,
+                   action_dtype).offsets()["total"]
+
+
 # ---------------------------------------------------------------- batches
 
 class NotReady(ValueError):
@@ -162,15 +180,7 @@ class ReplayMemory:
                  action_shape=(), action_dtype=np.int64, impl: str | None = None):
         """Create the segment. capacity counts slots (frames) across all lanes; each lane gets
         capacity // lanes. impl ("cython"/"numpy") overrides GORILA_PUREPYTHON, for tests."""
-        capacity, lanes = int(capacity), int(lanes)
-        frame_shape = (frame_shape,) if isinstance(frame_shape, (int, np.integer)) else frame_shape
-        if lanes < 1 or capacity < lanes:
-            raise ValueError(f"need capacity >= lanes >= 1, got capacity={capacity}, lanes={lanes}")
-        lay = Layout(lanes, capacity // lanes, int(stack), int(n_step), float(gamma),
-                      tuple(int(s) for s in frame_shape),
-                      check_dtype(dtype), tuple(int(s) for s in action_shape),
-                      check_dtype(action_dtype))
-        validate_params(lay)
+        lay = _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape, action_dtype)
         off = lay.offsets()
         _check_shm_space(off["total"])
         name = name or f"gzrb_{os.getpid()}_{secrets.token_hex(4)}"
