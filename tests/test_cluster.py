@@ -15,7 +15,17 @@ from conftest import ROOT, wait_for
 pytestmark = pytest.mark.slow
 
 TAG = f"gz{os.getpid() % 10000}"
-HOSTS = {"alpha": "10.77.0.2", "beta": "10.77.0.3", "stranger": "10.77.0.4"}
+HOSTS = {"alpha": "10.77.0.2", "beta": "10.77.0.3", "gamma": "10.77.0.5", "stranger": "10.77.0.4"}
+LINK = "1gbit"                      # every host's link, both ways (tc tbf): a rack's network, not loopback
+
+
+def shape(dev: str, prefix: str = "") -> None:
+    """A token bucket at LINK on `dev`; netem delay (0.2 ms) where this kernel has it."""
+    tbf = f"tbf rate {LINK} burst 512kb latency 20ms"
+    if sh(f"{prefix}tc qdisc add dev {dev} root handle 1: netem delay 0.2ms", check=False).returncode == 0:
+        sh(f"{prefix}tc qdisc add dev {dev} parent 1: handle 2: {tbf}")
+    else:
+        sh(f"{prefix}tc qdisc add dev {dev} root {tbf}")
 
 
 def sh(cmd, check=True, **kw):
@@ -60,6 +70,9 @@ def hosts(tmp_path_factory):
         sh(f"ip netns add {ns} && ip link add {veth} type veth peer name {veth}p && ip link set {veth}p netns {ns} "
            f"&& ip link set {veth} master {br} up && ip netns exec {ns} ip addr add {addr}/24 dev {veth}p "
            f"&& ip netns exec {ns} ip link set {veth}p up && ip netns exec {ns} ip link set lo up")
+        if shutil.which("tc"):
+            shape(veth)                                     # toward the host
+            shape(f"{veth}p", f"ip netns exec {ns} ")       # from the host
         (d / f"sshd_{name}").write_text(
             f"ListenAddress {addr}\nPort 22\nHostKey {d}/hostkey\nPidFile {d}/sshd_{name}.pid\n"
             f"PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
@@ -86,9 +99,11 @@ def write_spec(path, info, run_dir, keys, **over):
     python = over.pop("python", sys.executable)
     roles = over.pop("roles", 'ps = ["alpha", "alpha"]\nbundles = ["beta", "beta"]\nevaluator = "beta"')
     opts = over.pop("opts", info["opts"])
+    overrides = ["net.heartbeat_interval_s=0.5", "ps.checkpoint_interval_s=1.0", "dev.restart_backoff_s=0.5",
+                 *over.pop("extra", [])]
     lines = [f'run_dir = "{run_dir}"', f'keys_dir = "{keys}"', "curve = true",
              f"base_port = {over.pop('base_port', 17500)}", 'preset = "cartpole"',
-             'overrides = ["net.heartbeat_interval_s=0.5", "ps.checkpoint_interval_s=1.0", "dev.restart_backoff_s=0.5"]']
+             f"overrides = {json.dumps(overrides)}"]
     for name, addr in hosts.items():
         lines += ["[[host]]", f'name = "{name}"', f'address = "{addr}"', 'user = "root"',
                   f'python = "{python}"', f'workdir = "{ROOT}"', f"ssh_options = {json.dumps(opts)}"]
@@ -106,15 +121,21 @@ def cluster(*args, timeout=300):
 def keys(hosts):
     from gorila_zmq.net import security
     k = str(hosts["dir"] / "keys")
-    security.gen_keys(k, ["alpha", "beta", "launcher"])
+    security.gen_keys(k, ["alpha", "beta", "gamma", "launcher"])
     security.gen_keys(str(hosts["dir"] / "stranger_keys"), ["stranger"])
     return k
 
 
 def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, keys, tmp_path):
+    """Three hosts on shaped 1 Gb/s links (shards on two, both bundles on the third with its relay),
+    bfloat16 gradients: the run learns CartPole, a 5 s link cut costs no update twice, it recovers."""
     from gorila_zmq.launch.cluster import _collect, leftovers, load_spec
+    assert "tbf" in sh(f"tc qdisc show dev {TAG}bet").stdout            # the links really are shaped
     run_dir = str(tmp_path / "run")
-    spec_path = write_spec(tmp_path / "spec.toml", hosts, run_dir, keys)
+    spec_path = write_spec(tmp_path / "spec.toml", hosts, run_dir, keys,
+                           hosts={h: HOSTS[h] for h in ("alpha", "beta", "gamma")},
+                           roles='ps = ["alpha", "gamma"]\nbundles = ["beta", "beta"]\nevaluator = "beta"',
+                           extra=["net.grad_dtype=bfloat16", "net.param_relay=true"])
     spec = load_spec(spec_path)
     try:
         r = cluster("up", spec_path)                # inside the try: `down` runs whatever happens
@@ -124,7 +145,7 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
         assert "already running" in cluster("up", spec_path).stdout        # idempotent
         st = cluster("status", spec_path)
         assert st.returncode == 0 and "DOWN" not in st.stdout, st.stdout
-        for role in ("ps0", "ps1", "actor0", "actor1", "learner0", "learner1", "evaluator"):
+        for role in ("ps0", "ps1", "actor0", "actor1", "learner0", "learner1", "evaluator", "relay0"):
             assert role in st.stdout
         # an unauthorised client from another namespace gets nothing, and is counted
         probe = (

@@ -25,6 +25,7 @@ class Report:
     metrics: dict[str, float] = field(default_factory=dict)
     rows: list[tuple] = field(default_factory=list)          # (name, value, unit[, note])
     notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)                 # more JSON (e.g. every point of a sweep)
 
     def row(self, name: str, value: float, unit: str, note: str = "") -> None:
         self.rows.append((name, value, unit, note))
@@ -104,6 +105,6 @@ def main(argv: list[str]) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"bench": args.name, "metrics": rep.metrics,
-                       "rows": [list(r) for r in rep.rows], "notes": rep.notes}, f, indent=2)
+                       "rows": [list(r) for r in rep.rows], "notes": rep.notes, **rep.extra}, f, indent=2)
         print(f"  wrote {args.json}")
     return 0
