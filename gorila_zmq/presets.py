@@ -5,11 +5,11 @@ from __future__ import annotations
 # The paper's setting (bundled mode, N_param = 31, N_act = N_learn = 100) and one sized for a small box.
 PRESETS: dict[str, dict] = {
     # Staleness as the paper bounds it, by time: with 100 learners an honest gradient is ~100 updates old,
-    # so the count bound is off; a gradient whose theta was superseded more than 1 s ago, or 4 times the
+    # so the count bound is off; a gradient whose theta was superseded more than 1 s ago, or 8 times the
     # median age if that is longer (a slow layout), is discarded (docs/SCALING.md). One subscriber per
     # host (a relay): the fan-out to 200 roles is the wall otherwise.
     "paper": {
-        "ps": {"shards": 31, "max_staleness": 0, "max_staleness_s": 1.0, "staleness_factor": 4.0},
+        "ps": {"shards": 31, "max_staleness": 0, "max_staleness_s": 1.0, "staleness_factor": 8.0},
         "net": {"param_relay": True},
         "roles": {"mode": "bundled", "bundles": 100},
         "agent": {"replay_capacity": 1_000_000},

@@ -485,3 +485,18 @@ def test_broadcast_rate_cap(running, ctx):
     p.flush(10)
     sent = r.shards[0].counters["broadcasts"] - b0
     assert p.stats.applied > 20 and 2 <= sent <= 7, (p.stats.applied, sent)
+
+
+def test_staleness_factor_bounds_the_age_by_what_this_layout_calls_honest(running, ctx):
+    """ps.staleness_factor: the bound is that many times the median age of the latest gradients, so it
+    needs no tuning per layout; a gradient many honest ages old is refused."""
+    r = running("ps.max_staleness=0", "ps.staleness_factor=4")
+    g = np.full(r.layout.size, 0.01, np.float32)
+    shard = r.shards[0]
+    for k in range(80):                       # honest: computed against the previous version, ~10 ms old
+        time.sleep(0.01)
+        assert push_one(ctx, r, 0, g, pversion=max(0, shard.state.version - 1), seq=k + 1)[1] == P.Status.APPLIED
+    assert 0.0 < shard._age_bound() < 0.3
+    # theta of 60 updates ago stopped being the newest ~0.6 s ago: far past 4 x ~10 ms
+    assert push_one(ctx, r, 0, g, pversion=shard.state.version - 60, seq=500) == (P.Cmd.REPLY, P.Status.STALE)
+    assert push_one(ctx, r, 0, g, pversion=shard.state.version, seq=501)[1] == P.Status.APPLIED

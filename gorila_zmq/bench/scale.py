@@ -38,11 +38,12 @@ from gorila_zmq.net import protocol as P, topology
 from gorila_zmq.net.rpc import Unavailable, request
 from gorila_zmq.ps import shared as shared_params
 from gorila_zmq.ps.client import ShardSet
-from gorila_zmq.ps.layout import ParamLayout, save_run_layout
+from gorila_zmq.ps.layout import ParamLayout, load_run_layout, save_run_layout
 
 DESCRIPTION = __doc__.splitlines()[0]
 
 SIZES = {"small": 4_610, "nature": 1_687_206, "drqv2": 7_262_261}   # CartPole MLP 64x64, Nature DQN, DrQ-v2
+STALL_AGES = 10.0        # the paper phase's stalled learner waits this many honest gradients' ages
 QUICK = {"learners": "1,4,16,64,100", "shards": "1,4,31", "params": "nature", "update_ms": "20"}
 
 
@@ -128,9 +129,7 @@ class Bench:
             procs.append(subprocess.Popen(pre + [sys.executable, "-m", "gorila_zmq.cli", "ps", "--index", str(i),
                                                  "--config", path, "--log-level", "WARNING"],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        layout = ParamLayout([("theta", (int(json.load(open(os.path.join(cfg.run.run_dir, "layout.json")))["size"]),),
-                               "float32")])
-        shards = ShardSet(cfg, layout)
+        shards = ShardSet(cfg, load_run_layout(cfg.run.run_dir))
         end = time.monotonic() + 60
         for i in range(cfg.ps.shards):
             while True:
@@ -154,8 +153,8 @@ class Bench:
               workers: int | None = None) -> dict:
         args = self.args
         W = max(1, min(workers or args.procs, N + actors))
-        shards = ShardSet(cfg, ParamLayout([("theta", (int(json.load(open(os.path.join(cfg.run.run_dir, "layout.json")))["size"]),), "float32")]))
-        S, n = cfg.ps.shards, shards.layout.size
+        shards = ShardSet(cfg, load_run_layout(cfg.run.run_dir))
+        n = shards.layout.size
         specs, wprocs = [], []
         relays = self._start_relays(cfg, path, W) if sub_per_process else []
         for w in range(W):
@@ -307,7 +306,7 @@ class Bench:
     def layout_for(self, cfg, N, update_ms, actors=0, k=1, sub_pp=False, W=None) -> model.Layout:
         W = max(1, min(W or self.args.procs, N + actors))
         return model.Layout(
-            learners=N, shards=cfg.ps.shards, params=int(json.load(open(os.path.join(cfg.run.run_dir, "layout.json")))["size"]),
+            learners=N, shards=cfg.ps.shards, params=load_run_layout(cfg.run.run_dir).size,
             update_ms=update_ms, subscribers=W if sub_pp else N + actors, grad_bytes=4 if cfg.net.grad_dtype == "float32" else 2,
             grads_per_push=k, window=cfg.net.in_flight, broadcast_every=cfg.ps.broadcast_every,
             broadcast_interval_ms=cfg.ps.broadcast_interval_ms, broadcast_min_interval_ms=cfg.ps.broadcast_min_interval_ms,
@@ -475,7 +474,7 @@ def paper(b: Bench, rep: Report, costs: model.Costs, points: list) -> None:
     points.append(r50)
     _print_point(r50)
     honest_age = r50.get("staleness_p50", 0.0) / max(r50["updates_per_s"], 1e-9)
-    stall = max(3.0, 5.0 * honest_age)
+    stall = max(3.0, STALL_AGES * honest_age)
     cfg, path = b.config(31, SIZES["nature"], ps=policy)
     procs = b.start_shards(cfg, path)
     seconds = b.args.seconds
@@ -498,7 +497,7 @@ def paper(b: Bench, rep: Report, costs: model.Costs, points: list) -> None:
     rep.row("paper layout (100 x 31, Nature DQN, 20 ms, relays): applied updates/s", r["updates_per_s"], "updates/s",
             f"policy {policy}")
     rep.row("  discarded as stale (every push, the stalled learner's included)", honest, "fraction")
-    rep.row(f"  the stalled learner's pushes discarded (stall {stall:.1f} s = 5 x an honest age)",
+    rep.row(f"  the stalled learner's pushes discarded (stall {stall:.1f} s = {STALL_AGES:g} x an honest age)",
             rep.metrics["paper_n100_stalled_learner_discarded"], "fraction", f"{r['stalled_pushes']} pushes")
     rep.row("same layout, ps.max_staleness=50 (the old default): discarded", r50["discard_fraction"], "fraction")
     rep.row("  applied updates/s", r50["updates_per_s"], "updates/s")
@@ -623,8 +622,8 @@ def run(args) -> Report:
             hosts.__exit__(None, None, None)
         b.ctx.destroy(linger=0)
         shutil.rmtree(b.tmp, ignore_errors=True)
-    rep.notes.append(f"{b.cores} cores; one load process holds many synthetic learners as threads (sockets and "
-                     "processes per point are in each point's record)")
+    rep.notes.append(f"{b.cores} cores; {args.procs} load processes hold the synthetic learners as threads, each "
+                     "with a relay process (sockets and processes per point are in each point's record)")
     return rep
 
 

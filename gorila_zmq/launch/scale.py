@@ -3,7 +3,8 @@ server, driven by per-message and per-byte costs that `gorila-zmq bench scale` m
 
 A learner computes for `update_ms` (a delay), spends its own CPU narrowing and sending the gradient,
 then pushes; with a window of two pushes in flight per shard a shard's queue never runs dry, so the
-applied rate is the smallest of what the learners generate and what each resource serves:
+applied rate is (a smooth minimum, the 2-norm of the inverses, for the queueing near the knee) the
+smallest of what the learners generate and what each resource serves:
 
     learners            N / (update_ms x grads_per_push + the learner's own send time [+ its NIC])
     shard CPU           1 / (msg + elem x n/S) per shard: the main loop is one thread
@@ -38,16 +39,16 @@ from dataclasses import asdict, dataclass, field, replace
 @dataclass
 class Costs:
     """CPU seconds per unit, measured by `gorila-zmq bench scale` (its calibration phase)."""
-    shard_msg_s: float = 60e-6       # shard: per gradient message (parse, validate, reply, poll)
-    shard_msg_per_shard_s: float = 0.0     # ... more per message for each other shard process on the box
+    shard_msg_s: float = 257e-6       # shard: per gradient message (parse, validate, reply, poll)
+    shard_msg_per_shard_s: float = 8.7e-6     # ... more per message for each other shard process on the box
     shard_msg_per_learner_s: float = 0.0   # ... more per message for each other learner connected
-    shard_elem_s: float = 1.6e-9     # shard: per float32 gradient element (receive, finite check, AdaGrad)
-    client_msg_s: float = 60e-6      # client: per slice message (header, send, reply handling)
+    shard_elem_s: float = 2.96e-9     # shard: per float32 gradient element (receive, finite check, AdaGrad)
+    client_msg_s: float = 305e-6      # client: per slice message (header, send, reply handling)
     client_msg_per_shard_s: float = 0.0    # ... more per message for each other shard process on the box
-    client_msg_per_learner_s: float = 0.0  # ... more per message for each other learner in its process
-    client_elem_s: float = 0.4e-9    # client: per gradient element sent (+ its theta copy)
-    pub_byte_s: float = 0.25e-9      # shard host: per byte published, per subscriber (the PUB's I/O thread)
-    sub_byte_s: float = 0.35e-9      # subscriber: per byte received (I/O thread + the copy into theta)
+    client_msg_per_learner_s: float = 11.7e-6  # ... more per message for each other learner in its process
+    client_elem_s: float = 1.99e-9    # client: per gradient element sent (+ its theta copy)
+    pub_byte_s: float = 0.36e-9      # shard host: per byte published, per subscriber (the PUB's I/O thread)
+    sub_byte_s: float = 0.60e-9      # subscriber: per byte received (I/O thread + the copy into theta)
     note: str = "defaults: bench scale calibration, 2-core AMD EPYC, 2026-12-01"
 
     @classmethod
@@ -160,7 +161,9 @@ def predict(lay: Layout, costs: Costs | None = None) -> Prediction:
             bounds["box CPU"] = max(lay.cores - fan_cpu, 0.05 * lay.cores) / push_cpu
             bounds["client process"] = lay.client_procs / learner_cpu
         name = min(bounds, key=bounds.get)
-        x_push = bounds[name]
+        # near the knee learners also queue for what they share: a smooth minimum of the bounds (the
+        # 2-norm of their inverses) instead of the hard one, which only the asymptotes reach
+        x_push = sum(v ** -2.0 for v in bounds.values()) ** -0.5
         # a learner reads theta once its window has room, so when the shards are the limit about
         # N x (window - 1) pushes are ahead of its next one; none when the learners are
         ahead = min(N * (w - 1.0), max(0.0, N * w - x_push * w * think))
