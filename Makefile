@@ -34,7 +34,7 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Every benchmark, one after another, each writing docs/bench/NAME.json (about 15 minutes; run it on
+# Every benchmark, one after another, each writing docs/bench/NAME.json (about 22 minutes; run it on
 # an otherwise idle machine: each compares against its baseline in the same run, but 2 cores are few).
 bench: build
 	mkdir -p docs/bench
@@ -45,6 +45,7 @@ bench: build
 	$(VENV)/bin/gorila-zmq bench learner --json docs/bench/learner.json
 	$(VENV)/bin/gorila-zmq bench e2e --json docs/bench/e2e.json
 	$(VENV)/bin/gorila-zmq bench drqv2 --json docs/bench/drqv2.json
+	$(VENV)/bin/gorila-zmq bench scale --quick --json docs/bench/scale.json --plot docs/bench/scale.png
 
 clean:
 	rm -rf build gorila_zmq/_ext/*.so ext/*.c

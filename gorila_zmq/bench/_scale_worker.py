@@ -67,7 +67,8 @@ def _learner(k: int, spec: dict, ctx, shards, reader, win: Window, grad, out: di
     blocked = 0.0
     while not win.stop.is_set():
         t0 = time.monotonic()
-        pusher.wait_room()                 # as the learner role does: the window first, then theta
+        if not pusher.wait_room(timeout_s=1.0):   # as the learner role does: the window first, then theta
+            continue                       # (and see the stop flag at least every second)
         t1 = time.monotonic()
         _, versions, _ = sub.latest(theta)
         time.sleep(compute_s + stall_s)
