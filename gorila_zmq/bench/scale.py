@@ -634,7 +634,7 @@ def plot(points: list, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'gorila-zmq[docs]'") from None
-    sweep_pts = [p for p in points if "error_updates" in p]
+    sweep_pts = [p for p in points if "error_updates" in p and "variant" not in p]     # the sweep's own
     groups = sorted({(p["model"], p["update_ms"]) for p in sweep_pts})
     fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 7), squeeze=False)
     for col, (m, ms) in enumerate(groups):
