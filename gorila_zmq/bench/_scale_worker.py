@@ -48,16 +48,25 @@ class Window:
         return self.start <= t < self.end
 
 
+def _theta_source(who: str, ctx, shards, reader, win: Window, out: dict):
+    """The relay's shared memory (`reader`), or a subscriber of this thread's own; None (with
+    out["error"]) when the shards gave no parameters in 60 s."""
+    if reader is not None:
+        return reader()
+    sub = ParamSubscriber(ctx, shards, record_latency=True)
+    win.subs.append(sub)
+    if not sub.wait_ready(60):
+        out["error"] = f"{who}: no parameters from every shard in 60 s"
+        return None
+    return sub
+
+
 def _learner(k: int, spec: dict, ctx, shards, reader, win: Window, grad, out: dict) -> None:
     pusher = GradientPusher(ctx, shards, record_staleness=True)
     own = reader is None
-    sub = reader() if reader else None
-    if own:
-        sub = ParamSubscriber(ctx, shards, record_latency=True)
-        win.subs.append(sub)
-        if not sub.wait_ready(60):
-            out["error"] = f"learner {k}: no parameters from every shard in 60 s"
-            return
+    sub = _theta_source(f"learner {k}", ctx, shards, reader, win, out)
+    if sub is None:
+        return
     out["ready"] = True
     win.go.wait()
     theta = np.empty(shards.layout.size, np.float32)
@@ -93,13 +102,9 @@ def _learner(k: int, spec: dict, ctx, shards, reader, win: Window, grad, out: di
 
 def _actor(k: int, spec: dict, ctx, shards, reader, win: Window, out: dict) -> None:
     own = reader is None
-    sub = reader() if reader else None
-    if own:
-        sub = ParamSubscriber(ctx, shards, record_latency=True)
-        win.subs.append(sub)
-        if not sub.wait_ready(60):
-            out["error"] = f"actor {k}: no parameters from every shard in 60 s"
-            return
+    sub = _theta_source(f"actor {k}", ctx, shards, reader, win, out)
+    if sub is None:
+        return
     out["ready"] = True
     theta = np.empty(shards.layout.size, np.float32)
     seen, reads = -1, 0
