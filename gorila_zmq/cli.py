@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluator": ("gorila_zmq.roles.evaluator", "evaluator_main", "run the evaluator role"),
     "eval": ("gorila_zmq.cli", "eval_main", "evaluate a checkpoint with the null-op-starts protocol"),
     "status": ("gorila_zmq.launch.status", "main", "ask every live role of a run for its stats"),
+    "clean": ("gorila_zmq.launch.clean", "main", "remove the shared memory of a run that is not live (or --stale)"),
     "keys": ("gorila_zmq.net.security", "keys_main", "make CurveZMQ keys for a cluster"),
     "cluster": ("gorila_zmq.launch.cluster", "main", "start, stop and inspect a run on several hosts over ssh"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
@@ -43,6 +44,26 @@ def config_main(argv: list[str]) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return v
+
+
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], not {text!r}")
+    return v
+
+
 def eval_main(argv: list[str]) -> int:
     from gorila_zmq import config as C
     from gorila_zmq.agents import base as agents
@@ -52,8 +73,8 @@ def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gorila-zmq eval", description=COMMANDS["eval"][2])
     p.add_argument("--checkpoint", required=True, help="an evaluation checkpoint (run_dir/best.npz)")
     p.add_argument("--env", help="game or gymnasium id (default: the one the checkpoint was trained on)")
-    p.add_argument("--episodes", type=int, default=None, help="default: eval.episodes (30)")
-    p.add_argument("--epsilon", type=float, default=None, help="default: eval.epsilon (0.05)")
+    p.add_argument("--episodes", type=_positive_int, default=None, help="default: eval.episodes (30)")
+    p.add_argument("--epsilon", type=_probability, default=None, help="default: eval.epsilon (0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", help="write the first episode as an mp4 here")
     p.add_argument("--json", help="write the summary here")

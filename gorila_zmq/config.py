@@ -89,6 +89,8 @@ class PSConfig:
                                                "out are subscribers x slice x broadcast rate, the wall at scale "
                                                "(docs/SCALING.md)")
     checkpoint_interval_s: float = _f(60.0, "write theta, G and the version to disk this often (and on SIGTERM)")
+    bad_checkpoint: str = _f("refuse", "an unreadable checkpoint at resume: refuse (stop with an error naming it) or "
+                                       "initial (move it aside, start the shard from the initial parameters)")
     max_payload_factor: float = _f(2.0, "messages larger than this times the shard's slice are refused by ZeroMQ")
     apply_threads: int = _f(1, "threads for the AdaGrad apply (0: every core); 1 leaves the other cores to "
                                "ZeroMQ's I/O thread, which receives the next gradient meanwhile")
@@ -167,10 +169,10 @@ class DevConfig:
 class ModelConfig:
     kind: str = _f("auto", "auto (the agent chooses from the environment), nature_cnn (Atari, 4x84x84 uint8), "
                            "mlp (vectors) or drqv2 (encoder + actor + critic, 9x84x84 RGB)")
-    obs_shape: list = _f([4, 84, 84], "observation shape the network takes (filled from the environment)")
+    obs_shape: list[int] = _f([4, 84, 84], "observation shape the network takes (filled from the environment)")
     n_actions: int = _f(6, "discrete actions: how many (Pong: 6); 0 for continuous actions")
     action_dim: int = _f(0, "continuous actions: their dimension (cartpole_swingup: 1); 0 for discrete actions")
-    hidden: list = _f([64, 64], "hidden layer sizes of the mlp (drqv2: hidden[0] is the actor/critic width)")
+    hidden: list[int] = _f([64, 64], "hidden layer sizes of the mlp (drqv2: hidden[0] is the actor/critic width)")
     feature_dim: int = _f(50, "drqv2: trunk feature size (linear -> LayerNorm -> tanh)")
 
 
@@ -223,6 +225,16 @@ class Config:
             errs.append("ps.broadcast_every must be >= 1 and ps.broadcast_min_interval_ms >= 0")
         if self.net.in_flight < 1 or self.net.io_threads < 1:
             errs.append("net.in_flight and net.io_threads must be >= 1")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.agent.device):
+            errs.append(f"agent.device {self.agent.device!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+        if self.eval.episodes < 1 or not 0.0 <= self.eval.epsilon <= 1.0:
+            errs.append("eval.episodes must be >= 1 and eval.epsilon in [0, 1]")
+        if self.ps.bad_checkpoint not in ("refuse", "initial"):
+            errs.append(f"ps.bad_checkpoint {self.ps.bad_checkpoint!r} is not one of: refuse, initial")
+        if self.net.in_flight > 1024:
+            errs.append("net.in_flight must be <= 1024 (a shard remembers the outcome of each client's latest 1,024 pushes)")
+        if any(h <= 0 for h in self.model.hidden) or any(d <= 0 for d in self.model.obs_shape):
+            errs.append("model.hidden and model.obs_shape must hold positive sizes")
         if self.roles.mode not in ("bundled", "global"):
             errs.append(f"roles.mode must be 'bundled' or 'global', not {self.roles.mode!r}")
         for k in ("bundles", "actors", "learners", "replay_shards"):
@@ -322,16 +334,24 @@ def _coerce(value, tp, where: str):
             except json.JSONDecodeError:
                 pass
     elif origin is list:
+        items = None
         if isinstance(value, list):
-            return value
-        if isinstance(value, str):
+            items = value
+        elif isinstance(value, str):
             try:
                 v = json.loads(value)
                 if isinstance(v, list):
-                    return v
+                    items = v
             except json.JSONDecodeError:
-                return [int(x) if x.strip().lstrip("-").isdigit() else x.strip()
-                        for x in value.split(",") if x.strip()]
+                items = [x.strip() for x in value.split(",") if x.strip()]
+        if items is not None:
+            (elem,) = typing.get_args(tp) or (None,)
+            if elem is None:
+                return list(items)
+            try:
+                return [_coerce(x, elem, f"{where}[{k}]") for k, x in enumerate(items)]
+            except ConfigError as e:
+                raise ConfigError(f"{e} (a list of {elem.__name__}s, e.g. [64,64])") from None
     raise ConfigError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
 
 

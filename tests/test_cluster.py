@@ -195,12 +195,12 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
             assert push["lost"] == 0 and push["applied"] > 0, push
         logs = cluster("logs", spec_path, "learner0")
         assert logs.returncode == 0 and "learner0" in logs.stdout
-        # one host's roles killed with SIGKILL: the shards come back from their checkpoints
+        # one host's shards killed with SIGKILL: they come back with their live shared memory
         for role in ("ps0", "ps1"):
             assert cluster("restart", spec_path, role).returncode == 0
         killed = time.time()
-        wait_for(lambda: all((_collect(spec, "launcher").get(f"ps{i}") or {}).get("resumed_from_checkpoint")
-                             for i in range(2)), 60, 0.5, "the shards to come back from their checkpoints")
+        wait_for(lambda: all((_collect(spec, "launcher").get(f"ps{i}") or {}).get("resumed_from") == "segment"
+                             for i in range(2)), 60, 0.5, "the shards to come back with their live shared memory")
         wait_for(lambda: [e for e in evaluations(run_dir) if e["wall_time"] > killed + 5], 120, 1.0,
                  "evaluations after the shards came back")
     finally:

@@ -280,7 +280,7 @@ def test_checkpoint_resume_in_process(make_cfg, ctx):
     r2 = Running(cfg, ctx)
     try:
         assert r2.shards[0].state.version == 4
-        assert r2.shards[0].counters["resumed_from_checkpoint"]
+        assert r2.shards[0].counters["resumed_from"] == "checkpoint"
         assert not np.array_equal(r2.shards[0].state.theta, r.theta0)
     finally:
         r2.stop()
@@ -308,10 +308,10 @@ def test_periodic_checkpoint_is_written_in_the_background_while_pushes_are_answe
     from gorila_zmq.roles import ps as ps_mod
     real_save, entered, release = ps_mod.save_checkpoint, threading.Event(), threading.Event()
 
-    def held_save(path, theta, states, meta):
+    def held_save(path, theta, states, meta, dedup=None):
         entered.set()
         assert release.wait(30)
-        real_save(path, theta, states, meta)
+        real_save(path, theta, states, meta, dedup)
     monkeypatch.setattr(ps_mod, "save_checkpoint", held_save)
     r = Running(make_cfg(*SMALL_MLP, "ps.checkpoint_interval_s=0.2"), ctx)
     try:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 from conftest import SMALL_MLP, start_role, stop_proc, wait_for
 from gorila_zmq import config as C
 from gorila_zmq.ps import optim
+from gorila_zmq.net import protocol as P
+from gorila_zmq.net.rpc import request
 from gorila_zmq.ps.client import GradientPusher, ShardSet, fetch_params
 from gorila_zmq.ps.subscriber import ParamSubscriber
 from gorila_zmq.ps.layout import ParamLayout
@@ -137,7 +140,7 @@ def test_shard_sigkill_restart_resumes_from_checkpoint_and_clients_carry_on(make
             pusher.push(g.copy(), pusher.versions)
         assert pusher.flush(10)
         st = shards.stats(ctx, 1)
-        assert st["resumed_from_checkpoint"] and st["version"] == 37
+        assert st["resumed_from"] == "segment" and st["version"] == 37
         assert pusher.stats.lost == 0 and pusher.stats.applied == 2 * 37
         wait_for(lambda: sub.alive[1] and sub.incarnations[1] != inc_before and sub.latest()[1] == [37, 37],
                  20, what="the subscriber to re-snapshot the restarted shard")
@@ -148,6 +151,60 @@ def test_shard_sigkill_restart_resumes_from_checkpoint_and_clients_carry_on(make
             sub.close()
         for p in procs:
             stop_proc(p)
+    assert not shm_segments(cfg)
+
+
+def test_a_shard_sigkilled_under_a_stream_of_pushes_loses_no_applied_update(make_cfg, ctx, tmp_path):
+    """SIGKILL a shard while pushes stream in (no checkpoint since the start), restart it: it re-adopts
+    its shared memory, its version continues from the last applied update, theta equals a serial
+    AdaGrad of exactly the gradients it acknowledged as applied, and no retry is applied twice."""
+    cfg = make_cfg(*SMALL_MLP, "ps.checkpoint_interval_s=3600", "ps.max_staleness=0", "ps.max_staleness_s=0",
+                   "ps.staleness_factor=0", "net.in_flight=4", "net.request_timeout_s=0.5", "net.request_retries=40")
+    layout = ParamLayout.from_module(build_network(cfg))
+    theta0 = layout.flatten(build_network(cfg))
+    conf, procs = start_shards(cfg, tmp_path)
+    shards = ShardSet(cfg, layout)
+    try:
+        wait_serving(ctx, shards)
+        pusher = GradientPusher(ctx, shards, client_id=77, record=True)
+
+        def restart():
+            wait_for(lambda: pusher.stats.retries > 0, 30, what="the pusher to retry")
+            procs[0] = start_role(["ps", "--index", "0", "--config", conf], tmp_path / "ps0.restart.log")
+        restarter = threading.Thread(target=restart)
+        grads = {}
+        for seq in range(1, 301):
+            grads[seq] = mp_workers.grad_for(0, seq, layout.size) * 0.1
+            grads[seq][np.isnan(grads[seq]) | np.isinf(grads[seq])] = 0.0
+            pusher.push(grads[seq], pusher.versions)
+            pusher.poll(0)
+            if seq == 150:                                   # mid-stream, with pushes in flight
+                procs[0].send_signal(signal.SIGKILL)
+                procs[0].wait(10)
+                restarter.start()                            # once the pusher has retried
+        assert pusher.flush(60)
+        restarter.join(30)
+        st = shards.stats(ctx, 0)
+        theta, versions = fetch_params(ctx, shards)
+        # a retry of a push applied before the kill, sent by hand: the first outcome, not a second apply
+        hdr = P.Header(P.Cmd.PUSH_GRAD, shard=0, client=77, seq=100, layout=layout.hash, pversion=versions[0],
+                       flags=P.FLAG_RETRY)
+        rhdr, _ = request(ctx, shards.req[0], hdr, grads[100], timeout_s=2.0, retries=0)
+        assert rhdr.status == P.Status.APPLIED and shards.stats(ctx, 0)["version"] == versions[0]
+        pusher.close()
+    finally:
+        for p in procs:
+            stop_proc(p)
+    assert st["resumed_from"] == "segment", st
+    assert pusher.stats.lost == 0 and pusher.stats.retries > 0
+    applied = sorted((v, seq) for _, seq, v in pusher.applied_log)
+    assert [v for v, _ in applied] == list(range(1, versions[0] + 1))   # every version once: nothing lost
+    assert versions[0] == pusher.stats.applied == 300                     # nothing applied twice
+    ref = theta0.copy()
+    acc = np.full_like(ref, cfg.ps.initial_accumulator)
+    for _, seq in applied:
+        optim.adagrad_update_numpy(ref, acc, grads[seq], cfg.ps.lr, cfg.ps.eps)
+    np.testing.assert_allclose(theta, ref, rtol=1e-5, atol=1e-6)
     assert not shm_segments(cfg)
 
 

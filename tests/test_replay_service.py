@@ -116,22 +116,39 @@ def test_a_refused_add_changes_no_state(server, ctx):
     assert c["records_in"] == 4 and c["duplicates"] == 0 and c["gaps"] == 0
 
 
-@pytest.mark.parametrize("body", [{"batch": 4, "min_size": "x"}, {"batch": "4"}, {"batch": 10**9}, {"batch": 4.0}])
+def test_a_refused_add_from_a_new_incarnation_keeps_the_open_episode(server, ctx):
+    """A refused batch that claims a restarted actor (new incarnation) closes no lane: the actor's
+    next batch continues its episode with no gap and no orphan."""
+    cfg, servers = server
+    hdr = lambda seq, inc: P.Header(P.Cmd.REPLAY_ADD, shard=0, client=0, seq=seq, incarnation=inc, dtype=P.Dtype.RAW)
+    assert ask(ctx, cfg, 0, hdr(1, 5), records(cfg, 4))[0].command == P.Cmd.REPLY
+    bad = np.frombuffer(records(cfg, 3), spec(cfg).wire_dtype()).copy()
+    bad["kind"], bad["reward"][1] = ADD, np.inf
+    assert ask(ctx, cfg, 0, hdr(1, 6), bad.tobytes())[0] == P.Status.NON_FINITE
+    good = bad.copy()
+    good["reward"] = 1.0
+    assert ask(ctx, cfg, 0, hdr(2, 5), good.tobytes())[0].command == P.Cmd.REPLY
+    c = servers[0].counters
+    assert c["records_in"] == 7 and c["gaps"] == 0 and c["orphans_restarted"] == 0 and c["duplicates"] == 0
+
+
+@pytest.mark.parametrize("body", [{"batch": 4, "min_size": "x"}, {"batch": True}, {"batch": 4, "min_size": -1}, {"batch": "4"}, {"batch": 10**9}, {"batch": 4.0}])
 def test_bad_sample_requests(server, ctx, body):
     cfg, servers = server
     assert ask(ctx, cfg, 0, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), body)[0] == P.Status.BAD_PAYLOAD
     deep = P.Header(P.Cmd.REPLAY_SAMPLE, shard=0, dtype=P.Dtype.JSON)
-    payload = b"[" * 60000
-    deep.length = len(payload)
     from gorila_zmq.net import topology
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(topology.replay(cfg, 0).connect)
-    s.send_multipart([deep.pack(), payload])
-    assert s.poll(2000)
-    rh, _ = P.parse(s.recv_multipart())
-    assert rh.command == P.Cmd.ERROR and rh.status == P.Status.BAD_PAYLOAD
+    for payload in (b"[" * 60000, b'{"batch": ' + b"9" * 5000 + b"}"):   # too deep; past int-string limit
+        deep.length = len(payload)
+        s.send_multipart([deep.pack(), payload])
+        assert s.poll(2000)
+        rh, _ = P.parse(s.recv_multipart())
+        assert rh.command == P.Cmd.ERROR and rh.status == P.Status.BAD_PAYLOAD
     s.close()
+    assert "REJECTED" not in servers[0].stats()["rejected"]            # no internal error on the way
     # still serving: an empty memory answers BUSY, not a crash
     assert ask(ctx, cfg, 0, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), {"batch": 4})[0] == P.Status.BUSY
 

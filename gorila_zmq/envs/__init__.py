@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gorila_zmq.fields import ConfigError
+
 
 def is_dmc(name: str) -> bool:
     """A DeepMind Control task name (domain_task, e.g. cartpole_swingup). Names that look like one
@@ -27,10 +29,12 @@ def is_dmc(name: str) -> bool:
 
 def is_atari(name: str) -> bool:
     """An ALE game in any spelling (Pong, ALE/Pong-v5, PongNoFrameskip-v4); else a gymnasium id."""
-    from gorila_zmq.envs.atari import UnknownGameError, resolve_game
+    from gorila_zmq.envs.atari import UnknownGameError, UnsupportedGameError, resolve_game
     try:
         resolve_game(name)
         return True
+    except UnsupportedGameError:
+        return True                 # an Atari game still: opening it says why it cannot run
     except UnknownGameError:
         return False
 
@@ -55,6 +59,20 @@ class EnvSpec:
 _SPEC_CACHE: dict = {}
 
 
+def unknown_environment(name: str) -> str:
+    """One line: the name is no Atari game, DMC task or gymnasium id; the closest of each."""
+    import difflib
+
+    import gymnasium as gym
+    from gorila_zmq.envs.atari import _key, available_games
+    games = {_key(g): g for g in available_games()}
+    close = [games[c] for c in difflib.get_close_matches(_key(name), list(games), n=3, cutoff=0.6)]
+    close += difflib.get_close_matches(name, list(gym.envs.registry), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (f"unknown environment {name!r}: not an Atari game, a DeepMind Control task (domain_task) or a "
+            f"gymnasium id.{hint} ({len(games)} Atari games, e.g. pong, breakout; gymnasium ids such as CartPole-v1)")
+
+
 def env_spec(cfg) -> EnvSpec:
     """What the configured environment looks like (opened once per process to learn it, then cached)."""
     key = (cfg.env.name, cfg.env.action_repeat)
@@ -76,10 +94,8 @@ def env_spec(cfg) -> EnvSpec:
             import gymnasium as gym
             try:
                 env = gym.make(cfg.env.name)
-            except gym.error.Error as e:
-                from gorila_zmq.envs.atari import available_games
-                raise ValueError(f"unknown environment {cfg.env.name!r}: not an Atari game (available: "
-                                 f"{', '.join(available_games())}) nor a gymnasium id ({e})") from None
+            except gym.error.Error:
+                raise ConfigError(unknown_environment(cfg.env.name)) from None
             space = env.action_space
             shape = tuple(env.observation_space.shape)
             env.close()

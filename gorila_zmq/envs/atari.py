@@ -22,6 +22,7 @@ evaluation one. ``AtariVectorEnv`` steps several of them for batched inference.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from typing import Any
 
@@ -39,12 +40,25 @@ EVAL_MAX_FRAMES = 18_000
 
 
 class UnknownGameError(ConfigError):
-    """The name matches no ROM that ale-py ships; the message lists the ones it does."""
+    """The name matches no game ALE can run; the message suggests the closest ones."""
 
 
+class UnsupportedGameError(UnknownGameError):
+    """A ROM ale-py ships that ALE cannot run (two-player-only games)."""
+
+
+@functools.lru_cache(maxsize=1)
 def available_games() -> list[str]:
-    """ROM ids ale-py ships, e.g. 'pong', 'space_invaders'."""
-    return sorted(roms.get_all_rom_ids())
+    """ROM ids ale-py ships that ALE can run, e.g. 'pong', 'space_invaders'."""
+    return sorted(g for g in roms.get_all_rom_ids() if g not in unsupported_games())
+
+
+@functools.lru_cache(maxsize=1)
+def unsupported_games() -> frozenset[str]:
+    """ROMs ale-py ships that ALE refuses to load (two-player-only games: combat, joust, maze_craze,
+    warlords). ALE's loadROM ends the whole process on them, so they are refused before it."""
+    from ale_py import ALEInterface
+    return frozenset(g for g in roms.get_all_rom_ids() if not ALEInterface.isSupportedROM(str(roms.get_rom_path(g))))
 
 
 def _key(name: str) -> str:
@@ -61,10 +75,14 @@ def resolve_game(name: str) -> str:
     s = re.sub(r"(NoFrameskip|Deterministic)$", "", s)                    # gym v4-style suffixes
     if _key(s) in games:
         return games[_key(s)]
+    refused = {_key(g): g for g in unsupported_games()}
+    if _key(s) in refused:
+        raise UnsupportedGameError(f"{refused[_key(s)]!r} is a ROM ale-py ships, but ALE cannot run it (a game for "
+                               f"two players only; ALE refuses {', '.join(sorted(refused.values()))})")
     close = difflib.get_close_matches(_key(s), list(games), n=3, cutoff=0.6) if s else []
     hint = f" Did you mean {', '.join(repr(games[c]) for c in close)}?" if close else ""
-    raise UnknownGameError(f"unknown Atari game {name!r}.{hint} Available ROMs ({len(names)}): "
-                           f"{', '.join(names)}")
+    raise UnknownGameError(f"unknown Atari game {name!r}.{hint} ({len(names)} games are available, e.g. pong, "
+                           "breakout, space_invaders; ale_py.roms.get_all_rom_ids() lists them)")
 
 
 class AtariEnv(gym.Env):

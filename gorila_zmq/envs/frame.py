@@ -11,6 +11,10 @@ with ``p = s / gcd(s, d)`` (210 -> 84 in fifths, 160 -> 84 in fortieths), so the
 sum in float32 and rounds half to even, so only exact ties (sum = k + 1/2, about 0.5% of pixels
 on noise) can come out one grey level apart.
 
+Geometries whose denominator does not fit 16-bit lanes (Atari screens of 214, 220, 230 or 250 rows:
+250 -> 84 is in 125ths) use the same exact weights in 32-bit lanes, in NumPy, under either
+implementation (``AreaTables.wide``).
+
 Two implementations of one API: the fused Cython kernel (gorila_zmq._ext.frame) and a NumPy
 version with the same integer weights (banded uint16 sums), chosen by ``GORILA_PUREPYTHON=1``;
 they agree bit for bit. ``FrameStack`` is what the Atari environment uses: screen buffers and a
@@ -103,6 +107,7 @@ class AreaTables:
     x0: np.ndarray
     xw: np.ndarray
     den: int                # py * px (doubled, with yw, when it is 1: the divider needs den >= 2)
+    wide: bool              # den too large for 16-bit lanes: 32-bit NumPy sums, no compiled kernel
     pre: int                # v // den == ((v >> pre) * mul >> 16) >> shift in uint16 lanes
     mul: int
     shift: int
@@ -118,14 +123,17 @@ def area_tables(in_shape, out_shape) -> AreaTables:
     den = py * px
     if den == 1:                                # an identity resize
         den, yw = 2, yw * 2
-    if den * 255 + den // 2 >= 1 << 16:
-        raise ValueError(
-            f"{ih}x{iw} -> {oh}x{ow}: exact area weights need denominator {py}*{px} = {den}, above "
-            f"the 257 that 16-bit lanes allow; pick sizes with a larger common divisor (84x84 works)")
-    pre, mul, shift = _divider(den, den * 255 + den // 2)
+    wide = den * 255 + den // 2 >= 1 << 16
+    if wide:
+        if den * 255 + den // 2 >= 1 << 32:
+            raise ValueError(f"{ih}x{iw} -> {oh}x{ow}: exact area weights need denominator {py}*{px} = {den}, "
+                             "too large even for 32-bit sums; pick sizes with a larger common divisor")
+        yw, xw, (pre, mul, shift) = yw.astype(np.uint32), xw.astype(np.uint32), (0, 0, 0)
+    else:
+        pre, mul, shift = _divider(den, den * 255 + den // 2)
     for a in (wy, wx, y0, yw, x0, xw):
         a.setflags(write=False)
-    return AreaTables((ih, iw), (oh, ow), wy, wx, py, px, y0, yw, x0, xw, den, pre, mul, shift)
+    return AreaTables((ih, iw), (oh, ow), wy, wx, py, px, y0, yw, x0, xw, den, wide, pre, mul, shift)
 
 
 @functools.lru_cache(maxsize=16)
@@ -136,6 +144,8 @@ def _kernel(in_shape: tuple[int, int], out_shape: tuple[int, int]):
     if ext is None:
         raise ImportError("the compiled frame kernel is not built (make build)")
     t = area_tables(in_shape, out_shape)
+    if t.wide:
+        raise ValueError(f"{t.in_shape} -> {t.out_shape} needs 32-bit lanes: the NumPy path, not the kernel")
     return ext.AreaKernel(t.in_shape[0], t.in_shape[1], t.out_shape[0], t.out_shape[1],
                           t.y0, t.yw, t.x0, t.xw, t.den // 2, t.pre, t.mul, t.shift)
 
@@ -152,7 +162,7 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 
 def _resize_numpy(m: np.ndarray, t: AreaTables, out: np.ndarray) -> np.ndarray:
     # The kernel's arithmetic with whole-array ops: banded sums in uint16 (den * 255 + den // 2
-    # < 2**16 is checked by area_tables), then the rounded division.
+    # < 2**16, checked by area_tables) or uint32 (wide tables), then the rounded division.
     v = m[t.y0] * t.yw[:, 0:1]                            # (out_h, in_w)
     for k in range(1, t.yw.shape[1]):
         v += m[t.y0 + k] * t.yw[:, k:k + 1]
@@ -205,7 +215,7 @@ def max_resize(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
     """INTER_AREA resize of max(a, b) for two grayscale uint8 frames, into `out` (its shape is
     the output size; rows may be strided, e.g. a slot of a frame stack) or a new `size` array."""
     out = _check(a, b, out, size, rgb=False)
-    if _ext is None:
+    if _ext is None or area_tables(a.shape, out.shape).wide:
         return _resize_numpy(np.maximum(a, b), area_tables(a.shape, out.shape), out)
     k = _kernel(a.shape, out.shape)
     k.max_resize(np.ascontiguousarray(a), np.ascontiguousarray(b), _rows_contiguous(out))
@@ -217,7 +227,7 @@ def max_resize_rgb(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None,
     """Nature order for two RGB uint8 frames (H, W, 3): max, then luminance (cv2 RGB2GRAY), then
     the INTER_AREA resize into `out` (or a new `size` array)."""
     out = _check(a, b, out, size, rgb=True)
-    if _ext is None:
+    if _ext is None or area_tables(a.shape[:2], out.shape).wide:
         return _resize_numpy(luminance(np.maximum(a, b)), area_tables(a.shape[:2], out.shape), out)
     k = _kernel(a.shape[:2], out.shape)
     k.max_resize_rgb(np.ascontiguousarray(a), np.ascontiguousarray(b), _rows_contiguous(out))
@@ -250,14 +260,14 @@ class FrameStack:
             raise ValueError(f"frame stack k must be >= 1, got {k}")
         if impl not in (None, "cython", "numpy"):
             raise ValueError(f"impl must be None, 'cython' or 'numpy', not {impl!r}")
-        area_tables((sh, sw), (oh, ow))                     # validates the geometry
+        wide = area_tables((sh, sw), (oh, ow)).wide          # validates the geometry
         self.k, self.rgb = k, rgb
         shape = (sh, sw, 3) if rgb else (sh, sw)
         self._prev = np.zeros(shape, dtype=np.uint8)
         self._last = np.zeros(shape, dtype=np.uint8)
         self._ring = np.zeros((2 * k, oh, ow), dtype=np.uint8)
         self._head = k - 1                                  # slot of the newest frame
-        self.impl = impl or IMPLEMENTATION
+        self.impl = "numpy" if wide else impl or IMPLEMENTATION     # wide: 32-bit lanes, NumPy only
         if self.impl == "cython":
             ext = _ext or try_load_ext("frame")
             if ext is None:

@@ -3,6 +3,7 @@ way gorila-zmq creates, attaches, releases and removes them."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from multiprocessing import resource_tracker, shared_memory
@@ -10,13 +11,29 @@ from multiprocessing import resource_tracker, shared_memory
 _attach_lock = threading.Lock()
 
 
-def create(name: str, nbytes: int) -> shared_memory.SharedMemory:
-    """Create segment `name`, replacing a stale one left by a process that was SIGKILLed."""
+def create(name: str, nbytes: int, persist: bool = False) -> shared_memory.SharedMemory:
+    """Create segment `name`, replacing a stale one left by a process that was SIGKILLed. With
+    `persist`, the segment is not registered with multiprocessing's resource tracker, which would
+    unlink it as soon as this process dies (by SIGKILL too): it outlives the process until someone
+    removes it (a shard's successor re-adopts it; close it with release(..., unlink=True, owner=False))."""
+    if persist and sys.version_info >= (3, 13):
+        make = lambda: shared_memory.SharedMemory(name=name, create=True, size=nbytes, track=False)  # noqa: E731
+    elif persist:
+        def make():
+            with _attach_lock:
+                register = resource_tracker.register
+                resource_tracker.register = lambda *a, **k: None
+                try:
+                    return shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+                finally:
+                    resource_tracker.register = register
+    else:
+        make = lambda: shared_memory.SharedMemory(name=name, create=True, size=nbytes)  # noqa: E731
     try:
-        return shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        return make()
     except FileExistsError:
         remove(name)
-        return shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        return make()
 
 
 def attach(name: str) -> shared_memory.SharedMemory:
@@ -40,12 +57,16 @@ def unlink(seg: shared_memory.SharedMemory, owner: bool) -> None:
     if owner or sys.version_info >= (3, 13):
         seg.unlink()
     else:
-        from multiprocessing import _posixshmem
+        import _posixshmem
         _posixshmem.shm_unlink(seg._name)       # noqa: SLF001 (the stdlib's own name for it)
 
 
-def release(seg: shared_memory.SharedMemory | None, unlink: bool) -> None:
-    """Close a segment this process created, and remove its name if `unlink`."""
+_unlink_name = unlink          # release() takes a flag of the same name
+
+
+def release(seg: shared_memory.SharedMemory | None, unlink: bool, owner: bool = True) -> None:
+    """Close a segment this process created (owner=False: one made with persist=True, or attached),
+    and remove its name if `unlink`."""
     if seg is None:
         return
     try:
@@ -54,7 +75,7 @@ def release(seg: shared_memory.SharedMemory | None, unlink: bool) -> None:
         pass  # a numpy view is still alive; the mapping goes with the process
     if unlink:
         with contextlib.suppress(FileNotFoundError):
-            seg.unlink()
+            _unlink_name(seg, owner)
 
 
 def remove(name: str) -> bool:
@@ -67,3 +88,35 @@ def remove(name: str) -> bool:
     with contextlib.suppress(FileNotFoundError):
         unlink(seg, owner=False)
     return True
+
+
+SHM_DIR = "/dev/shm"
+
+
+def segments(prefix: str = "gz_") -> dict[str, int]:
+    """This host's segments whose names start with `prefix`, with their sizes in bytes."""
+    out = {}
+    with contextlib.suppress(FileNotFoundError):
+        for e in os.scandir(SHM_DIR):
+            if e.name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    out[e.name] = e.stat().st_blocks * 512
+    return out
+
+
+def mapped() -> set[str]:
+    """Names of the segments some live process of this host has mapped (from /proc/*/maps): a
+    segment nobody maps belongs to no live run."""
+    names = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(SHM_DIR + "/")
+                    if i >= 0:
+                        names.add(line[i + len(SHM_DIR) + 1:].split()[0])
+        except OSError:
+            continue
+    return names

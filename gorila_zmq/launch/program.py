@@ -19,7 +19,7 @@ from gorila_zmq.net import topology
 from gorila_zmq.ps.layout import ParamLayout, load_run_layout, save_run_layout
 from gorila_zmq.envs import env_spec
 from gorila_zmq.ps import optim, shared as shared_params
-from gorila_zmq.ps.state import SHM_HEADER
+from gorila_zmq.ps.state import dedup_clients, segment_bytes as shard_segment_bytes
 from gorila_zmq.replay.memory import segment_bytes
 from gorila_zmq.replay.sinks import bundle_memory_name
 
@@ -122,7 +122,7 @@ def shared_memory_plan(cfg: C.Config, program: list[RoleSpec]) -> dict[str, int]
     for spec in program:
         if spec.role == "ps" and layout is not None:
             a, b = layout.shard_ranges(cfg.ps.shards)[spec.index]
-            plan[spec.name] = SHM_HEADER + 4 * (b - a) * (1 + n_states)
+            plan[spec.name] = shard_segment_bytes(b - a, n_states, dedup_clients(cfg))
         elif spec.role == "actor" and cfg.roles.mode == "bundled":
             plan[spec.name] = segment_bytes(cfg.agent.replay_capacity, lanes=cfg.env.num_envs, **mem)
         elif spec.role == "relay" and layout is not None:

@@ -33,6 +33,14 @@ class StartError(UserError, RuntimeError):
     """A role exited while starting, or did not answer in time (the message holds its log's tail)."""
 
 
+class GaveUp(UserError, RuntimeError):
+    """A role that cannot run: it exited with a user error (code 2), or failed soon after every start."""
+
+
+FAST_FAILURE_S = 30.0      # an error exit this soon after starting counts as a fast failure ...
+FAST_FAILURES = 5          # ... and this many in a row stop the run
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux)."""
     try:
@@ -51,6 +59,7 @@ class _Proc:
     backoff: float = 1.0
     next_start: float = 0.0
     exits: list = field(default_factory=list)
+    fast_failures: int = 0          # exits with an error soon after starting, in a row
 
 
 class Supervisor:
@@ -95,6 +104,12 @@ class Supervisor:
         if not self._stop:
             raise StartError(f"stage {stage} roles did not answer within {timeout:.0f}s")
 
+    def last_error(self, name: str) -> str:
+        """The role's last ERROR line (its own one-line reason), else the last line of its log."""
+        lines = [ln for ln in self.tail(name, 40).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if " ERROR " in ln]
+        return (errors or lines or ["(its log is empty)"])[-1].strip()
+
     def tail(self, name: str, lines: int = 15) -> str:
         try:
             with open(os.path.join(self.log_dir, f"{name}.log"), "rb") as f:
@@ -128,6 +143,12 @@ class Supervisor:
                 continue
             why = f"killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
             p.exits.append(rc)
+            p.fast_failures = p.fast_failures + 1 if rc > 0 and now - p.started < FAST_FAILURE_S else 0
+            if rc == 2 or p.fast_failures >= FAST_FAILURES:
+                raise GaveUp(f"{p.spec.name} cannot run: it {why} "
+                             + ("(a configuration or input it cannot fix by restarting)" if rc == 2 else
+                                f"{p.fast_failures} times in a row, each within {FAST_FAILURE_S:.0f}s of starting")
+                             + f"; stopping the run. {self.last_error(p.spec.name)} (log: {self.log_dir}/{p.spec.name}.log)")
             p.restarts += 1
             p.popen = None
             p.next_start = now + p.backoff
@@ -207,6 +228,32 @@ class Supervisor:
             self.stop_all()
 
 
+def _check_device(cfg: C.Config, program: list[RoleSpec]) -> None:
+    """agent.device=cuda on a host without CUDA: one line now, not a learner restarted in a loop."""
+    if cfg.agent.device.startswith("cuda") and any(s.role == "learner" for s in program):
+        import torch
+        if not torch.cuda.is_available():
+            raise C.ConfigError(f"agent.device={cfg.agent.device} but CUDA is not available on this host "
+                                "(use agent.device=auto or cpu)")
+
+
+def _say_stale_segments(cfg: C.Config) -> None:
+    """Segments nobody maps: this run's (its shards re-adopt theirs; the rest are replaced) and other
+    runs' (abandoned: `gorila-zmq clean --stale` removes them)."""
+    from gorila_zmq.launch import clean
+    gone, _ = clean.stale(shm.segments("gz_"))
+    if not gone:
+        return
+    mine = {k: v for k, v in gone.items() if k.startswith(f"gz_{cfg.run_id}_")}
+    if mine:
+        print(f"found {clean.describe(mine)} of shared memory this run left behind when it was killed: its shards "
+              "re-adopt theirs (nothing applied is lost), the rest is replaced", flush=True)
+    others = {k: v for k, v in gone.items() if k not in mine}
+    if others:
+        log.warning("%s of shared memory belongs to runs that are not live (killed all at once); "
+                    "`gorila-zmq clean RUN_DIR` or `gorila-zmq clean --stale` removes it", clean.describe(others))
+
+
 def dev_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="gorila-zmq dev", description="Run every role on this host, supervised.")
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="start from a preset (dev: Pong on a small box)")
@@ -244,6 +291,8 @@ def dev_main(argv: list[str]) -> int:
     program = make_program(cfg, path, a.only_host)
     if not program:
         raise C.ConfigError(f"no role is placed on {a.only_host} (net.placement: {cfg.net.placement})")
+    _check_device(cfg, program)
+    _say_stale_segments(cfg)
     check_shared_memory(cfg, program)
     warning = topology.ephemeral_warning(cfg, program)
     if warning:

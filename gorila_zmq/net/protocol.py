@@ -15,7 +15,9 @@ header (56 bytes, little-endian, struct `HEADER`):
     layout     Q   64-bit layout hash of the model the sender means
     stamp_ns   Q   sender's CLOCK_MONOTONIC in ns (latency measurement on one host)
     dtype      B   Dtype of the payload frame
-    _pad       3x
+    flags      B   FLAG_RETRY on a resent request (a server that forgot its client refuses it, never
+                   applies it twice)
+    _pad       2x
     length     I   payload length in bytes (must equal the payload frame's size)
 
 Payloads: raw array bytes (float32/uint8/int64 ...) sent with copy=False and read with np.frombuffer,
@@ -38,8 +40,10 @@ from gorila_zmq.net import security
 
 MAGIC = b"GZ"
 PROTOCOL_VERSION = 1
-HEADER = struct.Struct("<2sBBHHIIQQQQB3xI")
+HEADER = struct.Struct("<2sBBHHIIQQQQBB2xI")
 HEADER_SIZE = HEADER.size
+FLAG_RETRY = 1
+_FLAGS_OFFSET = HEADER_SIZE - 7          # the flags byte: after dtype, before the pad and length
 
 
 class Cmd(enum.IntEnum):
@@ -75,6 +79,8 @@ class Status(enum.IntEnum):
     BAD_FRAMES = 20
     BAD_PAYLOAD = 21
     BUSY = 22          # backpressure: try again later
+    AHEAD = 23         # a gradient computed against a version this shard never reached: re-snapshot
+    FORGOTTEN = 24     # a retry whose first outcome this shard no longer remembers: not applied
 
 
 class Dtype(enum.IntEnum):
@@ -148,11 +154,12 @@ class Header:
     stamp_ns: int = 0
     dtype: int = Dtype.NONE
     length: int = 0
+    flags: int = 0
 
     def pack(self) -> bytes:
         return HEADER.pack(MAGIC, PROTOCOL_VERSION, self.command, self.shard, self.status,
                            self.client, self.incarnation, self.seq, self.pversion, self.layout,
-                           self.stamp_ns or time.monotonic_ns(), self.dtype, self.length)
+                           self.stamp_ns or time.monotonic_ns(), self.dtype, self.flags, self.length)
 
     @classmethod
     def unpack(cls, buf) -> "Header":
@@ -160,7 +167,7 @@ class Header:
         if len(buf) != HEADER_SIZE:
             raise ProtocolError(Status.BAD_HEADER, f"header frame is {len(buf)} bytes, expected {HEADER_SIZE}")
         (magic, version, command, shard, status, client, incarn, seq, pversion, layout, stamp,
-         dtype, length) = HEADER.unpack(buf)
+         dtype, flags, length) = HEADER.unpack(buf)
         if magic != MAGIC:
             raise ProtocolError(Status.BAD_MAGIC, f"bad magic {magic!r}")
         if version != PROTOCOL_VERSION:
@@ -174,7 +181,14 @@ class Header:
             dtype = Dtype(dtype)
         except ValueError:
             raise ProtocolError(Status.BAD_DTYPE, f"unknown payload dtype code {dtype}") from None
-        return cls(command, shard, status, client, incarn, seq, pversion, layout, stamp, dtype, length)
+        return cls(command, shard, status, client, incarn, seq, pversion, layout, stamp, dtype, length, flags)
+
+
+def mark_retry(header_frame) -> bytes:
+    """A packed header with FLAG_RETRY set: what a client resends (net/rpc.Window.resend)."""
+    b = bytearray(header_frame)
+    b[_FLAGS_OFFSET] |= FLAG_RETRY
+    return bytes(b)
 
 
 def _frame_bytes(frame) -> memoryview:
@@ -214,18 +228,68 @@ def as_array(hdr: Header, payload: memoryview | None, dtype: Dtype, count: int |
     return arr
 
 
+_MAX_DIGITS = 40          # JSON integers longer than this are refused before Python converts them
+
+
+def _json_int(text: str) -> int:
+    if len(text) > _MAX_DIGITS:
+        raise ProtocolError(Status.BAD_PAYLOAD, f"JSON integer of {len(text)} digits (max {_MAX_DIGITS})")
+    return int(text)
+
+
+def _json_constant(name: str):
+    raise ProtocolError(Status.BAD_PAYLOAD, f"JSON {name} is not a number this protocol takes")
+
+
 def as_json(hdr: Header, payload: memoryview | None, max_bytes: int = 1 << 16) -> dict:
+    """A JSON object payload: UTF-8, at most `max_bytes`, integers of at most 40 digits, no NaN or
+    Infinity. Anything else is a ProtocolError (BAD_PAYLOAD, OVERSIZED, BAD_DTYPE), never another error."""
     if hdr.dtype != Dtype.JSON or payload is None:
         raise ProtocolError(Status.BAD_DTYPE, "expected a JSON payload")
     if payload.nbytes > max_bytes:
         raise ProtocolError(Status.OVERSIZED, f"JSON payload of {payload.nbytes} bytes (max {max_bytes})")
     try:
-        obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        obj = json.loads(bytes(payload).decode("utf-8"), parse_int=_json_int, parse_constant=_json_constant)
+    except (ValueError, RecursionError) as e:       # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ProtocolError(Status.BAD_PAYLOAD, f"payload is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(Status.BAD_PAYLOAD, "JSON payload must be an object")
     return obj
+
+
+class Field:
+    """One field of a JSON request: its type, its range (numbers) or length (strings), and its
+    default when absent (required when the default is `Field.REQUIRED`)."""
+    REQUIRED = object()
+
+    def __init__(self, kind: type, lo=None, hi=None, default=REQUIRED):
+        self.kind, self.lo, self.hi, self.default = kind, lo, hi, default
+
+
+def fields(obj: dict, schema: dict[str, Field], what: str) -> dict:
+    """The fields of `schema` from a JSON object (as_json), each checked for type (an int is never a
+    bool or a float) and range before any server uses it; other keys are ignored. BAD_PAYLOAD names
+    the first field that is wrong."""
+    out = {}
+    for name, f in schema.items():
+        if name not in obj:
+            if f.default is Field.REQUIRED:
+                raise ProtocolError(Status.BAD_PAYLOAD, f"{what}: field {name!r} is missing")
+            out[name] = f.default
+            continue
+        v = obj[name]
+        ok = type(v) is f.kind or (f.kind is float and type(v) is int)
+        if ok and f.kind in (int, float):
+            ok = (f.lo is None or v >= f.lo) and (f.hi is None or v <= f.hi)
+        elif ok and f.kind is str:
+            ok = f.hi is None or len(v) <= f.hi
+        if not ok:
+            rng = f" in [{f.lo}, {f.hi}]" if f.kind in (int, float) and (f.lo, f.hi) != (None, None) else ""
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+            raise ProtocolError(Status.BAD_PAYLOAD, f"{what}: field {name!r} must be {f.kind.__name__}{rng}, "
+                                f"got {shown}")
+        out[name] = v
+    return out
 
 
 def message(hdr: Header, payload=None) -> list:

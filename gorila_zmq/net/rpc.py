@@ -8,7 +8,8 @@
 - `Window`: the pipelined form, for clients that keep several requests in flight (gradient pushes,
   replay writes): at most `size` unanswered; `expired()` says when the oldest waited too long, and
   `resend()` puts every pending request on a fresh socket, giving up those already retried `retries`
-  times. Retries reuse (client, seq), so a server applies each request at most once.
+  times. Retries reuse (client, seq) and carry FLAG_RETRY, so a server applies each request at most
+  once (one that no longer remembers the client refuses a retry rather than guess).
 """
 from __future__ import annotations
 
@@ -144,5 +145,7 @@ class Window:
                 lost.append(seq)
                 continue
             p.tries, p.sent_at = p.tries + 1, now
+            if not p.tries - 1:                     # marked once: a server that forgot this client refuses it
+                p.frames = [P.mark_retry(p.frames[0]), *p.frames[1:]]
             sock.send_multipart(p.frames, copy=False)
         return lost

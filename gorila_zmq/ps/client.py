@@ -106,6 +106,7 @@ class GradientPusher:
         self.incarnations = [0] * shards.n
         self.pending = [Window(self.window, self.timeout, self.retries) for _ in range(shards.n)]
         self.abandoned: dict[int, None] = {}    # pushes given up on some shard (the latest 1,024): reusable()
+        self.resnapshot: set[int] = set()        # shards that refused a push as AHEAD: theta must be re-read
         self._logged: set = set()
         self.socks: list[zmq.Socket] = [self._connect(i) for i in range(shards.n)]
         if hello:
@@ -181,6 +182,8 @@ class GradientPusher:
                 detail = P.as_json(hdr, body).get("detail", "") if body is not None else ""
             except P.ProtocolError:
                 detail = "(unreadable detail)"
+            if st == P.Status.AHEAD:
+                self.resnapshot.add(i)
             kind = (i, st)
             level = logging.DEBUG if kind in self._logged else logging.WARNING
             self._logged.add(kind)

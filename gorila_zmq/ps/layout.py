@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,9 +109,21 @@ LAYOUT_FILE, INIT_FILE = "layout.json", "init.npy"
 
 
 def save_run_layout(run_dir: str, layout: ParamLayout, shards: int, theta0: np.ndarray) -> None:
+    """Also a random token naming this run (not its directory): a shard re-adopts shared memory only
+    of its own run, never of an earlier run prepared in the same directory."""
     with atomic_write(os.path.join(run_dir, INIT_FILE)) as f:
         np.save(f, np.ascontiguousarray(theta0, np.float32))
-    write_json(os.path.join(run_dir, LAYOUT_FILE), layout_record(layout, shards), indent=1)
+    rec = dict(layout_record(layout, shards), token=secrets.randbits(63) or 1)
+    write_json(os.path.join(run_dir, LAYOUT_FILE), rec, indent=1)
+
+
+def load_run_token(run_dir: str) -> int:
+    """The run's token (0 for a run without one: a layout given by hand)."""
+    try:
+        with open(os.path.join(run_dir, LAYOUT_FILE)) as f:
+            return int(json.load(f).get("token", 0))
+    except FileNotFoundError:
+        return 0
 
 
 def layout_record(layout: ParamLayout, shards: int) -> dict:

@@ -176,6 +176,11 @@ class SharedParams:
             versions.append(ver)
         return out, versions, updates
 
+    def resnapshot(self, i: int) -> None:
+        """A shard refused a push as AHEAD. The relay's own subscriber re-snapshots a shard that came
+        back (its incarnation changed); a reader can only look for a new segment at once."""
+        self._checked = 0.0
+
     @property
     def updates(self) -> int:
         v = self._fresh()

@@ -49,12 +49,19 @@ class ParamSubscriber:
         self.error: str | None = None       # the last unexpected error of the thread (it carries on)
         self._ready = threading.Event()
         self._stop = threading.Event()
+        self._resnap: set[int] = set()      # shards a reader asked to re-snapshot (resnapshot())
         self._thread = threading.Thread(target=self._run, name="param-subscriber", daemon=True)
         self._thread.start()
 
     # -- readers --------------------------------------------------------------------------------
     def wait_ready(self, timeout_s: float = 30.0) -> bool:
         return self._ready.wait(timeout_s)
+
+    def resnapshot(self, i: int) -> None:
+        """Take a fresh snapshot of shard i soon (its broadcasts alone would not correct a version it
+        never reached: a shard refused a push as AHEAD)."""
+        with self._lock:
+            self._resnap.add(i)
 
     def latest(self, out: np.ndarray | None = None) -> tuple[np.ndarray, list[int], int]:
         """A consistent copy of the latest theta, the per-shard versions, and the update counter."""
@@ -144,6 +151,11 @@ class ParamSubscriber:
         """One turn of the agent loop: snapshots due, broadcasts waiting, liveness."""
         n = self.shards.n
         now = time.monotonic()
+        if self._resnap:
+            with self._lock:
+                asked, self._resnap = self._resnap, set()
+            for i in asked:
+                need_snapshot[i], next_try[i] = True, 0.0
         for i in range(n):
             if need_snapshot[i] and now >= next_try[i]:
                 if self._snapshot(i):

@@ -122,6 +122,7 @@ class Role:
     """One process of the program. Subclasses set `name` and implement step() and stats()."""
 
     name = "role"
+    failed = False           # set when run() ends with an exception
 
     def __init__(self, cfg: C.Config, ctx: zmq.Context | None = None, control: topology.Endpoint | None = None,
                  scalars: bool = True):
@@ -156,6 +157,9 @@ class Role:
                     self._last_log = time.monotonic()
                     self.scalars.log(self.log_step(), self.stats())
             self.finish()
+        except BaseException:
+            self.failed = True       # close() may keep what a successor can use (a shard's segment)
+            raise
         finally:
             self.close()
 

@@ -226,6 +226,8 @@ class Learner(Role):
             seq = self.pusher.push(grad, versions)         # the pusher owns `grad` until reusable(seq)
             self._grad_bufs.append((seq, grad, host))
         self.pusher.poll(0)
+        while self.pusher.resnapshot:          # a shard is behind the theta we hold: read it again
+            self.sub.resnapshot(self.pusher.resnapshot.pop())
         self.compute_s += time.perf_counter() - t1
         self.learning.after_update(max(self.pusher.versions[0], self.sub.global_version))
         if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:

@@ -11,10 +11,17 @@ Every request is validated before it touches state; a bad one is counted by reas
 reason, and answered with an ERROR. A gradient is discarded as stale (answered STALE) when the theta it
 was computed against is more than `ps.max_staleness` of the shard's updates old, or stopped being the
 newest more than `ps.max_staleness_s` seconds ago, or more than `ps.staleness_factor` times the
-median age of the latest gradients (each 0: off; docs/SCALING.md says which to use when). A gradient may come as float32, float16 or bfloat16 (net.grad_dtype); it is applied in
-float32. A (client, seq) pair is applied at most once: a retried push gets
-the first outcome back (counted as a duplicate) and is not applied again, across restarts too (the table is saved
-with the checkpoint).
+median age of the latest gradients (each 0: off; docs/SCALING.md says which to use when). A gradient
+computed against a version this shard never reached (it came back from an older state than the
+client saw) is refused as AHEAD: the client re-snapshots. A gradient may come as float32, float16 or
+bfloat16 (net.grad_dtype); it is applied in float32. A (client, seq) pair is applied at most once
+(ps/state.py says how, with a bounded table): a retried push gets the first outcome back (counted as a
+duplicate), across restarts too.
+
+A shard restarted on the same host re-adopts its live shared-memory segment (theta, optimiser state,
+dedup table, version): a SIGKILLed shard loses no applied update. Only when the segment is gone (a
+lost host) or torn (killed mid-apply) does it resume from its checkpoint; an unreadable checkpoint
+stops it with an error naming the file (`ps.bad_checkpoint=initial` starts over instead).
 """
 from __future__ import annotations
 
@@ -33,9 +40,8 @@ from gorila_zmq.fields import ConfigError
 from gorila_zmq.host.files import remove_stale_temporaries
 from gorila_zmq.net import protocol as P, security, topology
 from gorila_zmq.ps import optim
-from gorila_zmq.ps.layout import ParamLayout, load_init_slice, load_run_layout
-from gorila_zmq.ps.state import DEDUP_CLIENTS, DEDUP_PER_CLIENT, ShardState, checkpoint_path, load_checkpoint, \
-    save_checkpoint
+from gorila_zmq.ps.layout import ParamLayout, load_init_slice, load_run_layout, load_run_token
+from gorila_zmq.ps.state import ShardState, checkpoint_path, dedup_clients, load_checkpoint, save_checkpoint
 from gorila_zmq.roles.base import Role, role_main
 
 log = logging.getLogger("gorila_zmq.ps")
@@ -87,10 +93,20 @@ class ParameterServerShard(Role):
 
         self.optimizer = optim.make_server_optimizer(cfg.ps)
         self._writer: threading.Thread | None = None       # the periodic checkpoint being written, if any
-        self.state = ShardState(f"gz_{cfg.run_id}_ps{index}", self.size, self.optimizer.n_states)
-        self.dedup: collections.OrderedDict[int, collections.OrderedDict] = collections.OrderedDict()
+        self.state = ShardState(f"gz_{cfg.run_id}_ps{index}", self.size, self.optimizer.n_states,
+                                dedup_clients(cfg), layout.hash, load_run_token(cfg.run.run_dir), adopt=True)
         remove_stale_temporaries(self.ckpt_path)             # left by a shard killed mid-write
-        resumed = self._restore()
+        try:
+            resumed = "segment" if self.state.adopted else "checkpoint" if self._restore() else None
+        except BaseException:
+            self.state.close()               # made just now: nothing to keep
+            raise
+        if self.state.adopted:
+            log.info("shard %d: re-adopted the live shared memory at version %d (nothing applied is lost)",
+                     index, self.state.version)
+        elif self.state.refused:
+            log.warning("shard %d: did not re-adopt the shared memory left behind (%s); %s", index,
+                        self.state.refused, "resuming from the checkpoint" if resumed else "starting afresh")
         if not resumed:
             self.state.theta[:] = (init_theta[self.start:self.stop] if init_theta is not None
                                    else load_init_slice(cfg.run.run_dir, self.start, self.stop))
@@ -102,7 +118,7 @@ class ParameterServerShard(Role):
                          "checkpoint_errors": 0, "checkpoint_write_s": 0.0,
                          "staleness": collections.Counter(),   # histogram: exact to 16, then powers of 2
                          "age_ms": collections.Counter(),      # the same, of the gradient's age in ms
-                         "resumed_from_checkpoint": resumed}
+                         "forgotten_retries": 0, "resumed_from": resumed}
         self.rejections = P.Rejections(log, f"shard {index}")
         self.started = time.monotonic()
         self._wide = np.empty(self.size, np.float32)         # float16/bfloat16 gradients widened here
@@ -140,11 +156,16 @@ class ParameterServerShard(Role):
     def _restore(self) -> bool:
         try:
             ck = load_checkpoint(self.ckpt_path)
-        except Exception as e:  # cannot happen with atomic writes, but a disk can fail: keep the evidence
+        except Exception as e:  # noqa: BLE001 - atomic writes make this rare, but a disk can fail
+            if self.cfg.ps.bad_checkpoint != "initial":
+                raise ConfigError(f"shard {self.index}: checkpoint {self.ckpt_path} is unreadable "
+                                  f"({type(e).__name__}: {e}); refusing to start from the initial parameters "
+                                  "and lose the run's progress. Restore the file, or pass ps.bad_checkpoint=initial "
+                                  "to move it aside and start this shard over") from None
             aside = f"{self.ckpt_path}.corrupt-{int(time.time())}"
             os.replace(self.ckpt_path, aside)
             log.error("shard %d: checkpoint %s unreadable (%s): moved to %s; STARTING FROM THE INITIAL "
-                      "PARAMETERS", self.index, self.ckpt_path, e, aside)
+                      "PARAMETERS (ps.bad_checkpoint=initial)", self.index, self.ckpt_path, e, aside)
             return False
         if ck is None:
             return False
@@ -161,22 +182,22 @@ class ParameterServerShard(Role):
         for dst, src in zip(self.state.states, states):
             dst[:] = src
         self.state.version = int(meta["version"])
-        for client, seqs in meta.get("dedup", {}).items():
-            self.dedup[int(client)] = collections.OrderedDict((int(s), tuple(o)) for s, o in seqs)
+        if "dedup_rows" in meta:
+            self.state.dedup.load(meta["dedup_rows"])
         return True
 
     def _checkpoint_meta(self) -> dict:
         return {"version": self.state.version, "layout_hash": self.layout.hash, "start": self.start,
                 "optimizer": self.optimizer.name,
-                "stop": self.stop, "shard": self.index, "time": time.time(),
-                "dedup": {str(c): list(d.items()) for c, d in self.dedup.items()}}
+                "stop": self.stop, "shard": self.index, "time": time.time()}
 
     def checkpoint(self) -> None:
         """Write a checkpoint now, in this thread (after one being written in the background)."""
         if self._writer is not None:
             self._writer.join()
         t0 = time.monotonic()
-        save_checkpoint(self.ckpt_path, self.state.theta, self.state.states, self._checkpoint_meta())
+        save_checkpoint(self.ckpt_path, self.state.theta, self.state.states, self._checkpoint_meta(),
+                        self.state.dedup.rows)
         self.counters["checkpoints"] += 1
         self.counters["checkpoint_write_s"] = time.monotonic() - t0
         self._last_ckpt = time.monotonic()
@@ -191,12 +212,13 @@ class ParameterServerShard(Role):
             return False
         meta = self._checkpoint_meta()
         theta, states = self.state.theta.copy(), [s.copy() for s in self.state.states]
+        dedup = self.state.dedup.rows.copy()
         self._last_ckpt = time.monotonic()
 
         def write():
             t0 = time.monotonic()
             try:
-                save_checkpoint(self.ckpt_path, theta, states, meta)
+                save_checkpoint(self.ckpt_path, theta, states, meta, dedup)
             except Exception as e:  # noqa: BLE001 - a full disk must not take the shard down
                 self.counters["checkpoint_errors"] += 1
                 log.error("shard %d: checkpoint at version %d failed (%s: %s); the previous one is intact",
@@ -219,7 +241,8 @@ class ParameterServerShard(Role):
         if getattr(self, "state", None) is not None:
             if self._writer is not None:
                 self._writer.join()          # a background checkpoint still reads its own copy, not state
-            self.state.close()
+            # A shard that stopped on an error leaves its (consistent) segment for its successor.
+            self.state.close(unlink=not self.failed)
             self.state = None
         super().close()
 
@@ -331,51 +354,54 @@ class ParameterServerShard(Role):
         except Exception as e:  # noqa: BLE001 - nothing a peer sends may take the shard down
             self._reject(ident, req, e)
 
+    HELLO_FIELDS = {"layout_hash": P.Field(int, 0, (1 << 64) - 1, None), "n_params": P.Field(int, 0, 1 << 48, None)}
+
     def _hello(self, ident, req, payload) -> None:
-        info = P.as_json(req, payload) if payload is not None else {}
-        want = info.get("layout_hash", req.layout)
-        if type(want) is not int:
-            raise P.ProtocolError(P.Status.BAD_PAYLOAD, "HELLO's layout_hash must be an integer")
+        info = P.fields(P.as_json(req, payload), self.HELLO_FIELDS, "HELLO") if payload is not None else {}
+        want = req.layout if info.get("layout_hash") is None else info["layout_hash"]
         if want != self.layout.hash:
+            n = info.get("n_params")
             raise P.ProtocolError(P.Status.BAD_LAYOUT,
-                                  f"client layout hash {want:016x} ({info.get('n_params', '?')} params) != shard's "
+                                  f"client layout hash {want:016x} ({'?' if n is None else n} params) != shard's "
                                   f"{self.layout.hash:016x} ({self.layout.size} params): different models")
         self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client), self.describe())
 
     def _push(self, ident, req, payload) -> None:
-        seen = self.dedup.get(req.client)
-        if seen is not None:
-            self.dedup.move_to_end(req.client)
-        if seen is not None and req.seq in seen:
+        first = self.state.dedup.lookup(req.client, req.seq, bool(req.flags & P.FLAG_RETRY))
+        if first == P.Status.FORGOTTEN:
+            self.counters["forgotten_retries"] += 1
+            raise P.ProtocolError(P.Status.FORGOTTEN, f"push {req.seq} of client {req.client} is a retry this "
+                                  "shard can no longer match to its first outcome: not applied (at most once)")
+        if first is not None:
             self.counters["duplicates"] += 1
-            status, version = seen[req.seq]
-            return self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client, status=status))
+            return self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client, status=first))
         grad = P.widen_floats(req, payload, self.size, self._wide)
         version = self.state.version
         staleness = version - req.pversion
+        if staleness < 0:
+            raise P.ProtocolError(P.Status.AHEAD, f"gradient computed against version {req.pversion}, but this "
+                                  f"shard is at {version} (it came back from an older state): re-snapshot")
         age_s = self._age_s(req.pversion)
         self.counters["staleness"][_bucket(staleness)] += 1
         self.counters["age_ms"][_bucket(int(min(age_s, 1e6) * 1000.0))] += 1
         bound, bound_s = self.cfg.ps.max_staleness, self._age_bound()
         self._note_age(age_s)
-        if (bound and staleness > bound) or (bound_s and age_s > bound_s):
+        stale = bool((bound and staleness > bound) or (bound_s and age_s > bound_s))
+        if not stale and not optim.all_finite(grad):
+            raise P.ProtocolError(P.Status.NON_FINITE, "gradient contains NaN or Inf")
+        self.state.begin()                  # theta, states, dedup and version change together
+        if stale:
             self.counters["discarded_stale"] += 1
             status = P.Status.STALE
-        elif not optim.all_finite(grad):
-            raise P.ProtocolError(P.Status.NON_FINITE, "gradient contains NaN or Inf")
         else:
             self.optimizer.apply(self.state.theta, self.state.states, grad, version)
+            status = P.Status.APPLIED
+        self.state.dedup.record(req.client, req.seq, not stale)
+        if not stale:
             self.state.version = version + 1
             self._reached[(version + 1) % AGE_RING] = time.monotonic()
             self.counters["updates_applied"] += 1
-            status = P.Status.APPLIED
-        if seen is None:
-            seen = self.dedup[req.client] = collections.OrderedDict()
-            if len(self.dedup) > DEDUP_CLIENTS:
-                self.dedup.popitem(last=False)
-        seen[req.seq] = (int(status), self.state.version)
-        if len(seen) > DEDUP_PER_CLIENT:
-            seen.popitem(last=False)
+        self.state.end()
         self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client, status=status))
 
     def _age_bound(self) -> float:

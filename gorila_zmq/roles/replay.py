@@ -148,12 +148,11 @@ class ReplayServer(Role):
         self.counters["batches_in"] += 1
         return int(recs.size)
 
+    SAMPLE_FIELDS = {"batch": P.Field(int, 1, MAX_SAMPLE), "min_size": P.Field(int, 0, 1 << 48, 0)}
+
     def _sample(self, ident, req, payload) -> None:
-        body = P.as_json(req, payload)
-        B, min_size = body.get("batch"), body.get("min_size", 0)
-        if type(B) is not int or not 1 <= B <= MAX_SAMPLE or type(min_size) is not int:
-            raise P.ProtocolError(P.Status.BAD_PAYLOAD, f"batch must be an integer in [1, {MAX_SAMPLE}], "
-                                  "min_size an integer")
+        body = P.fields(P.as_json(req, payload), self.SAMPLE_FIELDS, "REPLAY_SAMPLE")
+        B, min_size = body["batch"], body["min_size"]
         if B not in self._batches:
             if len(self._batches) >= 4:          # a client cycling through sizes must not grow memory
                 self._batches.clear()
