@@ -34,6 +34,10 @@ test: build
 test-fast: build
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Mutation testing of the algorithms and the protocol (tools/mutants.py; ~10 minutes, not in CI).
+mutants: build
+	$(PY) tools/mutants.py
+
 # Every benchmark, one after another, each writing docs/bench/NAME.json (about 22 minutes; run it on
 # an otherwise idle machine: each compares against its baseline in the same run, but 2 cores are few).
 bench: build
