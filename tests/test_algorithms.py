@@ -200,3 +200,19 @@ def test_the_evaluator_keeps_only_a_better_result_as_best(shard, ctx, monkeypatc
         assert ev.evaluations == 4
     finally:
         ev.close()
+
+
+def test_the_shard_applies_adagrad_as_the_paper_writes_it(make_cfg):
+    """theta <- theta - lr * g / (sqrt(G + g^2) + eps), G accumulating g^2: by hand, one element at a time."""
+    from gorila_zmq.ps import optim
+    cfg = make_cfg("ps.optimizer=adagrad", "ps.lr=0.1", "ps.eps=0.01", "ps.initial_accumulator=0.5")
+    opt = optim.make_server_optimizer(cfg.ps)
+    theta = np.array([1.0, -2.0, 0.0], np.float32)
+    states = [np.full(3, 0.5, np.float32)]
+    for step, g in enumerate(([0.5, -1.0, 0.0], [2.0, 0.25, -3.0])):
+        g = np.array(g, np.float32)
+        expect_G = states[0] + g * g
+        expect = theta - 0.1 * g / (np.sqrt(expect_G) + 0.01)
+        opt.apply(theta, states, g, step)
+        np.testing.assert_allclose(states[0], expect_G, rtol=1e-6)
+        np.testing.assert_allclose(theta, expect, rtol=1e-5)
