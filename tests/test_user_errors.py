@@ -155,3 +155,23 @@ def test_odd_heights_keep_exact_area_weights(height):
     stack.last[:] = np.maximum(a, b)
     stack.push(pooled=False)
     assert stack.impl == "numpy" and np.array_equal(stack.newest, exact)
+
+
+# -- cleaning up after a run killed all at once ----------------------------------------------------
+
+def test_clean_removes_a_dead_runs_segments_and_refuses_a_live_one(make_cfg):
+    from gorila_zmq.host import shm
+    cfg = make_cfg("env.name=CartPole-v1")
+    os.makedirs(cfg.run.run_dir, exist_ok=True)
+    C.save_json(cfg, os.path.join(cfg.run.run_dir, "config.json"))
+    name = f"gz_{cfg.run_id}_ps0"
+    seg = shm.create(name, 1 << 20, persist=True)        # what a SIGKILLed shard leaves
+    try:
+        rc, out = gz("clean", cfg.run.run_dir)              # still mapped here: a live run
+        assert rc == 2 and "is live" in out and os.path.exists(f"/dev/shm/{name}")
+    finally:
+        seg.close()
+    rc, out = gz("clean", "--stale", "--dry-run")
+    assert rc == 0 and f"would remove /dev/shm/{name}" in out and os.path.exists(f"/dev/shm/{name}")
+    rc, out = gz("clean", cfg.run.run_dir)
+    assert rc == 0 and "removed 1 segment" in out and not os.path.exists(f"/dev/shm/{name}")
