@@ -80,6 +80,7 @@ def test_a_role_that_exits_with_a_user_error_stops_the_run_with_its_message(make
     assert "actor0 cannot run" in msg and "config file not found" in msg and sup.procs["actor0"].exits == [2]   # never restarted
 
 
+@pytest.mark.slow
 def test_a_role_failing_fast_every_time_stops_the_run(make_cfg, tmp_path, monkeypatch):
     from gorila_zmq.launch import supervisor as S
     from gorila_zmq.launch.program import RoleSpec
@@ -123,6 +124,7 @@ ODD_SCREENS = ["adventure", "air_raid", "carnival", "journey_escape", "keystone_
                "laser_gates", "mr_do", "pacman", "pooyan", "sir_lancelot", "space_war"]
 
 
+@pytest.mark.slow
 def test_every_game_ale_runs_is_preprocessed_including_odd_screen_heights():
     from gorila_zmq.envs.atari import AtariEnv
     heights = set()
