@@ -135,3 +135,34 @@ def test_config_missing_file_and_bad_toml(tmp_path):
     f.write_text("[ps\n")
     with pytest.raises(C.ConfigError, match="not valid TOML"):
         C.load(str(f))
+
+
+def test_a_payload_whose_length_differs_from_the_header_is_refused():
+    from gorila_zmq.net import protocol as P
+    hdr = P.Header(P.Cmd.PUSH_GRAD, dtype=P.Dtype.FLOAT32, length=12)
+    with pytest.raises(P.ProtocolError) as e:
+        P.parse([hdr.pack(), b"\0" * 8])
+    assert e.value.status == P.Status.BAD_SIZE
+
+
+def test_a_resent_request_carries_the_retry_flag_and_the_first_send_does_not():
+    import zmq
+    from gorila_zmq.net import protocol as P
+    from gorila_zmq.net.rpc import Window
+    ctx = zmq.Context()
+    try:
+        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        a.bind("inproc://retry")
+        b.connect("inproc://retry")
+        w = Window(2, timeout_s=0.0, retries=3)
+        frames = P.message(P.Header(P.Cmd.PUSH_GRAD, seq=5), np.zeros(3, np.float32))
+        b.send_multipart(frames)
+        w.sent(5, frames)
+        assert P.parse(a.recv_multipart())[0].flags == 0
+        assert w.resend(b) == []
+        resent, _ = P.parse(a.recv_multipart())
+        assert resent.flags & P.FLAG_RETRY and resent.seq == 5
+        a.close(0)
+        b.close(0)
+    finally:
+        ctx.term()
