@@ -41,6 +41,15 @@ def start_shards(cfg, tmp_path):
     return conf, procs
 
 
+def shard_processes(cfg, tmp_path):
+    """The model's layout and initial theta, the run's config path, its shard processes, and a
+    ShardSet of them."""
+    net = build_network(cfg)
+    layout = ParamLayout.from_module(net)
+    conf, procs = start_shards(cfg, tmp_path)
+    return layout, layout.flatten(net), conf, procs, ShardSet(cfg, layout)
+
+
 def wait_serving(ctx, shards: ShardSet, timeout=30):
     for i in range(shards.n):
         wait_for(lambda: _try_hello(ctx, shards, i), timeout, what=f"shard {i} to answer")
@@ -59,10 +68,7 @@ def shm_segments(cfg):
 
 def test_two_shards_three_pusher_processes_account_and_replay(make_cfg, ctx, tmp_path):
     cfg = make_cfg(*SMALL_MLP, "ps.shards=2", "ps.max_staleness=2", "net.in_flight=2")
-    layout = ParamLayout.from_module(build_network(cfg))
-    theta0 = layout.flatten(build_network(cfg))
-    conf, procs = start_shards(cfg, tmp_path)
-    shards = ShardSet(cfg, layout)
+    layout, theta0, conf, procs, shards = shard_processes(cfg, tmp_path)
     try:
         wait_serving(ctx, shards)
         mpc = mp.get_context("spawn")
@@ -110,9 +116,7 @@ def test_two_shards_three_pusher_processes_account_and_replay(make_cfg, ctx, tmp
 def test_shard_sigkill_restart_resumes_from_checkpoint_and_clients_carry_on(make_cfg, ctx, tmp_path):
     cfg = make_cfg(*SMALL_MLP, "ps.shards=2", "ps.checkpoint_interval_s=0.3", "ps.max_staleness=1000",
                    "net.heartbeat_interval_s=0.3", "net.request_timeout_s=1.0", "net.request_retries=10")
-    layout = ParamLayout.from_module(build_network(cfg))
-    conf, procs = start_shards(cfg, tmp_path)
-    shards = ShardSet(cfg, layout)
+    layout, _, conf, procs, shards = shard_processes(cfg, tmp_path)
     sub = None
     try:
         wait_serving(ctx, shards)
@@ -160,10 +164,7 @@ def test_a_shard_sigkilled_under_a_stream_of_pushes_loses_no_applied_update(make
     AdaGrad of exactly the gradients it acknowledged as applied, and no retry is applied twice."""
     cfg = make_cfg(*SMALL_MLP, "ps.checkpoint_interval_s=3600", "ps.max_staleness=0", "ps.max_staleness_s=0",
                    "ps.staleness_factor=0", "net.in_flight=4", "net.request_timeout_s=0.5", "net.request_retries=40")
-    layout = ParamLayout.from_module(build_network(cfg))
-    theta0 = layout.flatten(build_network(cfg))
-    conf, procs = start_shards(cfg, tmp_path)
-    shards = ShardSet(cfg, layout)
+    layout, theta0, conf, procs, shards = shard_processes(cfg, tmp_path)
     try:
         wait_serving(ctx, shards)
         pusher = GradientPusher(ctx, shards, client_id=77, record=True)

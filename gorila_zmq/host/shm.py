@@ -11,44 +11,38 @@ from multiprocessing import resource_tracker, shared_memory
 _attach_lock = threading.Lock()
 
 
-def create(name: str, nbytes: int, persist: bool = False) -> shared_memory.SharedMemory:
-    """Create segment `name`, replacing a stale one left by a process that was SIGKILLed. With
-    `persist`, the segment is not registered with multiprocessing's resource tracker, which would
-    unlink it as soon as this process dies (by SIGKILL too): it outlives the process until someone
-    removes it (a shard's successor re-adopts it; close it with release(..., unlink=True, owner=False))."""
-    if persist and sys.version_info >= (3, 13):
-        make = lambda: shared_memory.SharedMemory(name=name, create=True, size=nbytes, track=False)  # noqa: E731
-    elif persist:
-        def make():
-            with _attach_lock:
-                register = resource_tracker.register
-                resource_tracker.register = lambda *a, **k: None
-                try:
-                    return shared_memory.SharedMemory(name=name, create=True, size=nbytes)
-                finally:
-                    resource_tracker.register = register
-    else:
-        make = lambda: shared_memory.SharedMemory(name=name, create=True, size=nbytes)  # noqa: E731
-    try:
-        return make()
-    except FileExistsError:
-        remove(name)
-        return make()
-
-
-def attach(name: str) -> shared_memory.SharedMemory:
-    """Attach without registering with the resource tracker, which would unlink the segment when this
-    (reader) process exits; unregistering afterwards is not enough, because spawned children share
-    their parent's tracker and a shared registration would be dropped for the creator too."""
+def _open(name: str, tracked: bool, **kw) -> shared_memory.SharedMemory:
+    """SharedMemory(name, **kw), registered with multiprocessing's resource tracker only if `tracked`.
+    The tracker unlinks what it knows of when the registering process dies (by SIGKILL too), and
+    unregistering afterwards is not enough: spawned children share their parent's tracker."""
+    if tracked:
+        return shared_memory.SharedMemory(name=name, **kw)
     if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
+        return shared_memory.SharedMemory(name=name, track=False, **kw)
     with _attach_lock:
         register = resource_tracker.register
         resource_tracker.register = lambda *a, **k: None
         try:
-            return shared_memory.SharedMemory(name=name)
+            return shared_memory.SharedMemory(name=name, **kw)
         finally:
             resource_tracker.register = register
+
+
+def create(name: str, nbytes: int, persist: bool = False) -> shared_memory.SharedMemory:
+    """Create segment `name`, replacing a stale one left by a process that was SIGKILLed. With
+    `persist`, the segment is not registered with the resource tracker: it outlives this process until
+    someone removes it (a shard's successor re-adopts it; close it with release(..., owner=False))."""
+    try:
+        return _open(name, not persist, create=True, size=nbytes)
+    except FileExistsError:
+        remove(name)
+        return _open(name, not persist, create=True, size=nbytes)
+
+
+def attach(name: str) -> shared_memory.SharedMemory:
+    """Attach without registering with the resource tracker, which would unlink the segment when this
+    (reader) process exits."""
+    return _open(name, tracked=False)
 
 
 def unlink(seg: shared_memory.SharedMemory, owner: bool) -> None:

@@ -65,6 +65,11 @@ class DedupTable:
 
     def __init__(self, rows: np.ndarray):
         self.rows = rows
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """The client -> row index and the clock, from the rows alone (they are all the state)."""
+        rows = self.rows
         self.index = {int(c): k for k, (c, u) in enumerate(zip(rows["client"], rows["used"])) if u}
         self.clock = int(rows["used"].max()) if len(rows) else 0
 
@@ -105,10 +110,8 @@ class DedupTable:
         rows["hi"][k], rows["seen"][k], rows["applied"][k], rows["used"][k] = hi, _words(seen), _words(app), self.clock
 
     def _row_for(self, client: int) -> int:
-        if len(self.index) < len(self.rows):
-            k = next(i for i, u in enumerate(self.rows["used"]) if not u) if len(self.index) else 0
-        else:                                          # full: forget the least recently seen client
-            k = int(np.argmin(self.rows["used"]))
+        k = int(np.argmin(self.rows["used"]))            # a free row (used 0), else the least recently seen
+        if self.rows["used"][k]:
             del self.index[int(self.rows["client"][k])]
         self.rows[k] = 0
         self.rows["client"][k] = client
@@ -122,7 +125,7 @@ class DedupTable:
         rows = rows[np.argsort(rows["used"])[::-1][:len(self.rows)]]
         self.rows[:] = 0
         self.rows[:len(rows)] = rows
-        self.__init__(self.rows)
+        self._reindex()
 
 
 class ShardState:
