@@ -185,11 +185,9 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
                  "evaluations after the link came back")
         stats = _collect(spec, "launcher")
         assert all(v is not None for v in stats.values()), stats
-        for i in range(2):
-            # Pushes cut off by the link were retried with the same (client, seq): the shard applies a
-            # push at most once (exactly-once is shown in test_ps: retries and a SIGKILLed shard), and
-            # no learner gave one up.
-            assert stats[f"ps{i}"]["updates_applied"] == stats[f"ps{i}"]["version"]
+        # Pushes cut off by the link were retried with the same (client, seq) and no learner gave one
+        # up (that each is applied at most once is shown in test_ps_mp, where the acks can be counted
+        # at rest: here the run is live).
         for j in range(2):
             push = stats[f"learner{j}"]["push"]
             assert push["lost"] == 0 and push["applied"] > 0, push
@@ -276,7 +274,9 @@ def test_clear_errors(hosts, keys, tmp_path, case, expect):
         blocker = subprocess.Popen(["ip", "netns", "exec", f"{TAG}alpha", sys.executable, "-c",
                                     f"import socket,time; s=socket.socket(); s.bind(('10.77.0.2', {port})); "
                                     "s.listen(); time.sleep(60)"])
-        time.sleep(1.0)
+        wait_for(lambda: f":{port} " in subprocess.run(["ip", "netns", "exec", f"{TAG}alpha", "ss", "-Hltn"],
+                                                       capture_output=True, text=True).stdout, 10, 0.1,
+                 "the blocker to listen")
     try:
         spec = write_spec(tmp_path / "spec.toml", hosts, str(tmp_path / "run"), keys, **kw)
         r = cluster("up", spec, "--timeout", "20", timeout=120)

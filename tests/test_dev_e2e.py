@@ -114,7 +114,10 @@ def test_supervisor_restarts_killed_roles_and_run_still_learns(tmp_path):
             os.kill(pid, signal.SIGKILL)
         for n, old in victims.items():
             wait_for(lambda: pid_of(run_dir, n) not in (None, old), 60, 0.2, f"{n} to be restarted")
-        time.sleep(3.0)                                  # let shard 1 checkpoint a few times
+        from gorila_zmq.ps.state import load_checkpoint
+        ck = os.path.join(run_dir, "ckpt", "ps1.npz")
+        wait_for(lambda: os.path.exists(ck) and load_checkpoint(ck)[2]["version"] > 0, 60, 0.2,
+                 "shard 1 to checkpoint applied updates")
         ps1 = pid_of(run_dir, "ps1")
         os.kill(ps1, signal.SIGKILL)
         wait_for(lambda: pid_of(run_dir, "ps1") not in (None, ps1), 60, 0.2, "ps1 to be restarted")

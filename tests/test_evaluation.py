@@ -105,7 +105,10 @@ def test_eval_command_on_a_saved_checkpoint(tmp_path):
                         "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert res["episodes"] == 3 and res["return_mean"] > 0
+    per_episode = [float(line.rsplit(":", 1)[1]) for line in r.stdout.splitlines() if "  episode " in line]
+    assert res["episodes"] == len(per_episode) == 3                      # the summary is of the episodes played
+    assert res["return_mean"] == pytest.approx(sum(per_episode) / 3)
+    assert (res["return_min"], res["return_max"]) == (min(per_episode), max(per_episode))
     r = subprocess.run([sys.executable, "-m", "gorila_zmq.cli", "eval", "--checkpoint", str(tmp_path / "nope.npz")],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr

@@ -127,10 +127,10 @@ def test_shard_sigkill_restart_resumes_from_checkpoint_and_clients_carry_on(make
         for _ in range(30):
             pusher.push(g.copy(), pusher.versions)
         assert pusher.flush(10)
-        time.sleep(0.8)                                   # at least one periodic checkpoint after the pushes
         inc_before = sub.incarnations[1]
-        ck = load_checkpoint(os.path.join(cfg.run.run_dir, "ckpt", "ps1.npz"))
-        assert ck is not None and ck[2]["version"] == 30
+        path = os.path.join(cfg.run.run_dir, "ckpt", "ps1.npz")
+        wait_for(lambda: (load_checkpoint(path) or (0, 0, {}))[2].get("version") == 30, 10,
+                 what="a periodic checkpoint after the pushes")
         procs[1].send_signal(signal.SIGKILL)
         procs[1].wait(10)
         wait_for(lambda: not sub.alive[1], 10, what="the subscriber to notice the dead shard")

@@ -5,6 +5,8 @@ import time
 
 import pytest
 
+from conftest import wait_for
+
 from gorila_zmq.net import protocol as P
 from gorila_zmq.net import topology
 from gorila_zmq.net.rpc import request
@@ -29,6 +31,14 @@ class Slow(Role):
         return {"steps": self.steps}
 
 
+def _answers(ctx, ep) -> bool:
+    try:
+        request(ctx, ep, P.Header(P.Cmd.STATS), timeout_s=0.5, retries=0)
+        return True
+    except Exception:
+        return False
+
+
 def test_status_is_answered_during_a_long_step(make_cfg, ctx):
     cfg = make_cfg("dev.stats_interval_s=0.5")
     role = Slow(cfg, ctx)
@@ -36,7 +46,7 @@ def test_status_is_answered_during_a_long_step(make_cfg, ctx):
     t.start()
     try:
         ep = topology.control(cfg, "learner", 0).connect
-        time.sleep(0.3)
+        wait_for(lambda: _answers(ctx, ep), 10, what="the control socket to serve")
         for _ in range(3):              # each within 0.5 s although every step takes 1.5 s
             hdr, body = request(ctx, ep, P.Header(P.Cmd.STATS), timeout_s=0.5, retries=0)
             assert P.as_json(hdr, body)["role"] == "slow"

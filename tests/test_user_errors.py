@@ -177,3 +177,20 @@ def test_clean_removes_a_dead_runs_segments_and_refuses_a_live_one(make_cfg):
     assert rc == 0 and f"would remove /dev/shm/{name}" in out and os.path.exists(f"/dev/shm/{name}")
     rc, out = gz("clean", cfg.run.run_dir)
     assert rc == 0 and "removed 1 segment" in out and not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_dev_says_when_it_finds_segments_that_no_live_run_maps(make_cfg, capsys, caplog):
+    from gorila_zmq.host import shm
+    from gorila_zmq.launch.supervisor import _say_stale_segments
+    cfg = make_cfg("env.name=CartPole-v1")
+    mine, other = f"gz_{cfg.run_id}_ps0", f"gz_{cfg.run_id}x_ps0"
+    for name in (mine, other):
+        shm.create(name, 1 << 16, persist=True).close()
+    try:
+        with caplog.at_level("WARNING", "gorila_zmq.supervisor"):
+            _say_stale_segments(cfg)
+        assert "this run left behind" in capsys.readouterr().out
+        assert "runs that are not live" in caplog.text and "gorila-zmq clean" in caplog.text
+    finally:
+        for name in (mine, other):
+            shm.remove(name)
