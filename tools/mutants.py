@@ -152,8 +152,11 @@ def run(m: Mutant, fast_env: dict) -> tuple[str, float]:
     try:
         with open(path, "w") as f:
             f.write(src.replace(m.old, m.new))
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-                            *m.tests], cwd=ROOT, env=fast_env, capture_output=True, text=True, timeout=900)
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                                *m.tests], cwd=ROOT, env=fast_env, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:          # a mutant that hangs a test is noticed too (mutmut's rule)
+            return "killed", time.monotonic() - t0
         killed = r.returncode not in (0, 5)
         outcome = "killed" if killed else "SURVIVED" if r.returncode == 0 else "NO TESTS RAN"
     finally:
