@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "clean": ("gorila_zmq.launch.clean", "main", "remove the shared memory of a run that is not live (or --stale)"),
     "keys": ("gorila_zmq.net.security", "keys_main", "make CurveZMQ keys for a cluster"),
     "cluster": ("gorila_zmq.launch.cluster", "main", "start, stop and inspect a run on several hosts over ssh"),
+    "slurm": ("gorila_zmq.launch.slurm", "main", "submit, inspect and cancel a run as a Slurm job"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
     "scale": ("gorila_zmq.launch.scale", "main", "predict a layout's throughput, staleness and bandwidth (scale plan)"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),

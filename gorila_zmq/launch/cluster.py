@@ -103,41 +103,14 @@ def load_spec(path: str) -> ClusterSpec:
     if not hosts:
         raise C.ConfigError(f"{path}: no [[host]] entries")
     roles = raw.get("roles", {})
-    unknown = set(roles) - set(ROLE_KEYS) - {"evaluator", "mode"}
-    if unknown:
-        raise C.ConfigError(f"{path}: unknown role kinds {sorted(unknown)} (ps, bundles, actors, learners, replay, "
-                            "evaluator, mode)")
-    placement: dict[str, str] = {}
 
     def where(kind, host_name):
         if host_name not in hosts:
             raise C.ConfigError(f"{path}: [roles] {kind} names unknown host {host_name!r} "
                                 f"(hosts: {', '.join(hosts)})")
         return hosts[host_name].address
-    mode = roles.get("mode", "bundled")
-    for i, h in enumerate(roles.get("ps", [])):
-        placement[f"ps{i}"] = where("ps", h)
-    for key, role in (("bundles", None), ("actors", "actor"), ("learners", "learner"), ("replay", "replay")):
-        for i, h in enumerate(roles.get(key, [])):
-            if key == "bundles":
-                placement[f"actor{i}"] = placement[f"learner{i}"] = where(key, h)
-            else:
-                placement[f"{role}{i}"] = where(key, h)
-    if "evaluator" in roles:
-        placement["evaluator"] = where("evaluator", roles["evaluator"])
-    overrides = list(raw.get("overrides", []))
-    base = {"run": {"run_dir": raw.get("run_dir", "runs/cluster")},
-            "net": {"base_port": raw.get("base_port", 15500), "placement": placement,
-                    "curve": bool(raw.get("curve", True)), "keys_dir": raw.get("keys_dir", ""),
-                    "host": next(iter(hosts.values())).address},
-            "ps": {"shards": max(1, len(roles.get("ps", [])))},
-            "roles": {"mode": mode, "evaluator": "evaluator" in roles}}
-    if mode == "bundled":
-        base["roles"]["bundles"] = max(1, len(roles.get("bundles", [])))
-    else:
-        base["roles"].update(actors=max(1, len(roles.get("actors", []))), learners=max(1, len(roles.get("learners", []))),
-                             replay_shards=max(1, len(roles.get("replay", []))))
-    cfg = C.load(None, overrides, base=C.apply_dict(_preset(raw.get("preset")), base))
+    placement = place_roles(roles, where, path)
+    cfg = spec_config(raw, roles, placement, next(iter(hosts.values())).address, "runs/cluster")
     cfg.run.run_id = cfg.run_id          # fixed now: every host names shared memory the same way
     if not cfg.net.curve:
         print("WARNING: curve = false in the cluster spec: every socket of this cluster is UNAUTHENTICATED and "
@@ -149,6 +122,43 @@ def load_spec(path: str) -> ClusterSpec:
     if missing:
         raise C.ConfigError(f"{path}: no host for roles {missing}: list them under [roles]")
     return spec
+
+
+def place_roles(roles: dict, where, path: str) -> dict[str, str]:
+    """The [roles] table of a launcher spec -> {role name: where(kind, entry)} (shards, bundles, actors,
+    learners, replay servers, the evaluator). Shared by the ssh and Slurm launchers."""
+    unknown = set(roles) - set(ROLE_KEYS) - {"evaluator", "mode"}
+    if unknown:
+        raise C.ConfigError(f"{path}: unknown role kinds {sorted(unknown)} (ps, bundles, actors, learners, replay, "
+                            "evaluator, mode)")
+    placement: dict[str, str] = {}
+    for i, h in enumerate(roles.get("ps", [])):
+        placement[f"ps{i}"] = where("ps", h)
+    for key, role in (("bundles", None), ("actors", "actor"), ("learners", "learner"), ("replay", "replay")):
+        for i, h in enumerate(roles.get(key, [])):
+            if key == "bundles":
+                placement[f"actor{i}"] = placement[f"learner{i}"] = where(key, h)
+            else:
+                placement[f"{role}{i}"] = where(key, h)
+    if "evaluator" in roles:
+        placement["evaluator"] = where("evaluator", roles["evaluator"])
+    return placement
+
+
+def spec_config(raw: dict, roles: dict, placement: dict, host: str, default_run_dir: str) -> C.Config:
+    """The run's config from a launcher spec: its preset, overrides, ports, keys and role counts."""
+    mode = roles.get("mode", "bundled")
+    base = {"run": {"run_dir": raw.get("run_dir", default_run_dir)},
+            "net": {"base_port": raw.get("base_port", 15500), "placement": placement,
+                    "curve": bool(raw.get("curve", True)), "keys_dir": raw.get("keys_dir", ""), "host": host},
+            "ps": {"shards": max(1, len(roles.get("ps", [])))},
+            "roles": {"mode": mode, "evaluator": "evaluator" in roles}}
+    if mode == "bundled":
+        base["roles"]["bundles"] = max(1, len(roles.get("bundles", [])))
+    else:
+        base["roles"].update(actors=max(1, len(roles.get("actors", []))), learners=max(1, len(roles.get("learners", []))),
+                             replay_shards=max(1, len(roles.get("replay", []))))
+    return C.load(None, list(raw.get("overrides", [])), base=C.apply_dict(_preset(raw.get("preset")), base))
 
 
 def _preset(name):

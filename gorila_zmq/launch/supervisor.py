@@ -277,9 +277,11 @@ def dev_main(argv: list[str]) -> int:
         raise C.ConfigError(f"{cfg.run.run_dir} already holds a run: drop --config to resume it (overrides "
                             "still apply), or choose a new run.run_dir")
     if os.path.exists(resumed) and not a.config:
-        # A run resumes from its directory: its config, then this command's overrides.
+        # A run resumes from its directory: its config, then this command's overrides. (With --only-host
+        # the launcher has just written config.json: the shards say whether they resume.)
         cfg = C.load(resumed, overrides)
-        print(f"resuming the run in {cfg.run.run_dir} (its config.json, shard checkpoints, counters)")
+        if not a.only_host:
+            print(f"resuming the run in {cfg.run.run_dir} (its config.json, shard checkpoints, counters)")
     if a.only_host and os.path.exists(resumed):
         # One of several per-host supervisors: the roles read the run's config.json as written (by
         # the first supervisor or the cluster launcher); run.run_dir only locates it.
