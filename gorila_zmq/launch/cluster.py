@@ -83,14 +83,19 @@ class ClusterSpec:
 ROLE_KEYS = {"ps": "ps", "bundles": "bundle", "actors": "actor", "learners": "learner", "replay": "replay"}
 
 
-def load_spec(path: str) -> ClusterSpec:
+def read_toml(path: str, what: str) -> dict:
+    """A launcher spec as a dict; a missing file or bad TOML is a one-line ConfigError."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
-        raise C.ConfigError(f"cluster spec not found: {path}") from None
+        raise C.ConfigError(f"{what} not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise C.ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_spec(path: str) -> ClusterSpec:
+    raw = read_toml(path, "cluster spec")
     hosts = {}
     for h in raw.get("host", []):
         try:

@@ -35,7 +35,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 
 import zmq
@@ -43,7 +42,7 @@ import zmq
 from gorila_zmq import config as C
 from gorila_zmq.fields import UserError
 from gorila_zmq.host import files
-from gorila_zmq.launch.cluster import place_roles, spec_config
+from gorila_zmq.launch.cluster import place_roles, read_toml, spec_config
 from gorila_zmq.launch.program import make_layout, make_program, owned_segments
 from gorila_zmq.launch.status import collect
 from gorila_zmq.net import security
@@ -105,13 +104,7 @@ def _int(path, where, v, lo=0):
 
 
 def load_spec(path: str) -> SlurmSpec:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise C.ConfigError(f"Slurm spec not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise C.ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path, "Slurm spec")
     for keys, known, where in ((raw, TOP_KEYS, "top level"), (raw.get("slurm", {}), SLURM_KEYS, "[slurm]")):
         unknown = set(keys) - known
         if unknown:
