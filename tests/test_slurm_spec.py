@@ -1,5 +1,5 @@
 """The Slurm launcher's spec, batch script and placement, without a Slurm (fast tier). The real-Slurm
-tests (gorila_zmq/launch/testbed.py) are not written yet: see the notes of issue 14."""
+tests are in test_slurm.py."""
 import os
 import subprocess
 import sys

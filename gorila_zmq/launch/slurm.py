@@ -443,7 +443,9 @@ def job_main(run_dir: str) -> int:
     def stop(signum, _frame):
         why.setdefault("signal", signal.Signals(signum).name)
         if step.poll() is None:
-            step.send_signal(signal.SIGTERM)       # srun forwards it to every supervisor
+            # SIGTERM to every step of the job but not to this batch step: each supervisor stops its
+            # roles, which checkpoint. (A SIGTERM to srun itself would kill the tasks at once.)
+            subprocess.run([shutil.which("scancel") or "scancel", "--signal=TERM", job_id], capture_output=True)
     signal.signal(signal.SIGUSR1, stop)
     signal.signal(signal.SIGTERM, stop)
     rc = step.wait()
@@ -584,7 +586,8 @@ def status(run_dir: str, timeout_s: float = 1.0) -> int:
     for ln in srun_errors[-5:]:
         print(f"slurm: {ln}")
     if not os.path.exists(os.path.join(run_dir, "config.json")):
-        return 0
+        print("roles: not placed yet (the job writes config.json when it starts)")
+        return 1
     cfg = C.load(os.path.join(run_dir, "config.json"))
     by_addr = {}
     try:
@@ -610,7 +613,8 @@ def status(run_dir: str, timeout_s: float = 1.0) -> int:
         for node, roles in down_nodes.items():
             if len(roles) == sum(1 for s in make_program(cfg) if by_addr.get(topology.address(cfg, s.name)) == node
                                  and s.stats_endpoint):
-                print(f"node {node}: every role is down (its supervisor is gone?)")
+                killed = [ln for ln in srun_errors if re.search(rf"\b{re.escape(node)}\b", ln)]
+                print(f"node {node}: every role is down" + (" (Slurm reports its task ended)" if killed else ""))
     return 0 if st["state"] in ACTIVE and not down_nodes else 1
 
 
@@ -624,9 +628,13 @@ def cancel(run_dir: str, timeout: float = 60.0) -> int:
         nodes = [n["name"] for n in json.load(open(os.path.join(slurm_dir(run_dir), "nodes.json")))]
     except (OSError, ValueError):
         pass
-    r = _slurm("scancel", job_id)
-    if r.returncode != 0:
-        raise SlurmError(f"scancel {job_id} failed: {_last_error(r)}")
+    before = job_state(job_id)["state"]
+    if before in ACTIVE:
+        r = _slurm("scancel", job_id)
+        if r.returncode != 0:
+            raise SlurmError(f"scancel {job_id} failed: {_last_error(r)}")
+    else:
+        print(f"job {job_id} had already ended ({before}); nothing to cancel")
     end = time.monotonic() + timeout
     while job_state(job_id)["state"] in ACTIVE and time.monotonic() < end:
         time.sleep(0.5)
@@ -635,7 +643,8 @@ def cancel(run_dir: str, timeout: float = 60.0) -> int:
     if state in ACTIVE:
         print(f"job {job_id} is still {state} after {timeout:.0f}s", file=sys.stderr)
         return 1
-    _record(run_dir, "cancelled", job_id=job_id)
+    if before in ACTIVE:
+        _record(run_dir, "cancelled", job_id=job_id)
     records = node_records(run_dir)
     bad = 0
     started = [n for n in nodes if "start" in records.get(n, {}) and records[n]["start"].get("job_id") == job_id]

@@ -74,7 +74,7 @@ class Testbed:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none", "ReturnToService=2",
             "SchedulerType=sched/backfill", "SchedulerParameters=bf_interval=1", "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core", "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none", "SrunPortRange=30001-30999", "KillWait=10",
+            "AccountingStorageType=accounting_storage/none", "SrunPortRange=30001-30999", "KillWait=30",
             "MinJobAge=600", "SlurmctldTimeout=10", "SlurmdTimeout=30", "InactiveLimit=0",
         ]
         lines += [f"NodeName={n} NodeAddr={a} CPUs={self.cpus} RealMemory=4000" for n, a in self.nodes.items()]
