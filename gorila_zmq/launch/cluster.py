@@ -317,6 +317,14 @@ def wait_up(spec: ClusterSpec, timeout: float, launcher_key: str | None = None) 
         time.sleep(1.0)
 
 
+def _run_pattern(spec: ClusterSpec) -> str:
+    """pgrep's pattern for this run's processes: its supervisors (`run.run_dir=RUN_DIR`) and roles
+    (`--config RUN_DIR/config.json`), and nothing else: not a launcher whose spec path merely starts
+    with the run directory's path (`cluster down /runs/pong.toml` for run_dir /runs/pong)."""
+    d = "".join("\\" + c if c in ".[]()*+?{}|^$\\" else c for c in _run_dir(spec))     # POSIX ERE
+    return f"[g]orila_zmq[.]cli .*(run[.]run_dir={d}|{d}/config[.]json)( |$)"
+
+
 def down(spec: ClusterSpec, timeout: float = 30.0) -> None:
     run_dir = shlex.quote(_run_dir(spec))
     for host in spec.hosts.values():
@@ -331,7 +339,7 @@ def down(spec: ClusterSpec, timeout: float = 30.0) -> None:
         if pid is not None:
             host.ssh(f"kill -KILL -{pid} {pid}", check=False)
         # whatever still runs from this run (a supervisor killed hard): SIGKILL it, then clean up
-        host.ssh(f"pkill -KILL -f {shlex.quote('[g]orila_zmq.cli .*' + _run_dir(spec))}; "
+        host.ssh(f"pkill -KILL -f {shlex.quote(_run_pattern(spec))}; "
                  f"rm -f /dev/shm/gz_{spec.cfg.run_id}_*; rm -f {run_dir}/logs/supervisor-{host.name}.pid", check=False)
         print(f"{host.name}: stopped")
 
@@ -340,7 +348,7 @@ def leftovers(spec: ClusterSpec) -> dict[str, list[str]]:
     """Processes and shared-memory segments of this run still on each host (should be none)."""
     out = {}
     for host in spec.hosts.values():
-        r = host.ssh(f"pgrep -af {shlex.quote('[g]orila_zmq.cli .*' + _run_dir(spec))} | grep -v pgrep; "
+        r = host.ssh(f"pgrep -af {shlex.quote(_run_pattern(spec))} | grep -v pgrep; "
                      f"ls /dev/shm | grep gz_{spec.cfg.run_id}_", check=False)
         out[host.name] = [ln for ln in r.stdout.decode().splitlines() if ln.strip()]
     return out
