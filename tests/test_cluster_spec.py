@@ -31,3 +31,33 @@ def test_down_matches_the_runs_supervisors_and_roles_but_not_a_launcher_beside_t
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+def test_the_port_check_refuses_a_listener_but_not_the_last_runs_time_wait(tmp_path):
+    """`cluster up` right after `down`: the old run's connections sit in TIME_WAIT on its ports, which
+    libzmq (SO_REUSEADDR) binds again; only a port that something listens on is busy."""
+    import socket
+    from conftest import free_base_port
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen()
+    waiting = lst.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", waiting))
+    conn, _ = lst.accept()
+    conn.close()                      # the server's side closes first: TIME_WAIT on its port
+    client.close()
+    lst.close()
+    wait_for(lambda: f":{waiting} " in subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True,
+                                                       text=True).stdout, 10, 0.05, "TIME_WAIT on the port")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    listening = busy.getsockname()[1]
+    free = free_base_port()
+    try:
+        out = subprocess.run([sys.executable, "-c", cluster.PORT_PROBE % ([waiting, listening, free], "127.0.0.1")],
+                             capture_output=True, text=True, check=True).stdout.split("\n")
+    finally:
+        busy.close()
+    assert out[0].split() == [str(listening)], out

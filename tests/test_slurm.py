@@ -177,3 +177,29 @@ def test_bad_jobs_get_a_one_line_error(tb, tmp_path, case, expect):
         cli(tb, "cancel", run_dir)
         subprocess.run(["rm", "-rf", run_dir])
 
+
+
+def test_requeue_true_requeues_at_the_time_limit_and_the_job_resumes_from_its_checkpoints(tb, tmp_path):
+    run_dir = str(tmp_path / "run")
+    spec = write_spec(tmp_path / "spec.toml", run_dir, slurm="signal_before_s = 170\nrequeue = true",
+                      roles="ps = [0]\nbundles = [1, 2]", base_port=17900)
+    r = cli(tb, "submit", spec)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = r.stdout.split("submitted job ")[1].split(";")[0]
+    try:
+        wait_for(lambda: (roles_stats(run_dir).get("ps0") or {}).get("version", 0) > 200
+                 if os.path.exists(os.path.join(run_dir, "config.json")) else False, 120, 0.5, "updates")
+        assert tb.run("scontrol", "update", f"JobId={job}", "TimeLimit=3").returncode == 0
+        wait_for(lambda: events(run_dir, "requeueing"), 120, 1.0, "the job to checkpoint and requeue itself")
+        versions = events(run_dir, "time_limit")[0]["versions"]
+        wait_for(lambda: int(job_state(tb, job).get("Restarts", 0)) >= 1 and cli(tb, "status", run_dir).returncode == 0,
+                 120, 1.0, "the requeued job's roles up")
+        assert [e["restart"] for e in events(run_dir, "started")] == [0, 1]
+        ps0 = roles_stats(run_dir)["ps0"]
+        assert ps0["resumed_from"] == "checkpoint" and ps0["version"] >= versions[0] > 200, (ps0, versions)
+        assert "restarted 1x" in cli(tb, "status", run_dir).stdout
+    finally:
+        c = cli(tb, "cancel", run_dir)
+        print(c.stdout, c.stderr)
+    assert c.returncode == 0, c.stdout + c.stderr
+    assert run_leftovers(run_dir) == []

@@ -53,9 +53,12 @@ def _cli(env, *argv, timeout=300):
                           cwd=ROOT, env=env, timeout=timeout)
 
 
-def _wait_first_gradient(version, t0: float, timeout: float) -> float:
+def _wait_first_gradient(version, t0: float, timeout: float, gave_up=lambda: None) -> float:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
+        why = gave_up()
+        if why:
+            raise RuntimeError(why)
         try:
             if (version() or 0) > 0:
                 return time.monotonic() - t0
@@ -116,8 +119,11 @@ def _ssh_round(tb, d: str, k: int, keys: str, timeout: float) -> dict:
     up = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "cluster", "up", spec_path], cwd=ROOT,
                           env=tb.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        def gave_up():
+            if up.poll() not in (None, 0):
+                return f"cluster up failed: {up.stdout.read().strip()[-600:]}"
         first = _wait_first_gradient(lambda: (_collect(spec, "launcher", 0.5).get("ps0") or {}).get("version"),
-                                     t0, timeout)
+                                     t0, timeout, gave_up)
         out, _ = up.communicate(timeout=timeout)
         if up.returncode != 0:
             raise RuntimeError(f"cluster up failed: {out.strip()[-400:]}")

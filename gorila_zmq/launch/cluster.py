@@ -199,11 +199,7 @@ def _check_host(spec: ClusterSpec, host: Host) -> None:
     ports = topology.tcp_ports(spec.cfg, program)
     if ports:
         # Which ports are taken now (an error), and the host's ephemeral range (a warning: see topology).
-        probe = ("import socket,sys\nbad=[]\nfor p in %r:\n s=socket.socket()\n try: s.bind((%r,p))\n"
-                 " except OSError: bad.append(p)\n s.close()\nprint(' '.join(map(str,bad)))\n"
-                 "try: print(open('/proc/sys/net/ipv4/ip_local_port_range').read().strip())\n"
-                 "except OSError: pass"
-                 ) % (ports, host.address)
+        probe = PORT_PROBE % (ports, host.address)
         r = host.ssh(f"{shlex.quote(host.python)} -c {shlex.quote(probe)}", check=False)
         if r.returncode != 0:
             raise ClusterError(f"host {host.name}: the port check failed: "
@@ -315,6 +311,16 @@ def wait_up(spec: ClusterSpec, timeout: float, launcher_key: str | None = None) 
                 msg.append(f"--- {name} on {host.name}:\n{r.stdout.decode(errors='replace')}")
             raise ClusterError("\n".join(msg))
         time.sleep(1.0)
+
+
+# Run on a host (python -c): the ports of `ports` that cannot be bound there, then its ephemeral range.
+# SO_REUSEADDR as libzmq sets it: a port held only by the last run's connections in TIME_WAIT (a quick
+# `down` then `up`) binds; one that another socket listens on does not.
+PORT_PROBE = ("import socket,sys\nbad=[]\nfor p in %r:\n s=socket.socket()\n"
+              " s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n try: s.bind((%r,p))\n"
+              " except OSError: bad.append(p)\n s.close()\nprint(' '.join(map(str,bad)))\n"
+              "try: print(open('/proc/sys/net/ipv4/ip_local_port_range').read().strip())\n"
+              "except OSError: pass")
 
 
 def _run_pattern(spec: ClusterSpec) -> str:

@@ -455,9 +455,12 @@ def job_main(run_dir: str) -> int:
               f"{versions})", flush=True)
         _record(run_dir, "time_limit", job_id=job_id, versions=versions)
         if record["requeue"]:
+            _record(run_dir, "requeueing", job_id=job_id)      # first: the requeue ends this step too
+            print(f"job {job_id}: requeueing itself; it resumes from {run_dir} when it starts again", flush=True)
             r = _slurm("scontrol", "requeue", job_id)
-            _record(run_dir, "requeued" if r.returncode == 0 else "requeue_failed", job_id=job_id,
-                    error=None if r.returncode == 0 else _last_error(r))
+            if r.returncode != 0:
+                _record(run_dir, "requeue_failed", job_id=job_id, error=_last_error(r))
+                print(f"job {job_id}: scontrol requeue failed: {_last_error(r)}", file=sys.stderr, flush=True)
         return 0
     _record(run_dir, "ended", job_id=job_id, rc=rc, versions=versions, signal=why.get("signal"))
     return rc
