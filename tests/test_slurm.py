@@ -192,6 +192,12 @@ def test_requeue_true_requeues_at_the_time_limit_and_the_job_resumes_from_its_ch
         assert tb.run("scontrol", "update", f"JobId={job}", "TimeLimit=3").returncode == 0
         wait_for(lambda: events(run_dir, "requeueing"), 120, 1.0, "the job to checkpoint and requeue itself")
         versions = events(run_dir, "time_limit")[0]["versions"]
+        # Slurm holds a requeued job for about two minutes (Reason=BeginTime): release it now, with
+        # its old time limit back, so that this test need not wait
+        # (once every node is idle again: a job started onto a node still completing its last run fails)
+        wait_for(lambda: job_state(tb, job).get("JobState") == "PENDING" and tb.idle() == 3, 60, 0.5,
+                 "the job to be requeued and its nodes idle")
+        assert tb.run("scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=30").returncode == 0
         wait_for(lambda: int(job_state(tb, job).get("Restarts", 0)) >= 1 and cli(tb, "status", run_dir).returncode == 0,
                  120, 1.0, "the requeued job's roles up")
         assert [e["restart"] for e in events(run_dir, "started")] == [0, 1]
