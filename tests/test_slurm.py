@@ -88,6 +88,9 @@ def test_a_job_learns_loses_a_node_checkpoints_at_its_time_limit_resumes_and_can
         lines = {ln.split()[0]: ln.split() for ln in st.splitlines()[1:]}
         assert [lines[r][1:3] for r in ("ps0", "actor0", "learner0", "actor1", "learner1", "evaluator")] == \
             [["n1", "up"], ["n2", "up"], ["n2", "up"], ["n3", "up"], ["n3", "up"], ["n2", "up"]], st
+        for n in ("n1", "n2", "n3"):         # a supervisor runs no network: it never loads torch
+            pid = json.load(open(os.path.join(run_dir, "slurm", f"node-{n}.json")))["pid"]
+            assert "libtorch" not in open(f"/proc/{pid}/maps").read(), n
         placement = json.load(open(os.path.join(run_dir, "config.json")))["net"]["placement"]
         assert placement["ps0"] == tb.nodes["n1"] and placement["actor1"] == tb.nodes["n3"], placement
         wait_for(lambda: [e for e in evaluations(run_dir) if e["return_mean"] >= 195], 300, 1.0,
@@ -135,7 +138,7 @@ def test_a_job_learns_loses_a_node_checkpoints_at_its_time_limit_resumes_and_can
 
 @pytest.mark.parametrize("case, expect", [
     ("too_many_nodes", "asks for 4 node(s) in partition 'debug', which has 3"),
-    ("unknown_partition", "unknown partition 'gpu' (this cluster has: debug)"),
+    ("unknown_partition", "unknown partition 'bigmem' (this cluster has: cpu, debug, gpu)"),
     ("no_gres", "sbatch refused the job:"),
     ("not_shared", "node n3 does not see"),
 ])
@@ -150,7 +153,7 @@ def test_bad_jobs_get_a_one_line_error(tb, tmp_path, case, expect):
         open(spec, "w").write(spec_text)
     else:
         if case == "unknown_partition":
-            slurm = 'partition = "gpu"'
+            slurm = 'partition = "bigmem"'
         elif case == "no_gres":
             slurm = "gpus_per_node = 1"
         elif case == "not_shared":
@@ -179,16 +182,37 @@ def test_bad_jobs_get_a_one_line_error(tb, tmp_path, case, expect):
 
 
 
-def test_requeue_true_requeues_at_the_time_limit_and_the_job_resumes_from_its_checkpoints(tb, tmp_path):
+HET = """signal_before_s = 170
+requeue = true
+[[slurm.group]]
+name = "cpu"
+partition = "cpu"
+nodes = 1
+[[slurm.group]]
+name = "gpu"
+partition = "gpu"
+nodes = 2"""
+
+
+def test_a_heterogeneous_job_places_by_group_requeues_at_its_time_limit_and_resumes(tb, tmp_path):
+    """Two components (the shard on partition cpu, the bundles on partition gpu, each its own srun
+    component); requeue = true: at the time limit the job checkpoints, requeues itself and resumes."""
     run_dir = str(tmp_path / "run")
-    spec = write_spec(tmp_path / "spec.toml", run_dir, slurm="signal_before_s = 170\nrequeue = true",
-                      roles="ps = [0]\nbundles = [1, 2]", base_port=17900)
+    spec = write_spec(tmp_path / "spec.toml", run_dir, slurm=HET,
+                      roles='ps = ["cpu:0"]\nbundles = ["gpu:0", "gpu:1"]', base_port=17900)
+    spec_text = open(spec).read().replace("nodes = 3\n", "", 1)
+    open(spec, "w").write(spec_text)
     r = cli(tb, "submit", spec)
     assert r.returncode == 0, r.stdout + r.stderr
     job = r.stdout.split("submitted job ")[1].split(";")[0]
     try:
         wait_for(lambda: (roles_stats(run_dir).get("ps0") or {}).get("version", 0) > 200
                  if os.path.exists(os.path.join(run_dir, "config.json")) else False, 120, 0.5, "updates")
+        placement = json.load(open(os.path.join(run_dir, "config.json")))["net"]["placement"]
+        assert placement == {"ps0": tb.nodes["n1"], "actor0": tb.nodes["n2"], "learner0": tb.nodes["n2"],
+                             "actor1": tb.nodes["n3"], "learner1": tb.nodes["n3"]}, placement
+        components = tb.run("scontrol", "show", "job", "-o", job).stdout.splitlines()
+        assert [c.split("Partition=")[1].split()[0] for c in components] == ["cpu", "gpu"], components
         assert tb.run("scontrol", "update", f"JobId={job}", "TimeLimit=3").returncode == 0
         wait_for(lambda: events(run_dir, "requeueing"), 120, 1.0, "the job to checkpoint and requeue itself")
         versions = events(run_dir, "time_limit")[0]["versions"]

@@ -62,6 +62,7 @@ def test_a_heterogeneous_spec_makes_one_component_per_group_and_places_roles_by_
     (('ps = ["cpu:0"]', 'ps = [7]'), "the job has 3 node(s)"),
     (('bundles = ["gpu:0", "gpu:1"]', 'bundles = ["gpu:0", "gpu:0"]'), "gpu:1 would run no role"),
     (('time = "02:00:00"', 'tyme = "1"'), "unknown key(s) ['tyme']"),
+    (('time = "02:00:00"', 'nodes = 3'), "each group gives its own nodes"),
 ])
 def test_spec_errors_are_one_line(tmp_path, change, expect):
     with pytest.raises(C.ConfigError, match=None) as e:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:       # torch is imported where a network is built: launchers and supervisors never load it
+    import torch
 
 from gorila_zmq.envs import EnvSpec, env_spec
 from gorila_zmq.fields import ConfigError
@@ -112,6 +114,7 @@ class Agent:
     def make_network(self, cfg, seed: int | None = None) -> torch.nn.Module:
         """`network(cfg)` with its initial parameters drawn from cfg.run.seed (or `seed`): the same on
         every host and in every role (the caller's torch RNG is left as it was)."""
+        import torch
         state = torch.random.get_rng_state()
         torch.manual_seed(cfg.run.seed if seed is None else seed)
         try:

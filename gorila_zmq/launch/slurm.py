@@ -112,6 +112,9 @@ def load_spec(path: str) -> SlurmSpec:
     if "run_dir" not in raw:
         raise C.ConfigError(f"{path}: run_dir is required (a directory on a filesystem every node sees)")
     s = raw.get("slurm", {})
+    if s.get("group") and "nodes" in s:
+        raise C.ConfigError(f"{path}: [slurm] nodes and [[slurm.group]] tables: in a heterogeneous job each "
+                            "group gives its own nodes")
     groups = []
     for g in s.get("group", []) or [{"name": "node", "nodes": s.get("nodes", 1), "partition": s.get("partition"),
                                       "gpus_per_node": s.get("gpus_per_node", 0),

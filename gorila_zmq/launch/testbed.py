@@ -7,7 +7,7 @@ ssh launcher can drive the same nodes. The daemons are stopped by the PIDs in th
 name. A node listed in `private` sees its own empty tmpfs at `Testbed.private_dir` (every other node
 sees the host's directory there): a run directory under it is not on a shared filesystem.
 
-    with Testbed(3) as tb:            # nodes n1..n3 at 10.88.0.2..4, partition "debug"
+    with Testbed(3) as tb:            # nodes n1..n3 at 10.88.0.2..4; partitions debug (all), cpu (n1), gpu (n2, n3)
         subprocess.run(["sbatch", ...], env=tb.env)
 """
 from __future__ import annotations
@@ -79,6 +79,10 @@ class Testbed:
         ]
         lines += [f"NodeName={n} NodeAddr={a} CPUs={self.cpus} RealMemory=4000" for n, a in self.nodes.items()]
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+        names = list(self.nodes)
+        if len(names) > 1:          # for heterogeneous jobs: the first node, and the rest
+            lines.append(f"PartitionName=cpu Nodes={names[0]} MaxTime=INFINITE State=UP")
+            lines.append(f"PartitionName=gpu Nodes={','.join(names[1:])} MaxTime=INFINITE State=UP")
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
 

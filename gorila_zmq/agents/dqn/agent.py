@@ -7,15 +7,17 @@ from __future__ import annotations
 import copy
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from gorila_zmq.agents.base import Agent, Batch, Clock, Learning, Policy
 from gorila_zmq.agents.common import Every, linear_schedule
-from gorila_zmq.agents.dqn.learning import td_loss
-from gorila_zmq.agents.dqn.networks import MLP, NatureCNN
 from gorila_zmq.fields import ConfigError
 from gorila_zmq.replay import records
+
+if TYPE_CHECKING:       # torch and the networks load with the first policy or network, not with the agent
+    import torch
 
 
 def actor_epsilon(dqn_cfg, global_updates: int, actor_index: int = 0, num_actors: int = 1) -> float:
@@ -43,6 +45,7 @@ class EpsilonGreedy(Policy):
         random = self.rng.integers(self.n_actions, size=E)
         if explore.all():                  # no forward pass when no greedy action is used
             return random
+        import torch
         with torch.no_grad():
             greedy = self.net(torch.from_numpy(np.asarray(obs))).argmax(1).numpy()
         return np.where(explore, random, greedy)
@@ -67,6 +70,7 @@ class DQNLearning(Learning):
         self.target_syncs += 1
 
     def gradients(self, batch: Batch, global_updates: int, accept) -> tuple[dict, bool]:
+        from gorila_zmq.agents.dqn.learning import td_loss
         d = self.cfg.dqn
         loss, info = td_loss(self.online, self.target, batch.obs, batch.action.long(), batch.reward,
                              batch.discount, batch.next_obs, double=d.double_dqn, huber=d.huber)
@@ -101,6 +105,7 @@ class DQN(Agent):
         cfg.model.obs_shape, cfg.model.n_actions, cfg.model.action_dim = list(env.obs_shape), env.n_actions, 0
 
     def network(self, cfg) -> torch.nn.Module:
+        from gorila_zmq.agents.dqn.networks import MLP, NatureCNN
         m = cfg.model
         if m.kind == "nature_cnn":
             return NatureCNN(tuple(m.obs_shape), m.n_actions)

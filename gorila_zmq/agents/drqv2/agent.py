@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import copy
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from gorila_zmq.agents.base import Agent, Batch, Clock, Learning, Policy
 from gorila_zmq.agents.common import schedule
-from gorila_zmq.agents.drqv2.learning import gradients, soft_update
-from gorila_zmq.agents.drqv2.networks import DrQV2
 from gorila_zmq.fields import ConfigError
 from gorila_zmq.replay import records
+
+if TYPE_CHECKING:       # torch and the networks load with the first policy or network, not with the agent
+    import torch
 
 
 def exploration_std(std_schedule: str, seed_frames: int, actor_frames: int, num_actors: int,
@@ -33,6 +35,7 @@ class Exploring(Policy):
         self.cfg, self.net, self.num_actors = cfg.drqv2, net, num_actors
         self.action_dim = cfg.model.action_dim
         self.rng = np.random.default_rng([cfg.run.seed, 1, index])
+        import torch
         self.gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + index)
         self.std = None
         self.seed_steps = 0
@@ -44,6 +47,7 @@ class Exploring(Policy):
         if self.std is None:
             self.seed_steps += 1
             return self.rng.uniform(-1.0, 1.0, (len(obs), self.action_dim)).astype(np.float32)
+        import torch
         return self.net.act(torch.from_numpy(np.asarray(obs)), self.std, explore=True,
                             generator=self.gen).numpy().astype(np.float32)
 
@@ -58,6 +62,7 @@ class MeanAction(Policy):
         self.net = net
 
     def act(self, obs: np.ndarray, clock: Clock) -> np.ndarray:
+        import torch
         return self.net.act(torch.as_tensor(np.asarray(obs)), 0.0, explore=False).numpy().astype(np.float32)
 
     def describe(self) -> str:
@@ -72,6 +77,7 @@ class DrQv2Learning(Learning):
         self.critic_target = start.critic
 
     def gradients(self, batch: Batch, global_updates: int, accept) -> tuple[dict, bool]:
+        from gorila_zmq.agents.drqv2.learning import gradients
         d = self.cfg.drqv2
         std = schedule(d.std_schedule, max(global_updates, 0))
         info, ok = gradients(self.online, self.critic_target, batch.obs, batch.action.float(), batch.reward,
@@ -80,6 +86,7 @@ class DrQv2Learning(Learning):
         return {"loss": info["critic_loss"], "q_mean": info["critic_q1"], "exploration_std": std, **info}, ok
 
     def after_update(self, global_updates: int) -> None:
+        from gorila_zmq.agents.drqv2.learning import soft_update
         soft_update(self.critic_target, self.online.critic, self.cfg.drqv2.critic_tau)
 
 
@@ -97,6 +104,7 @@ class DrQv2(Agent):
         cfg.model.obs_shape, cfg.model.n_actions, cfg.model.action_dim = list(env.obs_shape), 0, env.action_dim
 
     def network(self, cfg) -> torch.nn.Module:
+        from gorila_zmq.agents.drqv2.networks import DrQV2
         m = cfg.model
         return DrQV2(tuple(m.obs_shape), m.action_dim, m.feature_dim, int(m.hidden[0]))
 
