@@ -67,10 +67,13 @@ def events(run_dir, kind):
 def run_leftovers(run_dir):
     """Processes whose command line names this run, and /dev/shm segments of its run id, on this machine
     (every testbed node shares this machine's process table and /dev/shm)."""
-    procs = subprocess.run(["pgrep", "-af", run_dir], capture_output=True, text=True).stdout.splitlines()
-    procs = [p for p in procs if "pgrep" not in p]
     run_id = json.load(open(os.path.join(run_dir, "config.json")))["run"]["run_id"]
-    return procs + [s for s in os.listdir("/dev/shm") if run_id in s]
+    return run_processes(run_dir) + [s for s in os.listdir("/dev/shm") if run_id in s]
+
+
+def run_processes(run_dir):
+    procs = subprocess.run(["pgrep", "-af", run_dir], capture_output=True, text=True).stdout.splitlines()
+    return [p for p in procs if "pgrep" not in p]
 
 
 def test_a_job_learns_loses_a_node_checkpoints_at_its_time_limit_resumes_and_cancels_clean(tb, tmp_path):
@@ -218,9 +221,10 @@ def test_a_heterogeneous_job_places_by_group_requeues_at_its_time_limit_and_resu
         versions = events(run_dir, "time_limit")[0]["versions"]
         # Slurm holds a requeued job for about two minutes (Reason=BeginTime): release it now, with
         # its old time limit back, so that this test need not wait
-        # (once every node is idle again: a job started onto a node still completing its last run fails)
-        wait_for(lambda: job_state(tb, job).get("JobState") == "PENDING" and tb.idle() == 3, 60, 0.5,
-                 "the job to be requeued and its nodes idle")
+        # (once every node is idle again and the last run's processes are gone: a job started onto a
+        # node still completing its last run fails, and so does a role whose port an old one holds)
+        wait_for(lambda: job_state(tb, job).get("JobState") == "PENDING" and tb.idle() == 3
+                 and not run_processes(run_dir), 90, 0.5, "the job to be requeued, its nodes idle, its processes gone")
         assert tb.run("scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=30").returncode == 0
         wait_for(lambda: int(job_state(tb, job).get("Restarts", 0)) >= 1 and cli(tb, "status", run_dir).returncode == 0,
                  120, 1.0, "the requeued job's roles up")
@@ -231,5 +235,6 @@ def test_a_heterogeneous_job_places_by_group_requeues_at_its_time_limit_and_resu
     finally:
         c = cli(tb, "cancel", run_dir)
         print(c.stdout, c.stderr)
+        print("job output:\n" + cli(tb, "logs", run_dir, "job").stdout[-4000:])   # shown if the test failed
     assert c.returncode == 0, c.stdout + c.stderr
     assert run_leftovers(run_dir) == []

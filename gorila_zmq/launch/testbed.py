@@ -135,8 +135,14 @@ class Testbed:
 
     # -- use ----------------------------------------------------------------------------------------
     def idle(self) -> int:
-        r = subprocess.run(["sinfo", "-h", "-t", "idle", "-o", "%D"], env=self.env, capture_output=True, text=True)
-        return sum(int(x) for x in r.stdout.split() if x.isdigit())
+        """How many nodes are idle in every partition that holds them (a node still completing its last
+        job, or drained, is not: sinfo prints a node once per partition, so count names, not lines)."""
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True)
+        states: dict[str, set[str]] = {}
+        for line in r.stdout.splitlines():
+            name, _, state = line.partition(" ")
+            states.setdefault(name, set()).add(state.strip())
+        return sum(1 for s in states.values() if s == {"idle"})
 
     @staticmethod
     def wait(pred, timeout: float, what: str):
