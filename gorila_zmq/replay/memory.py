@@ -158,8 +158,16 @@ class Batch:
         into this batch again before that copy has finished (double-buffer two batches)."""
         if self._tensors is None:
             import torch
-            self._tensors = Batch(**{k: torch.from_numpy(v) for k, v in self.arrays().items()})
+            self._tensors = type(self)(**{k: torch.from_numpy(v) for k, v in self.arrays().items()})
         return self._tensors
+
+
+@dataclass(eq=False)
+class PrioritizedBatch(Batch):
+    """A Batch from PrioritizedReplay.sample: also the importance weights and each row's logical
+    position (what PrioritizedReplay.update checks against overwrites)."""
+    weight: np.ndarray = None
+    position: np.ndarray = None
 
 
 def _cuda_available() -> bool:
@@ -276,6 +284,14 @@ class ReplayMemory:
     def bytes_per_slot(self) -> int:
         return self._lay.frame_nbytes + self._lay.action_nbytes + 5
 
+    def slot_flags(self) -> np.ndarray:
+        """A view of the slots' flags, (lanes, lane_capacity) uint8 (START, TERMINATED, TRUNCATED): slots
+        below the published write counts are final. Do not keep it past close()."""
+        self._live()
+        lay, off = self._lay, self._lay.offsets()
+        n = lay.lanes * lay.lane_capacity
+        return self._seg[off["flags"]:off["flags"] + n].reshape(lay.lanes, lay.lane_capacity)
+
     def _live(self):
         if self._core is None:
             raise ValueError("replay memory is closed")
@@ -349,7 +365,7 @@ class ReplayMemory:
 
     # ------------------------------------------------------------ readers
 
-    def allocate_batch(self, batch_size: int, pinned: bool | None = None) -> Batch:
+    def allocate_batch(self, batch_size: int, pinned: bool | None = None, prioritized: bool = False) -> Batch:
         """An empty Batch to sample into. pinned=None pins (page-locked torch tensors, viewed as
         NumPy arrays; Batch.as_tensors() returns the tensors) when torch.cuda.is_available(), so
         the learner can copy to the GPU with non_blocking=True; otherwise plain NumPy arrays."""
@@ -359,14 +375,18 @@ class ReplayMemory:
         spec = {"obs": ((B, *self.obs_shape), lay.dtype), "action": ((B, *lay.action_shape), lay.action_dtype),
                 "reward": ((B,), np.float32), "discount": ((B,), np.float32),
                 "next_obs": ((B, *self.obs_shape), lay.dtype), "index": ((B,), np.int64)}
+        cls = Batch
+        if prioritized:         # PrioritizedReplay fills these: the importance weights, the positions
+            spec.update(weight=((B,), np.float32), position=((B,), np.int64))
+            cls = PrioritizedBatch
         if pinned is None:
             pinned = _cuda_available()
         if not pinned:
-            return Batch(**{k: np.zeros(s, d) for k, (s, d) in spec.items()})
+            return cls(**{k: np.zeros(s, d) for k, (s, d) in spec.items()})
         import torch
         t = {k: torch.zeros(s, dtype=torch.from_numpy(np.empty(0, d)).dtype, pin_memory=True)
              for k, (s, d) in spec.items()}
-        return Batch(**{k: v.numpy() for k, v in t.items()}, _tensors=Batch(**t))
+        return cls(**{k: v.numpy() for k, v in t.items()}, _tensors=cls(**t))
 
     def _check_batch(self, out: Batch, B: int) -> dict:
         sc = out._scratch
@@ -394,9 +414,12 @@ class ReplayMemory:
         return sc
 
     def sample(self, batch_size: int, rng: np.random.Generator | None = None,
-               out: Batch | None = None) -> Batch:
+               out: Batch | None = None, draw=None) -> Batch:
         """Draw batch_size transitions uniformly from the valid ones into `out` (allocated if None;
-        its leading dim must be batch_size) and return it. Raises ValueError while none is valid."""
+        its leading dim must be batch_size) and return it. Raises ValueError while none is valid.
+
+        draw(m, total, w, lo, cum) -> x replaces the uniform candidates (PrioritizedReplay): at most
+        m values in [0, 1), candidate u = floor(x * total) of the snapshot; invalid ones are redrawn."""
         core = self._live()
         B = int(batch_size)
         if out is None:
@@ -410,7 +433,9 @@ class ReplayMemory:
             total = core.snapshot(w, lo, cum)
             if total == 0:
                 raise NotReady("sample: the replay memory holds no transition yet")
-            filled = self._fill(core, rng, total, w, lo, cum, need, out, sc)
+            filled = self._fill(core, rng, total, w, lo, cum, need, out, sc) if draw is None \
+                else self._fill_drawn(core, draw, total, w, lo, cum, need, out, sc)
+            sc["w_last"] = w
             if not self._detect_torn:
                 return out
             nbad = core.torn(need, filled, sc["row_lane"], sc["row_low"], sc["torn"])
@@ -443,6 +468,16 @@ class ReplayMemory:
             x = (valid[rng.integers(0, nv, size=n - filled, dtype=np.int64)] + 0.5) / total
             filled = core.gather(x, total, w, lo, cum, need, filled, *args)
         return filled
+
+    def _fill_drawn(self, core, draw, total, w, lo, cum, need, out, sc) -> int:
+        n, filled = need.shape[0], 0
+        for _ in range(64):
+            if filled >= n:
+                return filled
+            filled = core.gather(np.ascontiguousarray(draw(n - filled, total, w, lo, cum), np.float64), total,
+                                 w, lo, cum, need, filled, *sc["args"])
+        raise NotReady(f"sample: {n - filled} of {n} prioritized draws found no valid transition in 64 "
+                       f"rounds (too few transitions yet?)")
 
     def _snapshot(self, listing: bool):
         L = self._lay.lanes
