@@ -134,6 +134,14 @@ class AgentConfig:
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
     device: str = _f("auto", "torch device for learners: auto (cuda when present), cpu, cuda, cuda:1 ...")
     torch_threads: int = _f(1, "torch intra-op threads per role process")
+    prioritized: bool = _f(False, "proportional prioritized replay (Schaul et al. 2016; off: Gorila's uniform replay)")
+    priority_alpha: float = _f(0.6, "prioritized replay: priority = (|TD error| + priority_eps) ** alpha")
+    priority_beta: float = _f(0.4, "prioritized replay: importance-sampling exponent at global update 0, "
+                                   "annealed linearly to 1")
+    priority_beta_updates: int = _f(1_000_000, "prioritized replay: global updates over which beta reaches 1")
+    priority_eps: float = _f(1e-6, "prioritized replay: added to |TD error| so no transition has priority 0")
+    priority_weight_norm: str = _f("batch", "prioritized replay: importance weights divided by their max over the "
+                                            "batch, or over the whole memory ('memory')")
     learner_torch_threads: int = _f(0, "torch intra-op threads in learner processes (0: torch_threads); on a "
                                        "small box the learner is the one role worth a second core")
 
@@ -254,6 +262,12 @@ class Config:
             errs.append("agent.limiter_stall_s must be > 0")
         if self.agent.torch_threads < 1 or self.agent.learner_torch_threads < 0:
             errs.append("agent.torch_threads must be >= 1 and agent.learner_torch_threads >= 0")
+        a = self.agent
+        if a.priority_alpha < 0 or not 0 <= a.priority_beta <= 1 or a.priority_eps <= 0 or a.priority_beta_updates < 0:
+            errs.append("agent.priority_alpha must be >= 0, agent.priority_beta in [0, 1], agent.priority_eps > 0 "
+                        "and agent.priority_beta_updates >= 0")
+        if a.priority_weight_norm not in ("batch", "memory"):
+            errs.append(f"agent.priority_weight_norm {a.priority_weight_norm!r} is not one of: batch, memory")
         if self.agent.actor_sync_every < 1:
             errs.append("agent.actor_sync_every must be >= 1")
         if self.ps.max_payload_factor < 1:

@@ -378,3 +378,75 @@ def test_unbinding_copies_a_replaced_grad_and_zeroes_a_missing_one():
     assert (flat[e[2].offset:e[2].offset + e[2].size] == 2).all()
     assert (flat[e[3].offset:e[3].offset + e[3].size] == 0).all() and (flat[e[1].offset:e[1].offset + 4] == 0).all()
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_td_loss_weights_each_sample_and_returns_its_td_error():
+    """Prioritized replay: loss = mean(w_i * l_i), priorities = |target - q| per sample."""
+    torch.manual_seed(0)
+    q, tgt = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    obs, nxt = torch.randn(5, 3), torch.randn(5, 3)
+    a, r, d = torch.tensor([0, 1, 1, 0, 1]), torch.randn(5), torch.full((5,), 0.9)
+    w = torch.tensor([1.0, 0.5, 0.0, 2.0, 0.25])
+    for huber in (True, False):
+        loss, info = td_loss(q, tgt, obs, a, r, d, nxt, huber=huber, weight=w)
+        qa = q(obs).gather(1, a.view(-1, 1)).squeeze(1)
+        target = r + d * tgt(nxt).max(1).values
+        delta = (target - qa).detach()
+        each = torch.where(delta.abs() < 1, 0.5 * delta ** 2, delta.abs() - 0.5) if huber else delta ** 2
+        assert loss.item() == pytest.approx((w * each).mean().item(), rel=1e-5)
+        assert torch.allclose(info["priorities"], delta.abs())
+    _, info = td_loss(q, tgt, obs, a, r, d, nxt)
+    assert "priorities" not in info                  # uniform replay: nothing to write back
+
+
+def test_learner_weights_its_loss_and_writes_the_new_priorities_back(shard, ctx):
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
+    cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.max_staleness=100000",
+                   "agent.prioritized=true", "agent.priority_alpha=0.5", "agent.priority_eps=0.01",
+                   "agent.priority_beta=0.4", "agent.priority_beta_updates=100")
+    rb = _filled_replay()
+    src = MemorySource(rb, {"alpha": 0.5, "eps": 0.01})
+    learner = Learner(cfg, 0, ctx, source=src)
+    seen, written = [], []
+    gradients, write_back = learner.learning.gradients, src.write_back
+
+    def spy_gradients(batch, g, accept):
+        seen.append(batch.weight.clone())
+        return gradients(batch, g, accept)
+
+    def spy_write_back(batch, td):
+        written.append((batch.index.copy(), batch.weight.copy(), td.copy()))
+        write_back(batch, td)
+    learner.learning.gradients, src.write_back = spy_gradients, spy_write_back
+    try:
+        for _ in range(3):
+            learner.step()
+            learner.pusher.flush(5)
+        wait_for(lambda: len(written) >= 3, 10, what="three updates")
+        learner.loader.stop.set()
+        learner.loader.join(5)
+        src.refresh()                                   # the sampling thread's turn: apply the write-backs
+        idx, weight, td = written[-1]
+        assert np.allclose(seen[len(written) - 1].numpy(), weight)   # the loss saw this batch's weights
+        assert weight.max() <= 1.0 and weight.min() > 0
+        leaves = src.pr.tree.get(idx)
+        latest = {}
+        for i_, w_, t_ in written:                      # the newest write-back of each slot wins
+            latest.update({int(i): float(t) for i, t in zip(i_, t_)})
+        assert np.allclose(leaves, [(latest[int(i)] + 0.01) ** 0.5 for i in idx])
+        assert src.pr.counters["priority_updates"] == 16 * len(written)
+        assert learner.stats()["priority_updates"] == 16 * len(written)
+        assert src.beta == pytest.approx(0.4 + 0.6 * min(1, learner.sub.global_version / 100), abs=0.02)
+    finally:
+        learner.close()
+        rb.close()
+        rb.unlink()
+
+
+def test_prioritized_replay_is_refused_for_an_agent_without_priorities(make_cfg):
+    from gorila_zmq.agents import base
+    from gorila_zmq.fields import ConfigError
+    cfg = make_cfg("agent.name=drqv2", "env.name=dmc:cartpole_swingup", "agent.prioritized=true")
+    with pytest.raises(ConfigError, match="prioritized replay is for dqn"):
+        base.prepare(cfg)

@@ -204,3 +204,86 @@ def test_continuous_actions_and_rgb_frames_round_trip_and_bad_actions_are_refuse
     finally:
         srv.request_stop()
         t.join(10)
+
+
+@pytest.fixture
+def pserver(make_cfg, ctx):
+    """Two prioritized replay shards (agent.prioritized=true, alpha 0.5, eps 0.01)."""
+    cfg = make_cfg(*CARTPOLE, "agent.prioritized=true", "agent.priority_alpha=0.5", "agent.priority_eps=0.01",
+                   "run.run_id=prioritized")
+    prepare(cfg)
+    servers = [ReplayServer(cfg, r, ctx) for r in range(2)]
+    threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    yield cfg, servers
+    for s in servers:
+        s.request_stop()
+    for t in threads:
+        t.join(10)
+
+
+def _fill_both(ctx, cfg, steps=40):
+    for actor in (0, 1):
+        w = ReplayWriter(ctx, cfg, actor, spec(cfg))
+        w.start_episode(np.zeros(4, np.float32), lane=0)
+        for t in range(steps):
+            w.add(t % 2, 1.0, np.full(4, t + 1, np.float32), False, False, lane=0)
+        w.close()
+
+
+def test_prioritized_samples_carry_weights_and_priorities_go_back_to_the_shard_that_served_them(pserver, ctx):
+    from gorila_zmq.replay.records import PRIORITY
+    cfg, servers = pserver
+    _fill_both(ctx, cfg)
+    src = RemoteSource(ctx, cfg, 0, spec(cfg))
+    src.beta = 0.5
+    assert src.ready(20)
+    for _ in range(2):                               # shard 0, then shard 1
+        b = src.sample(8, None, src.allocate(8, pinned=False))
+        sv = servers[b.shard]
+        assert (b.next_obs[:, 0] == b.obs[:, 0] + 1).all()
+        assert np.array_equal(b.obs[:, 0], b.position)          # frame t sits at position t here
+        assert np.allclose(b.weight, 1.0)                       # every priority is still the initial 1
+        td = np.linspace(0.0, 3.0, 8).astype(np.float32)
+        src.write_back(b, td)
+        src.refresh()                                           # the sampling thread sends it
+        assert np.allclose(sv.pr.tree.get(b.index), (td.astype(np.float64) + 0.01) ** 0.5)
+        assert sv.pr.counters["priority_updates"] == 8
+    assert src.priority_stats()["priority_updates_sent"] == 2
+    b = src.sample(64, None, src.allocate(64, pinned=False))    # shard 0 again: weights now differ
+    p = servers[b.shard].pr.tree.get(b.index)
+    assert np.allclose(b.weight, (p / p.min()) ** -0.5, rtol=1e-5)     # over the batch (the default)
+    # a priority for a position the ring no longer holds is ignored, and the reply counts it
+    rec = np.zeros(1, PRIORITY)
+    rec["index"], rec["position"], rec["td_abs"] = 5, 5 + 2000, 1.0
+    hdr = P.Header(P.Cmd.REPLAY_PRIORITY, shard=0, client=9, dtype=P.Dtype.RAW)
+    rh, body = ask(ctx, cfg, 0, hdr, rec.tobytes())
+    assert P.as_json(rh, body) == {"applied": 0, "stale": 1}
+    src.close()
+
+
+def test_bad_priority_updates_are_refused_counted_and_change_nothing(pserver, server, ctx):
+    from gorila_zmq.replay.records import PRIORITY
+    cfg, servers = pserver
+    _fill_both(ctx, cfg, steps=10)
+    before = servers[0].pr.tree.get(np.arange(2000)).copy()
+
+    def update(idx, pos, td, nbytes=None, to=(cfg, 0)):
+        rec = np.zeros(len(idx), PRIORITY)
+        rec["index"], rec["position"], rec["td_abs"] = idx, pos, td
+        raw = rec.tobytes()[:nbytes]
+        return ask(ctx, to[0], to[1], P.Header(P.Cmd.REPLAY_PRIORITY, shard=to[1], client=9, dtype=P.Dtype.RAW), raw)[0]
+    assert update([3, 2000], [3, 4], [1.0, 1.0]) == P.Status.BAD_PAYLOAD          # an index out of range
+    assert update([3, 4], [3, 4], [1.0, np.nan]) == P.Status.BAD_PAYLOAD         # not finite
+    assert update([3, 4], [3, 4], [1.0, -2.0]) == P.Status.BAD_PAYLOAD           # negative
+    assert update([3, 4], [3, 4], [1.0, 1.0], nbytes=30) == P.Status.BAD_SIZE    # a partial record
+    assert np.array_equal(servers[0].pr.tree.get(np.arange(2000)), before)       # all or nothing
+    assert servers[0].pr.counters["priority_updates"] == 0
+    rh, body = ask(ctx, cfg, 0, P.Header(P.Cmd.STATS, shard=0))
+    assert P.as_json(rh, body)["rejected_total"] == 4
+    # a uniform request to a prioritized shard, and the reverse: refused, named
+    assert ask(ctx, cfg, 0, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), {"batch": 4})[0] == P.Status.BAD_PAYLOAD
+    ucfg, _ = server
+    assert ask(ctx, ucfg, 0, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), {"batch": 4, "beta": 0.5})[0] == P.Status.BAD_PAYLOAD
+    assert update([3], [3], [1.0], to=(ucfg, 0)) == P.Status.BAD_COMMAND

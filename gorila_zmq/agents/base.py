@@ -46,6 +46,7 @@ class Batch:
     reward: torch.Tensor          # the n-step discounted return
     discount: torch.Tensor        # gamma^k, 0 where the episode terminated within the k steps
     next_obs: torch.Tensor
+    weight: "torch.Tensor | None" = None   # prioritized replay: each sample's importance weight
 
 
 class Policy:
@@ -71,7 +72,11 @@ class Learning:
         """Compute the gradient of one batch into the online network's .grad (in place: zero_grad with
         set_to_none=False first, since the learner binds .grad to its push buffer). `accept(loss)` may
         veto the update before any backward pass (the outlier filter); then return (info, False) and
-        leave .grad alone. info holds "loss" (what the filter judged) and any other scalars."""
+        leave .grad alone. info holds "loss" (what the filter judged) and any other scalars.
+
+        Prioritized replay (an agent with `prioritized_replay = True`): when batch.weight is set, each
+        sample's loss is multiplied by its weight, and info["priorities"] is the per-sample |TD error|
+        (a tensor of B, detached) that the learner writes back."""
         raise NotImplementedError
 
     def after_update(self, global_updates: int) -> None:
@@ -85,6 +90,7 @@ class Agent:
     """One agent. Subclasses set `name` and implement every method."""
 
     name = "agent"
+    prioritized_replay = False      # True: its Learning weights losses and returns priorities (agent.prioritized)
 
     def configure(self, cfg, env: EnvSpec) -> None:
         """Raise ConfigError if this agent cannot run `env` with `cfg`; fill cfg.model from `env`."""
@@ -142,6 +148,9 @@ def get(name: str) -> Agent:
 def prepare(cfg) -> Agent:
     """The configured agent, with cfg.model filled from the environment (it checks they fit)."""
     agent = get(cfg.agent.name)
+    if cfg.agent.prioritized and not agent.prioritized_replay:
+        raise ConfigError(f"agent.prioritized: agent {agent.name} does not compute priorities "
+                          "(prioritized replay is for dqn)")
     agent.configure(cfg, env_spec(cfg))
     return agent
 

@@ -58,6 +58,7 @@ class Cmd(enum.IntEnum):
     # replay service (global replay mode)
     REPLAY_ADD = 16
     REPLAY_SAMPLE = 17
+    REPLAY_PRIORITY = 18   # RAW replay.records.PRIORITY records: new priorities for sampled slots
 
 
 class Status(enum.IntEnum):

@@ -14,6 +14,8 @@ import numpy as np
 
 START, ADD = 0, 1          # wire record kinds: an episode's first frame, or a step
 MAX_SAMPLE = 4096          # the largest batch a replay shard serves
+# REPLAY_PRIORITY's records: a sampled row's slot and logical position (as its batch gave them) and |TD error|
+PRIORITY = np.dtype([("index", "<i8"), ("position", "<i8"), ("td_abs", "<f4")])
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,20 @@ class Record:
                          ("action", np.dtype(self.action_dtype).newbyteorder("<"), tuple(self.action_shape)),
                          ("frame", np.dtype(self.frame_dtype).newbyteorder("<"), tuple(self.frame_shape))])
 
-    def batch_layout(self, B: int) -> list[tuple[str, np.dtype, tuple]]:
-        """(field, dtype, shape) of a sampled batch, in wire order (REPLAY_SAMPLE's reply)."""
-        return [("obs", np.dtype(self.frame_dtype), (B, *self.obs_shape)),
-                ("next_obs", np.dtype(self.frame_dtype), (B, *self.obs_shape)),
-                ("action", np.dtype(self.action_dtype).newbyteorder("<"), (B, *self.action_shape)),
-                ("reward", np.dtype("<f4"), (B,)), ("discount", np.dtype("<f4"), (B,))]
+    def batch_layout(self, B: int, prioritized: bool = False) -> list[tuple[str, np.dtype, tuple]]:
+        """(field, dtype, shape) of a sampled batch, in wire order (REPLAY_SAMPLE's reply); a prioritized
+        batch also carries the importance weights and each row's slot and logical position."""
+        out = [("obs", np.dtype(self.frame_dtype), (B, *self.obs_shape)),
+               ("next_obs", np.dtype(self.frame_dtype), (B, *self.obs_shape)),
+               ("action", np.dtype(self.action_dtype).newbyteorder("<"), (B, *self.action_shape)),
+               ("reward", np.dtype("<f4"), (B,)), ("discount", np.dtype("<f4"), (B,))]
+        if prioritized:
+            out += [("weight", np.dtype("<f4"), (B,)), ("index", np.dtype("<i8"), (B,)),
+                    ("position", np.dtype("<i8"), (B,))]
+        return out
 
-    def batch_nbytes(self, B: int) -> int:
-        return sum(np.dtype(d).itemsize * math.prod(s) for _, d, s in self.batch_layout(B))
+    def batch_nbytes(self, B: int, prioritized: bool = False) -> int:
+        return sum(np.dtype(d).itemsize * math.prod(s) for _, d, s in self.batch_layout(B, prioritized))
 
     def bad_actions(self, actions: np.ndarray) -> str | None:
         """Why these actions cannot be stored (not finite, outside the bounds), or None."""

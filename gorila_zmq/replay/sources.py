@@ -3,12 +3,19 @@ which it reads: `ready(need)` (holds `need` transitions?), `allocate(B)` (an emp
 into), `sample(B, rng, out)` (fills `out`; raises NotReady while nothing can be sampled yet, and any
 other error is a real one), `refresh()` (between two samples, from the sampling thread) and `close()`.
 
+Prioritized replay (`agent.prioritized`): batches also carry `weight`, `index` and `position`;
+`beta` (an attribute the learner sets) is the importance-sampling exponent of the next samples;
+`write_back(batch, td_abs)` (the learner's thread, after the gradient, before the batch is reused)
+queues the new priorities, and the sampling thread applies or sends them in `refresh()`, so every
+priority operation happens on the thread that samples.
+
 - `LocalSource` (bundled mode): the bundle's shared-memory ring, written by the bundle's actor.
 - `RemoteSource` (global mode): batches from the global replay shards in turn, over ZeroMQ.
 - `MemorySource`: a ReplayMemory this process already holds (benchmarks, tests).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -19,7 +26,8 @@ import numpy as np
 from gorila_zmq.net import protocol as P, topology
 from gorila_zmq.net.rpc import Client, Unavailable, new_client_id
 from gorila_zmq.replay.memory import NotReady, ReplayMemory
-from gorila_zmq.replay.records import Record
+from gorila_zmq.replay.priority import PrioritizedReplay
+from gorila_zmq.replay.records import PRIORITY, Record
 from gorila_zmq.replay.sinks import bundle_memory_name
 
 log = logging.getLogger("gorila_zmq.replay.sources")
@@ -30,23 +38,72 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-class MemorySource:
-    """A replay memory this process already holds."""
+_MAX_PENDING = 64      # write-backs queued for the sampling thread; beyond this the oldest are dropped
 
-    def __init__(self, rb: ReplayMemory):
+
+class _WriteBacks:
+    """Priorities queued by the learner's thread for the sampling thread (deque: thread-safe ends)."""
+
+    def __init__(self):
+        self.pending: collections.deque = collections.deque()
+        self.dropped = 0
+
+    def put(self, item) -> None:
+        self.pending.append(item)
+        while len(self.pending) > _MAX_PENDING:
+            self.pending.popleft()
+            self.dropped += 1
+
+    def drain(self):
+        while self.pending:
+            yield self.pending.popleft()
+
+
+class MemorySource:
+    """A replay memory this process already holds; `priorities` (a PriorityReplay config: alpha, eps)
+    samples it by priority."""
+
+    def __init__(self, rb: ReplayMemory, prioritized: dict | None = None):
+        self.rb, self.prioritized = rb, prioritized
+        self.pr = None
+        self.beta = 1.0
+        self.gen = 0                     # which memory a batch came from (LocalSource swaps them)
+        self.writebacks = _WriteBacks()
+        if rb is not None:
+            self._adopt(rb)
+
+    def _adopt(self, rb: ReplayMemory) -> None:
         self.rb = rb
+        self.gen += 1
+        if self.prioritized is not None:
+            self.pr = PrioritizedReplay(rb, **self.prioritized)
 
     def ready(self, need: int) -> bool:
         return len(self.rb) >= need
 
     def allocate(self, B: int):
-        return self.rb.allocate_batch(B)
+        return self.rb.allocate_batch(B, prioritized=self.prioritized is not None)
 
     def sample(self, B: int, rng, out):
-        return self.rb.sample(B, rng, out=out)
+        if self.pr is None:
+            return self.rb.sample(B, rng, out=out)
+        self.pr.sample(B, rng, out=out, beta=self.beta)
+        out.gen = self.gen
+        return out
+
+    def write_back(self, batch, td_abs) -> None:
+        self.writebacks.put((batch.gen, batch.index.copy(), batch.position.copy(), np.asarray(td_abs)))
+
+    def _apply_writebacks(self) -> None:
+        for gen, idx, pos, td in self.writebacks.drain():
+            if gen == self.gen and self.pr is not None:     # not for a memory since replaced
+                self.pr.update(idx, pos, td)
+
+    def priority_stats(self) -> dict:
+        return {**self.pr.stats(), "writebacks_dropped": self.writebacks.dropped} if self.pr else {}
 
     def refresh(self) -> None:
-        pass
+        self._apply_writebacks()
 
     def close(self) -> None:
         pass
@@ -59,7 +116,7 @@ class LocalSource(MemorySource):
     valid after the unlink)."""
 
     def __init__(self, cfg, index: int):
-        super().__init__(None)
+        super().__init__(None, priority_args(cfg))
         self.name = bundle_memory_name(cfg, index)
         self._ino = None
         self._next_check = 0.0
@@ -93,6 +150,7 @@ class LocalSource(MemorySource):
     def refresh(self, force: bool = False) -> None:
         """Once a second: adopt a recreated memory when it is full enough. Only the thread that
         samples calls this, so no sample is ever in flight on a handle being closed."""
+        self._apply_writebacks()
         now = time.monotonic()
         if not force and now < self._next_check:
             return
@@ -101,8 +159,10 @@ class LocalSource(MemorySource):
         if self._pending is not None and (self.rb is None or len(self._pending[0]) >= self._need):
             if self.rb is not None:
                 log.info("replay %s was recreated (actor restarted): switched to the new memory", self.name)
+                self.pr = None
                 self.rb.close()
-            self.rb, self._ino = self._pending
+            self._adopt(self._pending[0])
+            self._ino = self._pending[1]
             self._pending = None
 
     def close(self) -> None:
@@ -117,14 +177,26 @@ class RemoteBatch:
 
     def as_tensors(self):
         import torch
-        return RemoteBatch({k: torch.from_numpy(v) for k, v in self.__dict__.items()})
+        return RemoteBatch({k: torch.from_numpy(v) for k, v in self.__dict__.items() if isinstance(v, np.ndarray)})
+
+
+def priority_args(cfg) -> dict | None:
+    """PrioritizedReplay's arguments from the config, or None for uniform replay."""
+    a = cfg.agent
+    return {"alpha": a.priority_alpha, "eps": a.priority_eps, "weight_norm": a.priority_weight_norm} \
+        if a.prioritized else None
 
 
 class RemoteSource:
-    """Learner side of global replay: a batch from the shards in turn."""
+    """Learner side of global replay: a batch from the shards in turn; with prioritized replay, each
+    batch's priorities go back to the shard that served it."""
 
     def __init__(self, ctx, cfg, learner_index: int, record: Record):
         self.cfg, self.record = cfg, record
+        self.prioritized = cfg.agent.prioritized
+        self.beta = 1.0
+        self.writebacks = _WriteBacks()
+        self.priority_counters = {"priority_updates_sent": 0, "priority_updates_failed": 0}
         self.R = cfg.roles.replay_shards
         self.next = learner_index % self.R
         self.clients = [Client(ctx, topology.replay(cfg, r).connect) for r in range(self.R)]
@@ -145,7 +217,7 @@ class RemoteSource:
     def allocate(self, B: int, pinned: bool | None = None) -> RemoteBatch:
         pinned = _cuda() if pinned is None else pinned
         arrays = {}
-        for k, d, shape in self.record.batch_layout(B):
+        for k, d, shape in self.record.batch_layout(B, self.prioritized):
             if pinned:
                 import torch
                 arrays[k] = torch.empty(shape, dtype=torch.from_numpy(np.zeros(0, d)).dtype).pin_memory().numpy()
@@ -160,8 +232,11 @@ class RemoteSource:
             r = self.next
             self.next = (self.next + 1) % self.R
             hdr = P.Header(P.Cmd.REPLAY_SAMPLE, shard=r, client=self.client)
+            ask = {"batch": B, "min_size": self.min_size}
+            if self.prioritized:
+                ask["beta"] = float(self.beta)
             try:
-                rh, body = self.clients[r].request(hdr, {"batch": B, "min_size": self.min_size},
+                rh, body = self.clients[r].request(hdr, ask,
                                                    timeout_s=self.cfg.net.request_timeout_s, retries=0)
             except Unavailable:
                 continue                          # down: try the next one
@@ -169,20 +244,39 @@ class RemoteSource:
                 if e.status == P.Status.BUSY:
                     continue                      # filling up
                 raise RuntimeError(f"replay shard {r} refused a sample of {B}: {e}") from e
-            want = self.record.batch_nbytes(B)
+            want = self.record.batch_nbytes(B, self.prioritized)
             if body is None or body.nbytes != want:
                 raise RuntimeError(f"replay shard {r} sent {0 if body is None else body.nbytes} bytes for a "
-                                   f"batch of {B}, expected {want}: does it run another environment or agent?")
+                                   f"batch of {B}, expected {want}: does it run another environment or agent, "
+                                   f"or is one of the two prioritized and the other not (agent.prioritized)?")
             off = 0
-            for k, d, shape in self.record.batch_layout(B):
+            for k, d, shape in self.record.batch_layout(B, self.prioritized):
                 n = math.prod(shape)
                 np.copyto(getattr(out, k), np.frombuffer(body, dtype=d, count=n, offset=off).reshape(shape))
                 off += np.dtype(d).itemsize * n
+            out.shard = r
             return out
         raise NotReady("every replay shard is filling up or down")
 
+    def write_back(self, batch, td_abs) -> None:
+        rec = np.empty(len(batch.index), PRIORITY)
+        rec["index"], rec["position"], rec["td_abs"] = batch.index, batch.position, td_abs
+        self.writebacks.put((batch.shard, rec))
+
+    def priority_stats(self) -> dict:
+        return {**self.priority_counters, "writebacks_dropped": self.writebacks.dropped} if self.prioritized else {}
+
     def refresh(self) -> None:
-        pass
+        """Send the queued priorities, each to the shard that served its batch (one short request each;
+        a shard that is down or refuses them loses them: they are hints, not state)."""
+        for r, rec in self.writebacks.drain():
+            hdr = P.Header(P.Cmd.REPLAY_PRIORITY, shard=r, client=self.client, dtype=P.Dtype.RAW)
+            try:
+                self.clients[r].request(hdr, rec.tobytes(), timeout_s=self.cfg.net.request_timeout_s, retries=0)
+                self.priority_counters["priority_updates_sent"] += 1
+            except (Unavailable, P.ProtocolError) as e:
+                self.priority_counters["priority_updates_failed"] += 1
+                log.warning("replay shard %d: priority update not applied: %s", r, e)
 
     def close(self) -> None:
         for c in self.clients:

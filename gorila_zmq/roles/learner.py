@@ -28,6 +28,7 @@ from gorila_zmq.ps.client import GradientPusher, ShardSet, fetch_params
 from gorila_zmq.ps.shared import param_source
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.replay.memory import NotReady
+from gorila_zmq.replay.priority import beta_at
 from gorila_zmq.replay.sources import make_source
 from gorila_zmq.roles.base import Role, role_main
 
@@ -196,8 +197,11 @@ class Learner(Role):
         versions = list(self.versions)
         t = batch.as_tensors()
         nb = self.device.type == "cuda"
+        a = self.cfg.agent
         on_device = agents.Batch(*(torch.as_tensor(getattr(t, k)).to(self.device, non_blocking=nb)
-                                   for k in ("obs", "action", "reward", "discount", "next_obs")))
+                                   for k in ("obs", "action", "reward", "discount", "next_obs")),
+                                 weight=torch.as_tensor(t.weight).to(self.device, non_blocking=nb)
+                                 if a.prioritized else None)
         copied = None
         if nb:                  # the pinned buffer goes back to the loader only once the copies landed
             copied = torch.cuda.Event()
@@ -206,8 +210,13 @@ class Learner(Role):
         views = self._bind_grads(host) if self.staging is None else None
         global_updates = max(self.sub.global_version, 0)
         self.last, ok = self.learning.gradients(on_device, global_updates, self.filter.accept)
+        td_abs = self.last.pop("priorities", None)
         if copied is not None:
             copied.synchronize()
+        if td_abs is not None and ok:         # prioritized replay: the new |TD errors| of these rows
+            self.source.write_back(batch, td_abs.float().cpu().numpy())
+        # the importance-sampling exponent of the next batches, on the global update count
+        self.source.beta = beta_at(a.priority_beta, a.priority_beta_updates, global_updates)
         self.loader.release(batch)        # only now: on the CPU the tensors above are views of it
         if views is not None:
             self._unbind_grads(views)
@@ -254,6 +263,8 @@ class Learner(Role):
         return total, host, versions
 
     def _start_loader(self) -> None:
+        a = self.cfg.agent
+        self.source.beta = beta_at(a.priority_beta, a.priority_beta_updates, max(self.sub.global_version, 0))
         self.loader = Loader(self.source, self.cfg.agent.batch_size,
                              seed=hash((self.cfg.run.seed, 2, self.index)) % 2**32)
         for _ in range(self.loader.depth):
@@ -320,7 +331,8 @@ class Learner(Role):
                 "outliers_dropped": self.dropped, "global_updates": self.sub.global_version,
                 "push": self.pusher.stats.as_dict(), "device": str(self.device), "compute_s": self.compute_s,
                 "wait_for_batch_s": self.wait_s, "sample_s": self.loader.sample_s if self.loader else 0.0,
-                **self.learning.stats(), **self.filter.state()}
+                **self.learning.stats(), **self.filter.state(),
+                **(self.source.priority_stats() if self.cfg.agent.prioritized else {})}
 
     def close(self) -> None:
         if self.loader is not None:

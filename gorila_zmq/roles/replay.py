@@ -3,7 +3,11 @@ many actors write to and many learners sample from.
 
 REPLAY_ADD carries a batch of packed transition records (replay/records.py) from one actor;
 REPLAY_SAMPLE (JSON {"batch": B, "min_size": N}) returns one packed batch, or BUSY while the memory
-holds fewer than N; STATS returns JSON. Memory is bounded by the ring; a full inbound queue (ROUTER
+holds fewer than N; STATS returns JSON. With agent.prioritized the shard samples by priority
+(replay/priority.py): REPLAY_SAMPLE carries "beta" and the batch also the importance weights and
+each row's slot and logical position; REPLAY_PRIORITY (RAW records.PRIORITY records) sets the new
+priorities of sampled rows (all or nothing: a bad index, size or value is a counted rejection; rows
+whose slot has been overwritten since are ignored and counted as stale). Memory is bounded by the ring; a full inbound queue (ROUTER
 high-water mark) and each client's bounded window are the backpressure. Nothing is unpickled: records
 are validated whole before anything touches the memory. Actor j writes to shard j % R, in lanes
 (j // R) * E .. + E - 1 (E = env.num_envs).
@@ -20,7 +24,9 @@ from gorila_zmq.agents import base as agents
 from gorila_zmq.envs import env_spec
 from gorila_zmq.net import protocol as P, security, topology
 from gorila_zmq.replay.memory import NotReady, ReplayMemory
-from gorila_zmq.replay.records import ADD, MAX_SAMPLE, START
+from gorila_zmq.replay.priority import PrioritizedReplay
+from gorila_zmq.replay.records import ADD, MAX_SAMPLE, PRIORITY, START
+from gorila_zmq.replay.sources import priority_args
 from gorila_zmq.roles.base import Role, role_main
 
 log = logging.getLogger("gorila_zmq.replay")
@@ -41,6 +47,8 @@ class ReplayServer(Role):
         self.rec = self.record.wire_dtype()
         self.memory = ReplayMemory(cfg.agent.replay_capacity, n_step=cfg.agent.n_step, gamma=cfg.agent.gamma,
                                    lanes=self.lanes, name=f"gz_{cfg.run_id}_greplay{index}", **self.record.memory_args())
+        pa = priority_args(cfg)
+        self.pr = PrioritizedReplay(self.memory, **pa) if pa else None
         self.open = np.zeros(self.lanes, bool)
         self.seqs: dict[int, tuple[int, int]] = {}      # actor -> (writer incarnation, last batch seq)
         self.rng = np.random.default_rng([cfg.run.seed, 3, index])
@@ -83,6 +91,9 @@ class ReplayServer(Role):
                                                   status=P.Status.OK))
             if req.command == P.Cmd.REPLAY_SAMPLE:
                 return self._sample(ident, req, payload)
+            if req.command == P.Cmd.REPLAY_PRIORITY:
+                return self._send(ident, P.Header(P.Cmd.REPLY, shard=self.index, seq=req.seq, client=req.client),
+                                  self._priorities(req, payload))
             if req.command in (P.Cmd.STATS, P.Cmd.HELLO):
                 return self._send(ident, P.Header(P.Cmd.REPLY, shard=self.index, seq=req.seq), self.stats())
             raise P.ProtocolError(P.Status.BAD_COMMAND, f"{P.Cmd(req.command).name} is not served by a replay shard")
@@ -148,31 +159,53 @@ class ReplayServer(Role):
         self.counters["batches_in"] += 1
         return int(recs.size)
 
-    SAMPLE_FIELDS = {"batch": P.Field(int, 1, MAX_SAMPLE), "min_size": P.Field(int, 0, 1 << 48, 0)}
+    SAMPLE_FIELDS = {"batch": P.Field(int, 1, MAX_SAMPLE), "min_size": P.Field(int, 0, 1 << 48, 0),
+                     "beta": P.Field(float, 0.0, 1.0, None)}
 
     def _sample(self, ident, req, payload) -> None:
         body = P.fields(P.as_json(req, payload), self.SAMPLE_FIELDS, "REPLAY_SAMPLE")
-        B, min_size = body["batch"], body["min_size"]
+        B, min_size, beta = body["batch"], body["min_size"], body["beta"]
+        if (beta is None) != (self.pr is None):
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, "this replay shard is prioritized: ask with beta" if self.pr
+                                  else "this replay shard is not prioritized (agent.prioritized differs)")
         if B not in self._batches:
             if len(self._batches) >= 4:          # a client cycling through sizes must not grow memory
                 self._batches.clear()
-            self._batches[B] = self.memory.allocate_batch(B, pinned=False)
+            self._batches[B] = self.memory.allocate_batch(B, pinned=False, prioritized=self.pr is not None)
         try:
             if len(self.memory) < max(min_size, 1):
                 raise NotReady(f"replay holds {len(self.memory)} transitions, the learner waits for {min_size}")
-            batch = self.memory.sample(B, self.rng, out=self._batches[B])
+            if self.pr is not None:
+                batch = self.pr.sample(B, self.rng, out=self._batches[B], beta=beta)
+            else:
+                batch = self.memory.sample(B, self.rng, out=self._batches[B])
         except NotReady as e:                    # not enough yet: backpressure, not an error
             self.counters["busy"] += 1
             hdr, err = P.error_reply(req, P.Status.BUSY, str(e), self.index)
             return self._send(ident, hdr, dict(err, size=len(self.memory)))
         buf = b"".join(np.ascontiguousarray(getattr(batch, k), dtype=d).tobytes()
-                       for k, d, _ in self.record.batch_layout(B))
+                       for k, d, _ in self.record.batch_layout(B, self.pr is not None))
         self.counters["samples_out"] += 1
         hdr = P.Header(P.Cmd.REPLY, shard=self.index, seq=req.seq, client=req.client, dtype=P.Dtype.RAW)
         self._send(ident, hdr, buf)
 
+    def _priorities(self, req, payload) -> dict:
+        if self.pr is None:
+            raise P.ProtocolError(P.Status.BAD_COMMAND, "this replay shard is not prioritized")
+        if req.dtype != P.Dtype.RAW or payload is None or payload.nbytes % PRIORITY.itemsize \
+                or payload.nbytes > PRIORITY.itemsize * MAX_SAMPLE:
+            raise P.ProtocolError(P.Status.BAD_SIZE, f"REPLAY_PRIORITY carries up to {MAX_SAMPLE} RAW "
+                                  f"{PRIORITY.itemsize}-byte priority records")
+        rec = np.frombuffer(payload, PRIORITY)
+        stale = self.pr.counters["stale_priorities"]
+        try:
+            applied = self.pr.update(rec["index"], rec["position"], rec["td_abs"])
+        except ValueError as e:
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, str(e)) from None
+        return {"applied": applied, "stale": self.pr.counters["stale_priorities"] - stale}
+
     def stats(self) -> dict:
-        return {**self.memory.stats(), **self.counters, **self.rejections.as_dict(), "role": "replay", "shard": self.index,
+        return {**self.memory.stats(), **(self.pr.stats() if self.pr else {}), **self.counters, **self.rejections.as_dict(), "role": "replay", "shard": self.index,
                 "auth_failures": self.auth.poll() if self.auth else 0,
                 "uptime_s": time.monotonic() - self.started}
 

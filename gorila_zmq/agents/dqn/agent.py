@@ -73,7 +73,8 @@ class DQNLearning(Learning):
         from gorila_zmq.agents.dqn.learning import td_loss
         d = self.cfg.dqn
         loss, info = td_loss(self.online, self.target, batch.obs, batch.action.long(), batch.reward,
-                             batch.discount, batch.next_obs, double=d.double_dqn, huber=d.huber)
+                             batch.discount, batch.next_obs, double=d.double_dqn, huber=d.huber,
+                             weight=batch.weight)
         if not accept(info["loss"]):
             return info, False
         self.online.zero_grad(set_to_none=False)    # in place: on the CPU .grad is the push buffer
@@ -90,6 +91,7 @@ class DQNLearning(Learning):
 
 class DQN(Agent):
     name = "dqn"
+    prioritized_replay = True
 
     def configure(self, cfg, env) -> None:
         if env.continuous:
