@@ -1,4 +1,4 @@
-"""Replay memory: sampling stacked obs + next-obs vs stable-baselines3's ReplayBuffer; resident bytes.
+"""Replay memory: sampling stacked obs + next-obs vs stable-baselines3 and cpprb, uniform and prioritized; resident bytes.
 
 sample_vs_sb3_speedup(_256): the same Atari-shaped stream (84x84 uint8 frames, stacks of 4, episodes
 with zero-padded starts) goes into our memory (each frame once) and into SB3's
@@ -15,6 +15,15 @@ run of memory) and writes the 56 KB of obs + next_obs (~110 KB moved); SB3 reads
 from DRAM, writes them to new arrays, then copies those into new tensors (~225 KB moved, 56 KB of it
 random DRAM reads). On one core that bounds the ratio near 2-2.5x.
 
+sample_vs_cpprb_speedup(_256): the same stream into cpprb's ReplayBuffer with next_of="obs" and
+stack_compress="obs" (its frame de-duplication: each stack stored once, next_obs from the next
+index), sampling the same fields.
+
+prioritized_vs_cpprb_speedup: one prioritized sample plus the write-back of new priorities for the
+sampled rows, ours (PrioritizedReplay: sum and min trees, stratified draws, importance weights, the
+overwritten-slot check) against cpprb's PrioritizedReplayBuffer (same capacity, alpha 0.6, beta 0.4,
+next_of and stack_compress as above); the lower of the ratios at batch 32 and 256.
+
 bytes_per_transition: a fresh process fills an Atari memory of --rss-capacity slots and reports its
 resident-set growth (psutil) divided by the capacity; the shared-memory file's allocated blocks give
 the same number from the other side.
@@ -30,6 +39,7 @@ import numpy as np
 from gorila_zmq._native import try_load_ext
 from gorila_zmq.bench import Report, best_time
 from gorila_zmq.replay.memory import ReplayMemory
+from gorila_zmq.replay.priority import PrioritizedReplay
 
 DESCRIPTION = __doc__.splitlines()[0]
 FRAME = (84, 84)
@@ -45,6 +55,7 @@ def add_arguments(p):
     p.add_argument("--episode", type=int, default=1000, help="mean episode length")
     p.add_argument("--repeat", type=int, default=9, help="best of this many timings")
     p.add_argument("--no-sb3", action="store_true", help="skip the SB3 baseline")
+    p.add_argument("--no-cpprb", action="store_true", help="skip the cpprb baselines")
 
 
 def _stream(n: int, mean_len: int, seed: int = 0):
@@ -81,6 +92,32 @@ def _fill_sb3(sb, pool, frame_ids, start, actions, rewards) -> None:
             done = i + 1 < n and start[i + 1]
             sb.add(stack, nxt, np.array([actions[i]]), np.array([rewards[i]]), np.array([done], np.float32), [{}])
         stack = nxt
+
+
+def _fill_cpprb(cb, pool, frame_ids, start, actions, rewards) -> None:
+    """cpprb gets the stacked observations SB3 gets (zero-padded at an episode's start)."""
+    stack = np.zeros((STACK, *FRAME), np.uint8)
+    n = len(frame_ids)
+    for i in range(n):
+        nxt = stack.copy()
+        if start[i]:
+            nxt[:] = 0
+        nxt[:-1] = nxt[1:]
+        nxt[-1] = pool[frame_ids[i]]
+        if not start[i]:
+            cb.add(obs=stack, act=actions[i], rew=rewards[i], next_obs=nxt, done=float(i + 1 < n and start[i + 1]))
+        stack = nxt
+
+
+def _cpprb_buffers(n: int, pool, stream) -> dict:
+    from cpprb import PrioritizedReplayBuffer, ReplayBuffer
+    env = {"obs": {"shape": (STACK, *FRAME), "dtype": np.uint8}, "act": {"dtype": np.int64}, "rew": {},
+           "done": {}}
+    out = {"uniform": ReplayBuffer(n, env, next_of="obs", stack_compress="obs"),
+           "prioritized": PrioritizedReplayBuffer(n, env, next_of="obs", stack_compress="obs", alpha=0.6)}
+    for cb in out.values():
+        _fill_cpprb(cb, pool, *stream)
+    return out
 
 
 def _rss_child(capacity: int, q) -> None:
@@ -169,11 +206,48 @@ def run(args) -> Report:
             rep.row("fill sb3", (time.perf_counter() - t0) / len(frame_ids) * 1e6, "us/step")
             for B in (32, 256):
                 fns[f"sb3 sample {B}"] = lambda B=B: sb.sample(B)
+        # prioritized: sample + write-back of new priorities for the sampled rows
+        pr = PrioritizedReplay(rb, alpha=0.6, eps=1e-6)
+        prng = np.random.default_rng(5)
+        for B in (32, 256):
+            out = pr.allocate_batch(B, pinned=False)
+            td = np.abs(prng.standard_normal(B)).astype(np.float32)
+
+            def ours_prioritized(B=B, out=out, td=td):
+                pr.sample(B, rng, out=out, beta=0.4)
+                pr.update(out.index, out.position, td)
+                return out.as_tensors()
+            fns[f"ours prioritized sample+update {B}"] = ours_prioritized
+        cbs = {}
+        if not args.no_cpprb:
+            import importlib.metadata
+            t0 = time.perf_counter()
+            cbs = _cpprb_buffers(n, pool, (frame_ids, start, actions, rewards))
+            rep.row("fill cpprb (both buffers)", (time.perf_counter() - t0) / len(frame_ids) * 1e6, "us/step")
+            rep.notes.append(f"cpprb {importlib.metadata.version('cpprb')}: next_of='obs', stack_compress='obs'")
+            for B in (32, 256):
+                fns[f"cpprb sample {B}"] = lambda B=B: cbs["uniform"].sample(B)
+                td = np.abs(prng.standard_normal(B)).astype(np.float32)
+
+                def cpprb_prioritized(B=B, td=td):
+                    b = cbs["prioritized"].sample(B, beta=0.4)
+                    cbs["prioritized"].update_priorities(b["indexes"], td)
+                    return b
+                fns[f"cpprb prioritized sample+update {B}"] = cpprb_prioritized
         t = _interleaved(fns, rounds=3, repeat=max(1, args.repeat // 3))
         for k, v in t.items():
             rep.row(k, v * 1e6, "us")
+        main = "cython" if ext else "numpy"
+        if cbs:
+            for B in (32, 256):
+                sfx = "" if B == 32 else f"_{B}"
+                rep.metrics[f"sample_vs_cpprb_speedup{sfx}"] = t[f"cpprb sample {B}"] / t[f"ours ({main}) sample {B}"]
+                rep.row(f"prioritized vs cpprb, batch {B}",
+                        t[f"cpprb prioritized sample+update {B}"] / t[f"ours prioritized sample+update {B}"], "x")
+            rep.metrics["prioritized_vs_cpprb_speedup"] = min(
+                t[f"cpprb prioritized sample+update {B}"] / t[f"ours prioritized sample+update {B}"] for B in (32, 256))
+        cbs.clear()
         if sb is not None:
-            main = "cython" if ext else "numpy"
             rep.metrics["sample_vs_sb3_speedup"] = t["sb3 sample 32"] / t[f"ours ({main}) sample 32"]
             rep.metrics["sample_vs_sb3_speedup_256"] = t["sb3 sample 256"] / t[f"ours ({main}) sample 256"]
             if ext:
