@@ -142,6 +142,9 @@ class AgentConfig:
     priority_eps: float = _f(1e-6, "prioritized replay: added to |TD error| so no transition has priority 0")
     priority_weight_norm: str = _f("batch", "prioritized replay: importance weights divided by their max over the "
                                             "batch, or over the whole memory ('memory')")
+    actor_priorities: bool = _f(False, "Ape-X: actors send each transition's initial priority, their own n-step "
+                                       "|TD error| (global mode, agent.prioritized; off: new transitions enter at "
+                                       "the shard's max)")
     learner_torch_threads: int = _f(0, "torch intra-op threads in learner processes (0: torch_threads); on a "
                                        "small box the learner is the one role worth a second core")
 
@@ -266,6 +269,9 @@ class Config:
         if a.priority_alpha < 0 or not 0 <= a.priority_beta <= 1 or a.priority_eps <= 0 or a.priority_beta_updates < 0:
             errs.append("agent.priority_alpha must be >= 0, agent.priority_beta in [0, 1], agent.priority_eps > 0 "
                         "and agent.priority_beta_updates >= 0")
+        if a.actor_priorities and not (a.prioritized and self.roles.mode == "global"):
+            errs.append("agent.actor_priorities needs agent.prioritized and roles.mode = global (in bundled mode the "
+                        "learner's tree gives new transitions the current max)")
         if a.priority_weight_norm not in ("batch", "memory"):
             errs.append(f"agent.priority_weight_norm {a.priority_weight_norm!r} is not one of: batch, memory")
         if self.agent.actor_sync_every < 1:

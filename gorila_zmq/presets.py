@@ -46,6 +46,38 @@ PRESETS: dict[str, dict] = {
         "eval": {"interval_s": 300.0, "episodes": 10, "epsilon": 0.0},
         "run": {"run_dir": "runs/drqv2-cartpole_swingup"},
     },
+    # Ape-X (Horgan et al. 2018) on the same runtime: many actors that send their own initial
+    # priorities, one learner (on the GPU when there is one), prioritized global replay (2 M slots over
+    # 2 shards, FIFO), n-step 3, Double DQN, the target synced every 2,500 learner updates (one learner:
+    # global = learner updates), batch 512, and per-actor epsilon 0.4^(1 + 7 i / (N - 1)), constant. The
+    # paper's centred RMSProp at lr 0.00025/4 is Adam at the same rate here (the shard has no RMSProp).
+    # 64 actors is a rack's worth; the paper ran 360.
+    "apex": {
+        "env": {"name": "Pong"},
+        "ps": {"shards": 1, "optimizer": "adam", "lr": 0.00025 / 4, "adam_eps": 1.5e-4, "checkpoint_interval_s": 300.0},
+        "roles": {"mode": "global", "actors": 64, "replay_shards": 2, "learners": 1},
+        "agent": {"replay_capacity": 1_000_000, "learning_starts": 50_000, "batch_size": 512, "n_step": 3,
+                  "prioritized": True, "actor_priorities": True, "priority_alpha": 0.6, "priority_beta": 0.4,
+                  "actor_sync_every": 100},
+        "dqn": {"double_dqn": True, "target_sync_every": 2_500, "eps_start": 0.4, "eps_end": 0.4,
+                "eps_per_actor": True, "eps_anneal_updates": 0},
+        "eval": {"interval_s": 600.0, "episodes": 3},
+        "run": {"run_dir": "runs/apex-pong"},
+    },
+    # Ape-X sized for a small box (2-4 cores): 3 actors, one shard of 200 K slots, batch 64, and the
+    # replay-ratio limiter on so that the actors leave the learner a core.
+    "apex-small": {
+        "env": {"name": "Pong"},
+        "ps": {"shards": 1, "optimizer": "adam", "lr": 1e-4, "checkpoint_interval_s": 60.0},
+        "roles": {"mode": "global", "actors": 3, "replay_shards": 1, "learners": 1},
+        "agent": {"replay_capacity": 200_000, "learning_starts": 10_000, "batch_size": 64, "n_step": 3,
+                  "prioritized": True, "actor_priorities": True, "priority_alpha": 0.6, "priority_beta": 0.4,
+                  "priority_beta_updates": 200_000, "actor_sync_every": 100, "max_steps_per_update": 4.0},
+        "dqn": {"double_dqn": True, "target_sync_every": 2_500, "eps_start": 0.4, "eps_end": 0.4,
+                "eps_per_actor": True, "eps_anneal_updates": 0},
+        "eval": {"interval_s": 600.0, "episodes": 3},
+        "run": {"run_dir": "runs/apex-small-pong"},
+    },
     # AdaGrad at lr 0.02: at 0.01 (until 2026-11-26) some runs sat at a greedy return near 100 for up to
     # 950 K frames, past the slow test's 600 K budget (one CI failure); at 0.02, 28 of 28 runs in the two
     # test layouts were solved by 123 K frames (docs/RESULTS.md, docs/cartpole_sweep.py).

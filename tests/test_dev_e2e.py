@@ -70,10 +70,18 @@ def dump_logs(run_dir):
     return "\n".join(out)
 
 
+PRIORITIZED = ["agent.prioritized=true", "agent.priority_beta_updates=5000"]   # beta reaches 1 within the run
+
+
 @pytest.mark.parametrize("layout", [
     pytest.param(["ps.shards=2", "roles.bundles=2"], id="bundled-2shards-2bundles"),
     pytest.param(["roles.mode=global", "roles.actors=2", "roles.replay_shards=1", "roles.learners=1"],
                  id="global-2actors-1replay-1learner"),
+    # Ape-X's layout: actors that send their own initial priorities and spread epsilon, one
+    # prioritized replay shard, one learner that writes |TD| back
+    pytest.param(["roles.mode=global", "roles.actors=2", "roles.replay_shards=1", "roles.learners=1",
+                  *PRIORITIZED, "agent.actor_priorities=true", "dqn.eps_per_actor=true"], id="apex-style-prioritized"),
+    pytest.param(["roles.bundles=1", *PRIORITIZED], id="bundled-prioritized"),
 ])
 def test_cartpole_learns_in_dev_mode(tmp_path, layout):
     run_dir = str(tmp_path / "run")
@@ -94,6 +102,14 @@ def test_cartpole_learns_in_dev_mode(tmp_path, layout):
         for name in ("ps0", "actor0", "learner0", "evaluator"):
             assert f"{name} " in out.stdout and "DOWN" not in out.stdout, out.stdout
         assert glob.glob(os.path.join(run_dir, "tb", "learner0", "events.*"))
+        if "agent.prioritized=true" in layout:      # priorities went back (and, Ape-X, came from the actors)
+            stats = json.loads(subprocess.run([sys.executable, "-m", "gorila_zmq.cli", "status", run_dir, "--json"],
+                                              capture_output=True, text=True, timeout=60, cwd=ROOT).stdout)
+            learner = stats["learner0"]
+            tree = stats["replay0"] if "replay0" in stats else learner
+            assert tree["priority_updates"] > 0 and tree["priority_max"] != 1.0, tree
+            if "agent.actor_priorities=true" in layout:
+                assert stats["replay0"]["initial_priorities"] > 0 and stats["actor0"]["replay"]["priorities_given"] > 0
         actor_csv = os.path.join(run_dir, "scalars", "actor0.csv")   # a row every dev.stats_interval_s
         wait_for(lambda: sum(1 for _ in open(actor_csv)) > 1, 60, 1.0, "a scalar row in actor0.csv")
     except BaseException:

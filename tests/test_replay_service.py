@@ -287,3 +287,28 @@ def test_bad_priority_updates_are_refused_counted_and_change_nothing(pserver, se
     ucfg, _ = server
     assert ask(ctx, ucfg, 0, P.Header(P.Cmd.REPLAY_SAMPLE, shard=0), {"batch": 4, "beta": 0.5})[0] == P.Status.BAD_PAYLOAD
     assert update([3], [3], [1.0], to=(ucfg, 0)) == P.Status.BAD_COMMAND
+
+
+def test_actor_priorities_reach_the_tree_and_bad_ones_are_refused(pserver, ctx):
+    """Ape-X: a step record's has_priority/priority set the transition's initial priority on a
+    prioritized shard; a flag not 0/1, or a priority not finite and >= 0, refuses the whole batch."""
+    cfg, servers = pserver
+    hdr = lambda seq: P.Header(P.Cmd.REPLAY_ADD, shard=0, client=0, seq=seq, incarnation=3, dtype=P.Dtype.RAW)
+    rec = np.frombuffer(records(cfg, 6), spec(cfg).wire_dtype()).copy()
+    rec["has_priority"][1:4], rec["priority"][1:4] = 1, [0.0, 2.0, 6.0]     # steps 1-3 carry one; 4, 5 none
+    assert ask(ctx, cfg, 0, hdr(1), rec.tobytes())[0].command == P.Cmd.REPLY
+    sv = servers[0]
+    sv.pr.sync()
+    # step record t completes the transition whose obs ends at slot t - 1
+    assert np.allclose(sv.pr.tree.get([0, 1, 2]), (np.array([0.0, 2.0, 6.0]) + 0.01) ** 0.5)
+    assert np.allclose(sv.pr.tree.get([3, 4]), 1.0)     # none given: the max as the sync began (empty: 1)
+    assert sv.counters["initial_priorities"] == 3
+    for field, value, status in (("has_priority", 2, P.Status.BAD_PAYLOAD), ("priority", np.nan, P.Status.BAD_PAYLOAD),
+                                 ("priority", -1.0, P.Status.BAD_PAYLOAD)):
+        bad = rec.copy()
+        bad["kind"][0] = ADD
+        bad["has_priority"][2] = 1
+        bad[field][2] = value
+        before = sv.counters["records_in"]
+        assert ask(ctx, cfg, 0, hdr(2), bad.tobytes())[0] == status
+        assert sv.counters["records_in"] == before                        # nothing applied

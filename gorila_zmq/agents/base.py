@@ -50,7 +50,10 @@ class Batch:
 
 
 class Policy:
-    """Acts for E environments at once."""
+    """Acts for E environments at once. `q_values`: the (E, A) action values of the last act, for a
+    policy asked to keep them (Ape-X's actor priorities), else None."""
+
+    q_values = None
 
     def describe(self) -> str:
         """One line for a person (`gorila-zmq eval` prints it)."""

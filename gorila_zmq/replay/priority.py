@@ -15,7 +15,7 @@ invariant (AdaGrad at the shard) then all but stops learning (CartPole stayed at
 500 K frames where the batch's max learned it by 20 K). Sampling is stratified: the total is
 cut into B equal segments and one draw falls in each, O(B log N). A transition enters at the current
 largest priority (the max tree's root; 1 while no priority has been written) unless its writer gave
-one. (The largest priority ever given would not do: one early spike of |delta| would put every new
+one (`give`: Ape-X's actors send their own n-step |TD error| with each step, replay/sinks.py). (The largest priority ever given would not do: one early spike of |delta| would put every new
 transition far above the rest for good, and the learner would replay little but the newest data;
 CartPole then collapsed to a return of 9 in our runs.)
 
@@ -191,6 +191,9 @@ class PrioritizedReplay:
         self.cap, self.lanes = lay.lane_capacity, lay.lanes
         self.tree = PriorityTree(lay.lanes * lay.lane_capacity, impl=impl)
         self._seen = np.zeros(self.lanes, np.int64)      # positions of each lane already reflected in the tree
+        # initial priorities a writer gave (Ape-X actors), applied by the next sync: slot -> (position, p)
+        self._given_pos = np.full((self.lanes, self.cap), -1, np.int64)
+        self._given_p = np.zeros((self.lanes, self.cap), np.float64)
         self.counters = {"priority_updates": 0, "stale_priorities": 0}
 
     def allocate_batch(self, B: int, pinned: bool | None = None):
@@ -202,10 +205,23 @@ class PrioritizedReplay:
         m = self.tree.max()
         return m if m > 0 else 1.0
 
+    def give(self, lane: int, td_abs: float) -> None:
+        """The writer's initial |TD error| for the transition its last step on `lane` completed (the one
+        whose obs ends at the slot before the step's): it enters at (|td| + eps)^alpha instead of the
+        current max, at the next sync. Call right after the memory's add on that lane."""
+        td = float(td_abs)
+        if not (td >= 0 and np.isfinite(td)):
+            raise ValueError(f"an initial priority must be finite and >= 0, got {td_abs!r}")
+        pos = int(self.rb._writes_now()[lane]) - 2
+        if pos >= 0:
+            self._given_pos[lane, pos % self.cap] = pos
+            self._given_p[lane, pos % self.cap] = (td + self.eps) ** self.alpha
+
     def sync(self, initial=None) -> int:
         """Follow the writer: leaves for the slots written since the last call. A step slot x makes the
-        transition at x - 1 sampleable at `initial` (default: the current largest priority); slot x
-        itself holds none yet. Returns how many slots were new."""
+        transition at x - 1 sampleable at the priority its writer gave (`give`), else at `initial`
+        (default: the current largest priority); slot x itself holds none yet. Returns how many slots
+        were new."""
         w = self.rb._writes_now()
         a = np.maximum(self._seen, w - self.cap)         # what is still in the ring of what is new
         cnt = w - a
@@ -220,8 +236,11 @@ class PrioritizedReplay:
         zero = lane * self.cap + x % self.cap
         prev = x - 1
         ok = step & (prev >= np.maximum(w[lane] - self.cap + 1, 0))   # the previous slot is still held
-        self.tree.set(np.concatenate((zero, (lane * self.cap + prev % self.cap)[ok])),
-                      np.concatenate((np.zeros(K), np.full(int(ok.sum()), p0))))
+        pl, pp = lane[ok], prev[ok]
+        given = self._given_pos[pl, pp % self.cap] == pp
+        p = np.where(given, self._given_p[pl, pp % self.cap], p0)
+        self._given_pos[pl[given], pp[given] % self.cap] = -1
+        self.tree.set(np.concatenate((zero, pl * self.cap + pp % self.cap)), np.concatenate((np.zeros(K), p)))
         self._seen = w
         return K
 

@@ -38,9 +38,12 @@ class Record:
                     action_shape=tuple(self.action_shape), action_dtype=self.action_dtype)
 
     def wire_dtype(self) -> np.dtype:
-        """One packed transition record of global replay (REPLAY_ADD)."""
-        return np.dtype([("kind", "u1"), ("terminated", "u1"), ("truncated", "u1"), ("_pad", "u1"),
-                         ("lane", "<u4"), ("reward", "<f4"),
+        """One packed transition record of global replay (REPLAY_ADD). `priority` (when `has_priority`
+        is 1): on a step, the |TD error| its actor computed for the transition the step completes
+        (agent.actor_priorities); with has_priority 0 (a zeroed record) the transition enters at the
+        shard's current largest priority."""
+        return np.dtype([("kind", "u1"), ("terminated", "u1"), ("truncated", "u1"), ("has_priority", "u1"),
+                         ("lane", "<u4"), ("reward", "<f4"), ("priority", "<f4"),
                          ("action", np.dtype(self.action_dtype).newbyteorder("<"), tuple(self.action_shape)),
                          ("frame", np.dtype(self.frame_dtype).newbyteorder("<"), tuple(self.frame_shape))])
 

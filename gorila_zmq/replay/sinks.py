@@ -11,6 +11,7 @@ Actor j writes to shard j % R, in lanes (j // R) * E .. + E - 1 (E = env.num_env
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 
@@ -80,11 +81,13 @@ class ReplayWriter:
         s.connect(self.endpoint)
         return s
 
-    def _put(self, kind, lane, frame, action=0, reward=0.0, terminated=False, truncated=False) -> None:
+    def _put(self, kind, lane, frame, action=0, reward=0.0, terminated=False, truncated=False,
+             priority: float | None = None) -> None:
         if self.n == 0:
             self.first_at = time.monotonic()
         r = self.buf[self.n]
         r["kind"], r["lane"], r["frame"], r["action"], r["reward"] = kind, lane, frame, action, reward
+        r["has_priority"], r["priority"] = (0, 0.0) if priority is None else (1, priority)
         r["terminated"], r["truncated"] = terminated, truncated
         self.n += 1
         if self.n == self.FLUSH_RECORDS:
@@ -93,8 +96,9 @@ class ReplayWriter:
     def start_episode(self, frame, lane: int = 0) -> None:
         self._put(START, lane, frame)
 
-    def add(self, action, reward, next_frame, terminated, truncated, lane: int = 0) -> None:
-        self._put(ADD, lane, next_frame, action, reward, terminated, truncated)
+    def add(self, action, reward, next_frame, terminated, truncated, lane: int = 0,
+            priority: float | None = None) -> None:
+        self._put(ADD, lane, next_frame, action, reward, terminated, truncated, priority)
 
     def flush(self) -> None:
         if self.n == 0:
@@ -148,8 +152,92 @@ class ReplayWriter:
             self.sock.close(linger=0)
 
 
+class InitialPriorities:
+    """Ape-X's actor-side priorities, in front of a ReplayWriter: each step goes out with the actor's
+    own n-step |TD error| for its transition,
+
+        |r_t + g r_t+1 + ... + g^(n-1) r_t+n-1 + g^n max_a Q(s_t+n, a) - Q(s_t, a_t)|,
+
+    from the Q values the actor computed anyway to act (`observe(q, actions)` after every act: q holds
+    Q(s_t, .) for each lane). A step waits in its lane until its n-th successor's values come (at most
+    n steps), so steps go out n steps late and in order. A termination ends the window early (no
+    bootstrap, as the memory's n-step return); a truncation, or a close, sends the waiting steps
+    without a priority (Q of the last observation was never computed): they enter at the shard's
+    current max. The bootstrap is the actor's own network, not a target network (Ape-X's actors hold
+    only the online parameters)."""
+
+    def __init__(self, sink: ReplayWriter, lanes: int, n_step: int, gamma: float):
+        self.sink, self.n, self.gamma = sink, int(n_step), float(gamma)
+        # per lane, the steps waiting for their bootstrap: [action, reward, frame, terminated, Q(s,a), G, k, truncated]
+        self.pending = [collections.deque() for _ in range(lanes)]
+        self.q_sa = np.zeros(lanes, np.float64)
+        self.counters = {"priorities_given": 0, "priorities_none": 0, "td_abs_sum": 0.0}
+
+    def observe(self, q: np.ndarray, actions) -> None:
+        """Q(s_t, .) per lane (E, A), and the actions about to be taken in s_t."""
+        q = np.asarray(q, np.float64)
+        boot = q.max(1)
+        for lane, d in enumerate(self.pending):
+            if d and d[0][6] == self.n:        # its n rewards are in: s_t is its bootstrap state
+                self._emit(lane, d.popleft(), boot[lane])
+        self.q_sa[:] = q[np.arange(q.shape[0]), np.asarray(actions, np.int64).reshape(-1)]
+
+    def _emit(self, lane: int, e, bootstrap: float | None) -> None:
+        action, reward, frame, terminated, q_sa, g, k, truncated = e
+        if bootstrap is None:
+            td = None
+            self.counters["priorities_none"] += 1
+        else:
+            td = abs(g + (self.gamma ** k) * bootstrap - q_sa)
+            self.counters["priorities_given"] += 1
+            self.counters["td_abs_sum"] += td
+        self.sink.add(action, reward, frame, terminated, truncated, lane=lane, priority=td)
+
+    def start_episode(self, frame, lane: int = 0) -> None:
+        self._flush(lane, None)
+        self.sink.start_episode(frame, lane=lane)
+
+    def add(self, action, reward, next_frame, terminated, truncated, lane: int = 0) -> None:
+        d = self.pending[lane]
+        for e in d:                              # every waiting window takes this reward
+            e[5] += (self.gamma ** e[6]) * reward
+            e[6] += 1
+        d.append([action, reward, np.array(next_frame), bool(terminated), self.q_sa[lane], float(reward), 1,
+                  bool(truncated)])
+        if terminated:
+            while d:
+                self._emit(lane, d.popleft(), 0.0)   # the return ends here: nothing to bootstrap
+        elif truncated:
+            self._flush(lane, None)
+
+    def _flush(self, lane: int, bootstrap) -> None:
+        d = self.pending[lane]
+        while d:
+            self._emit(lane, d.popleft(), bootstrap)
+
+    def poll(self) -> None:
+        self.sink.poll()
+
+    def stats(self) -> dict:
+        c = self.counters
+        given = c["priorities_given"]
+        return dict(self.sink.stats(), priorities_given=given, priorities_none=c["priorities_none"],
+                    mean_initial_td=c["td_abs_sum"] / given if given else None)
+
+    def close(self) -> None:
+        try:
+            for lane in range(len(self.pending)):
+                self._flush(lane, None)
+        finally:
+            self.sink.close()
+
+
 def make_sink(ctx, cfg, index: int, record: Record):
-    """Actor `index`'s sink: its bundle's memory (bundled mode) or a global replay shard."""
+    """Actor `index`'s sink: its bundle's memory (bundled mode) or a global replay shard (with the
+    actor's own initial priorities in front when agent.actor_priorities)."""
     if cfg.roles.mode == "bundled":
         return LocalSink(cfg, index, record, lanes=cfg.env.num_envs)
-    return ReplayWriter(ctx, cfg, index, record)
+    writer = ReplayWriter(ctx, cfg, index, record)
+    if cfg.agent.actor_priorities:
+        return InitialPriorities(writer, cfg.env.num_envs, cfg.agent.n_step, cfg.agent.gamma)
+    return writer

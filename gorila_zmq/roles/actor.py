@@ -63,6 +63,7 @@ class Actor(Role):
         self.rng = np.random.default_rng([cfg.run.seed, 1, index])
         self.vec = make_vec_env(cfg, seed=cfg.run.seed * 100_003 + 1000 * index)
         self.replay = make_sink(self.ctx, cfg, index, agent.record(self.env))
+        self.stamp = cfg.agent.actor_priorities
         self.state_path = os.path.join(cfg.run.run_dir, "state", f"{self.name}.json")
         st = self._load_state()
         self.env_frames = st.get("env_frames", 0)
@@ -133,6 +134,8 @@ class Actor(Role):
             self._refresh()
         clock = agents.Clock(max(self.sub.global_version, 0), self.env_frames)
         actions = self.policy.act(self.obs, clock)
+        if self.stamp:                      # Ape-X: the values just computed give earlier steps their priority
+            self.replay.observe(self.policy.q_values, actions)
         res = self.vec.step(actions)
         for e in range(self.vec.n):
             self.replay.add(actions[e], float(res.reward[e]), res.frames[e], bool(res.terminated[e]),

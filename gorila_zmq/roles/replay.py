@@ -1,7 +1,8 @@
 """The global replay role (Gorila's "global replay database"): a ROUTER in front of a ReplayMemory that
 many actors write to and many learners sample from.
 
-REPLAY_ADD carries a batch of packed transition records (replay/records.py) from one actor;
+REPLAY_ADD carries a batch of packed transition records (replay/records.py) from one actor (a step
+may carry the actor's initial priority for its transition: Ape-X);
 REPLAY_SAMPLE (JSON {"batch": B, "min_size": N}) returns one packed batch, or BUSY while the memory
 holds fewer than N; STATS returns JSON. With agent.prioritized the shard samples by priority
 (replay/priority.py): REPLAY_SAMPLE carries "beta" and the batch also the importance weights and
@@ -54,7 +55,7 @@ class ReplayServer(Role):
         self.rng = np.random.default_rng([cfg.run.seed, 3, index])
         self._batches: dict[int, tuple] = {}
         self.counters = {"records_in": 0, "batches_in": 0, "orphans_restarted": 0, "samples_out": 0,
-                         "busy": 0, "duplicates": 0, "gaps": 0}
+                         "busy": 0, "duplicates": 0, "gaps": 0, "initial_priorities": 0}
         self.rejections = P.Rejections(log, f"replay {index}")
         self.sock = P.make_socket(self.ctx, zmq.ROUTER, rcvhwm=64, sndhwm=64,
                                   maxmsgsize=self.rec.itemsize * 4096 + 65536)
@@ -125,6 +126,12 @@ class ReplayServer(Role):
             raise P.ProtocolError(P.Status.NON_FINITE, "observation with NaN or Inf")
         if not np.isfinite(recs["reward"]).all():
             raise P.ProtocolError(P.Status.NON_FINITE, "reward with NaN or Inf")
+        given = recs["has_priority"]
+        if (given > 1).any():
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, "a has_priority flag not 0/1")
+        if given.any() and not (np.isfinite(recs["priority"][given == 1]).all()
+                                and (recs["priority"][given == 1] >= 0).all()):
+            raise P.ProtocolError(P.Status.BAD_PAYLOAD, "an initial priority that is not finite and >= 0")
         # Each actor's batches apply once and in order: a retry that crossed its original is skipped;
         # a gap (a batch given up) or a restarted actor (new incarnation) closes its lanes, so the next
         # record starts a new partial episode instead of joining unrelated frames.
@@ -153,6 +160,9 @@ class ReplayServer(Role):
             else:
                 self.memory.add(r["action"], float(r["reward"]), r["frame"], bool(r["terminated"]),
                                 bool(r["truncated"]), lane=lane)
+                if self.pr is not None and r["has_priority"]:      # the actor's own |TD error| (Ape-X)
+                    self.pr.give(lane, float(r["priority"]))
+                    self.counters["initial_priorities"] += 1
                 if r["terminated"] or r["truncated"]:
                     self.open[lane] = False
         self.counters["records_in"] += int(recs.size)

@@ -33,8 +33,8 @@ class EpsilonGreedy(Policy):
     """Greedy on the Q-network with probability 1 - epsilon, else a uniformly random action. `epsilon`
     is a number, or a function of the clock (an actor's annealing)."""
 
-    def __init__(self, net, n_actions: int, epsilon, rng: np.random.Generator):
-        self.net, self.n_actions, self.rng = net, n_actions, rng
+    def __init__(self, net, n_actions: int, epsilon, rng: np.random.Generator, keep_q: bool = False):
+        self.net, self.n_actions, self.rng, self.keep_q = net, n_actions, rng, keep_q
         self._epsilon = epsilon if callable(epsilon) else (lambda clock, e=float(epsilon): e)
         self.epsilon = None
 
@@ -43,12 +43,14 @@ class EpsilonGreedy(Policy):
         E = len(obs)
         explore = self.rng.random(E) < self.epsilon
         random = self.rng.integers(self.n_actions, size=E)
-        if explore.all():                  # no forward pass when no greedy action is used
+        if explore.all() and not self.keep_q:    # no forward pass when no greedy action is used
             return random
         import torch
         with torch.no_grad():
-            greedy = self.net(torch.from_numpy(np.asarray(obs))).argmax(1).numpy()
-        return np.where(explore, random, greedy)
+            q = self.net(torch.from_numpy(np.asarray(obs))).numpy()
+        if self.keep_q:
+            self.q_values = q
+        return np.where(explore, random, q.argmax(1))
 
     def stats(self) -> dict:
         return {"epsilon": self.epsilon}
@@ -119,7 +121,7 @@ class DQN(Agent):
     def behaviour(self, cfg, net, index: int, num_actors: int) -> Policy:
         return EpsilonGreedy(net, cfg.model.n_actions,
                              lambda clock: actor_epsilon(cfg.dqn, clock.global_updates, index, num_actors),
-                             np.random.default_rng([cfg.run.seed, 1, index]))
+                             np.random.default_rng([cfg.run.seed, 1, index]), keep_q=cfg.agent.actor_priorities)
 
     def evaluation(self, cfg, net, seed: int) -> Policy:
         return EpsilonGreedy(net, cfg.model.n_actions, cfg.eval.epsilon, np.random.default_rng(seed))
