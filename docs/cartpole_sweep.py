@@ -69,7 +69,8 @@ def main() -> None:
           f"in {top}", flush=True)
     frames = []
     for i in range(a.runs):
-        r = one(os.path.join(top, f"run{i}"), a.overrides, a.cap_s, a.threshold)
+        seed = [] if any(o.startswith("run.seed=") for o in a.overrides) else [f"run.seed={i}"]   # one seed per run
+        r = one(os.path.join(top, f"run{i}"), a.overrides + seed, a.cap_s, a.threshold)
         frames.append(r["solved_frames"])
         print(json.dumps({"run": i, **r}), flush=True)
     ok = sorted(f for f in frames if f is not None)

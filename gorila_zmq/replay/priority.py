@@ -60,7 +60,12 @@ class NumpyTree:
         self.maxs = np.zeros(2 * M, np.float64)
 
     def set(self, idx, p):
-        """(idx unique: PriorityTree dedupes.) Leaves, then each level's touched parents from their children."""
+        """Leaves (repeated indices: the last one wins, as the kernel's in-order loop), then each level's
+        touched parents from their children."""
+        if idx.size > 1:
+            _, last = np.unique(idx[::-1], return_index=True)   # first in the reversed = last given
+            keep = np.sort(idx.size - 1 - last)
+            idx, p = idx[keep], p[keep]
         i = idx + self.size
         self.sums[i] = p
         self.mins[i] = np.where(p > 0, p, np.inf)
@@ -129,10 +134,6 @@ class PriorityTree:
         v = np.ascontiguousarray(np.broadcast_to(np.asarray(p, np.float64), i.shape))
         if not np.isfinite(v).all() or (v < 0).any():
             raise ValueError("priorities must be finite and >= 0")
-        if i.size > 1:
-            _, last = np.unique(i[::-1], return_index=True)   # first in the reversed = last given
-            keep = np.sort(i.size - 1 - last)
-            i, v = np.ascontiguousarray(i[keep]), np.ascontiguousarray(v[keep])
         self._t.set(i, v)
 
     def get(self, idx) -> np.ndarray:
@@ -268,7 +269,8 @@ class PrioritizedReplay:
         lane, s = out.index // self.cap, out.index % self.cap
         lo = np.maximum(w[lane] - self.cap + 1, 0)
         out.position[:] = lo + (s - lo) % self.cap
-        p = self.tree.get(out.index)
+        p = np.empty(B, np.float64)
+        self.tree._t.get(out.index, p)                  # (indices the memory produced: in range)
         pmin = p.min() if self.weight_norm == "batch" else self.tree.min()
         np.power(p / pmin, -float(beta), out=out.weight, casting="unsafe")
         return out
@@ -290,11 +292,14 @@ class PrioritizedReplay:
         lane = idx // self.cap
         held = (pos % self.cap == idx % self.cap) & (pos >= np.maximum(w[lane] - self.cap + 1, 0)) \
             & (pos < self._seen[lane])
-        held[held] = self.tree.get(idx[held]) > 0      # a slot that holds a transition (not an episode start)
-        p = (td[held] + self.eps) ** self.alpha
-        if p.size:
-            self.tree.set(idx[held], p)
-        n = int(held.sum())
+        i = np.ascontiguousarray(idx[held])            # validated above: the kernel's own calls from here
+        cur = np.empty(i.size, np.float64)
+        self.tree._t.get(i, cur)
+        keep = cur > 0                                  # a slot that holds a transition (not an episode start)
+        i = np.ascontiguousarray(i[keep])
+        n = int(i.size)
+        if n:
+            self.tree._t.set(i, np.ascontiguousarray((td[held][keep] + self.eps) ** self.alpha))
         self.counters["priority_updates"] += n
         self.counters["stale_priorities"] += int(idx.size - n)
         return n
