@@ -17,12 +17,17 @@ random DRAM reads). On one core that bounds the ratio near 2-2.5x.
 
 sample_vs_cpprb_speedup(_256): the same stream into cpprb's ReplayBuffer with next_of="obs" and
 stack_compress="obs" (its frame de-duplication: each stack stored once, next_obs from the next
-index), sampling the same fields.
+index), sampling the same fields, up to what a learner can feed its network: C-contiguous torch
+tensors (ours: Batch.as_tensors, views of the batch). cpprb's sample() returns obs and next_obs as
+new arrays in a transposed layout (strides (28224, 84, 1, 336) for (B, 4, 84, 84)), so a learner
+pays a strided copy on top (np.ascontiguousarray). The *_raw metrics time cpprb's sample() alone,
+before that copy.
 
 prioritized_vs_cpprb_speedup: one prioritized sample plus the write-back of new priorities for the
 sampled rows, ours (PrioritizedReplay: sum and min trees, stratified draws, importance weights, the
 overwritten-slot check) against cpprb's PrioritizedReplayBuffer (same capacity, alpha 0.6, beta 0.4,
-next_of and stack_compress as above); the lower of the ratios at batch 32 and 256.
+next_of and stack_compress as above), both to contiguous tensors as above; the lower of the ratios
+at batch 32 and 256 (prioritized_vs_cpprb_speedup_raw: cpprb's sample and update alone).
 
 bytes_per_transition: a fresh process fills an Atari memory of --rss-capacity slots and reports its
 resident-set growth (psutil) divided by the capacity; the shared-memory file's allocated blocks give
@@ -107,6 +112,12 @@ def _fill_cpprb(cb, pool, frame_ids, start, actions, rewards) -> None:
         if not start[i]:
             cb.add(obs=stack, act=actions[i], rew=rewards[i], next_obs=nxt, done=float(i + 1 < n and start[i + 1]))
         stack = nxt
+
+
+def _tensors(batch: dict) -> dict:
+    """A sampled cpprb batch as the C-contiguous CPU tensors a learner feeds its network."""
+    import torch
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
 def _cpprb_buffers(n: int, pool, stream) -> dict:
@@ -234,6 +245,8 @@ def run(args) -> Report:
                     cbs["prioritized"].update_priorities(b["indexes"], td)
                     return b
                 fns[f"cpprb prioritized sample+update {B}"] = cpprb_prioritized
+                fns[f"cpprb sample {B} -> tensors"] = lambda B=B: _tensors(cbs["uniform"].sample(B))
+                fns[f"cpprb prioritized sample+update {B} -> tensors"] = lambda f=cpprb_prioritized: _tensors(f())
         t = _interleaved(fns, rounds=3, repeat=max(1, args.repeat // 3))
         for k, v in t.items():
             rep.row(k, v * 1e6, "us")
@@ -241,11 +254,15 @@ def run(args) -> Report:
         if cbs:
             for B in (32, 256):
                 sfx = "" if B == 32 else f"_{B}"
-                rep.metrics[f"sample_vs_cpprb_speedup{sfx}"] = t[f"cpprb sample {B}"] / t[f"ours ({main}) sample {B}"]
-                rep.row(f"prioritized vs cpprb, batch {B}",
-                        t[f"cpprb prioritized sample+update {B}"] / t[f"ours prioritized sample+update {B}"], "x")
-            rep.metrics["prioritized_vs_cpprb_speedup"] = min(
-                t[f"cpprb prioritized sample+update {B}"] / t[f"ours prioritized sample+update {B}"] for B in (32, 256))
+                ours = t[f"ours ({main}) sample {B}"]
+                rep.metrics[f"sample_vs_cpprb_speedup{sfx}"] = t[f"cpprb sample {B} -> tensors"] / ours
+                rep.metrics[f"sample_vs_cpprb_speedup{sfx}_raw"] = t[f"cpprb sample {B}"] / ours
+                for raw in ("", " -> tensors"):
+                    rep.row(f"prioritized vs cpprb{raw}, batch {B}",
+                            t[f"cpprb prioritized sample+update {B}{raw}"] / t[f"ours prioritized sample+update {B}"], "x")
+            for raw, key in (("", "prioritized_vs_cpprb_speedup_raw"), (" -> tensors", "prioritized_vs_cpprb_speedup")):
+                rep.metrics[key] = min(t[f"cpprb prioritized sample+update {B}{raw}"]
+                                       / t[f"ours prioritized sample+update {B}"] for B in (32, 256))
         cbs.clear()
         if sb is not None:
             rep.metrics["sample_vs_sb3_speedup"] = t["sb3 sample 32"] / t[f"ours ({main}) sample 32"]
