@@ -173,7 +173,9 @@ def _gymnasium(game: str, seed: int):
     gym.register_envs(ale_py)
     env_id = "ALE/" + "".join(p.capitalize() for p in resolve_game(game).split("_")) + "-v5"
     env = FrameStackObservation(AtariPreprocessing(
-        gym.make(env_id, frameskip=1, repeat_action_probability=0.0), frame_skip=4, noop_max=30,
+        # obs_type="grayscale": AtariPreprocessing reads the screen itself, so the inner env's own
+        # observation is thrown away each frame; grayscale is the cheapest (the fair setting)
+        gym.make(env_id, frameskip=1, repeat_action_probability=0.0, obs_type="grayscale"), frame_skip=4, noop_max=30,
         screen_size=84, grayscale_obs=True), 4)
     env.reset(seed=seed)
     return _stepper(env)

@@ -23,6 +23,7 @@ import zmq
 
 from gorila_zmq import config as C
 from gorila_zmq.net import protocol as P
+from gorila_zmq.net.topology import free_base_port
 from gorila_zmq.bench import Report
 from gorila_zmq.ps.client import GradientPusher, ShardSet
 from gorila_zmq.ps.subscriber import ParamSubscriber
@@ -184,7 +185,7 @@ def _broadcast_latency(ctx, cfg, layout, grad, n_subs: int, count: int, tmp: str
     return np.array(lat, dtype=np.float64) / 1e6
 
 
-def _curve(rep, ctx, layout, grad, tmp, port, args) -> None:
+def _curve(rep, ctx, layout, grad, tmp, args) -> None:
     """Gradient pushes with CurveZMQ on vs off, 1 shard over tcp, same window, same run."""
     from gorila_zmq.net import security
     keys = os.path.join(tmp, "keys")
@@ -192,7 +193,7 @@ def _curve(rep, ctx, layout, grad, tmp, port, args) -> None:
     rates = {}
     for k, on in enumerate((False, True, False, True)):
         extra = {"curve": True, "keys_dir": keys, "key_name": "bench"} if on else {}
-        cfg = _base_cfg(tmp, "tcp", 1, port + 10 * k, broadcast_every=10**9, broadcast_interval_ms=1e9)
+        cfg = _base_cfg(tmp, "tcp", 1, free_base_port(16), broadcast_every=10**9, broadcast_interval_ms=1e9)
         C.apply_dict(cfg, {"net": dict(extra, in_flight=args.window)})
         print(f"  CurveZMQ {'on' if on else 'off'} ...", flush=True)
         procs = _start_shards(cfg, tmp)
@@ -225,13 +226,12 @@ def run(args) -> Report:
     layout = ParamLayout.from_module(build_network(C.load(None, ["model.kind=nature_cnn"])))  # Nature DQN: 1,687,206 floats
     grad = (np.random.default_rng(0).standard_normal(layout.size) * 1e-3).astype(np.float32)
     ctx = zmq.Context()
-    port = 23000 + (os.getpid() % 1000) * 20
     tmp = tempfile.mkdtemp(prefix="gz-bench-ps-")
     ratios: dict[str, list[float]] = {}
     mpc = mp.get_context("spawn")
     for transport in args.transports.split(","):
         for S in [int(s) for s in args.shards.split(",")]:
-            port += 20
+            port = free_base_port(3 * S)     # shards use +0..+2S-1, the raw servers +2S..+3S-1: all checked free
             cfg = _base_cfg(tmp, transport, S, port, broadcast_every=10**9, broadcast_interval_ms=1e9)
             cfg.net.in_flight = args.window
             if args.apply_threads is not None:
@@ -240,7 +240,7 @@ def run(args) -> Report:
             shards = ShardSet(cfg, layout)
             sock_dir = os.path.join(cfg.run.run_dir, "sock")
             os.makedirs(sock_dir, exist_ok=True)
-            port_raw = ([f"tcp://127.0.0.1:{port + 10 + i}" for i in range(S)] if transport == "tcp"
+            port_raw = ([f"tcp://127.0.0.1:{port + 2 * S + i}" for i in range(S)] if transport == "tcp"
                         else [f"ipc://{sock_dir}/raw{i}" for i in range(S)])
             procs = _start_shards(cfg, tmp)
             servers = [mpc.Process(target=_raw_server, args=(ep,), daemon=True) for ep in port_raw]
@@ -267,11 +267,10 @@ def run(args) -> Report:
     rep.notes.append("push_vs_raw_ratio_* is the lowest ratio over the shard counts measured")
 
     if args.curve:
-        _curve(rep, ctx, layout, grad, tmp, port + 40, args)
+        _curve(rep, ctx, layout, grad, tmp, args)
     p50s = []
     for n_subs in (1, 4):
-        port += 20
-        cfg = _base_cfg(tmp, "tcp", 1, port, broadcast_every=1, broadcast_interval_ms=1.0)
+        cfg = _base_cfg(tmp, "tcp", 1, free_base_port(16), broadcast_every=1, broadcast_interval_ms=1.0)
         print(f"  broadcast latency, {n_subs} subscriber(s) ...", flush=True)
         procs = _start_shards(cfg, tmp)
         try:

@@ -15,7 +15,7 @@ run of memory) and writes the 56 KB of obs + next_obs (~110 KB moved); SB3 reads
 from DRAM, writes them to new arrays, then copies those into new tensors (~225 KB moved, 56 KB of it
 random DRAM reads). On one core that bounds the ratio near 2-2.5x.
 
-sample_vs_cpprb_speedup(_256): the same stream into cpprb's ReplayBuffer with next_of="obs" and
+sample_vs_cpprb_speedup (the lower of batch 32 and 256): the same stream into cpprb's ReplayBuffer with next_of="obs" and
 stack_compress="obs" (its frame de-duplication: each stack stored once, next_obs from the next
 index), sampling the same fields, up to what a learner can feed its network: C-contiguous torch
 tensors (ours: Batch.as_tensors, views of the batch). cpprb's sample() returns obs and next_obs as
@@ -28,6 +28,12 @@ sampled rows, ours (PrioritizedReplay: sum and min trees, stratified draws, impo
 overwritten-slot check) against cpprb's PrioritizedReplayBuffer (same capacity, alpha 0.6, beta 0.4,
 next_of and stack_compress as above), both to contiguous tensors as above; the lower of the ratios
 at batch 32 and 256 (prioritized_vs_cpprb_speedup_raw: cpprb's sample and update alone).
+
+sample_bandwidth_fraction: the time a sample would take if it only moved its bytes (per row, the
+STACK + 1 frames it reads and the 2 x STACK frames of obs + next_obs it writes) at this machine's
+single-thread copy bandwidth (np.copyto of 256 MB, measured in the same run), over our sample's time;
+the lower of batch 32 and 256. Random 7 KB reads rarely reach a sequential copy's bandwidth, so 1.0 is
+out of reach.
 
 bytes_per_transition: a fresh process fills an Atari memory of --rss-capacity slots and reports its
 resident-set growth (psutil) divided by the capacity; the shared-memory file's allocated blocks give
@@ -112,6 +118,16 @@ def _fill_cpprb(cb, pool, frame_ids, start, actions, rewards) -> None:
         if not start[i]:
             cb.add(obs=stack, act=actions[i], rew=rewards[i], next_obs=nxt, done=float(i + 1 < n and start[i + 1]))
         stack = nxt
+
+
+def _copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 3) -> float:
+    """Bytes moved per second (read + written) by one thread copying a buffer far larger than the
+    caches (np.copyto), best of `repeat`."""
+    a = np.ones(nbytes, np.uint8)
+    b = np.empty_like(a)
+    np.copyto(b, a)                      # fault the pages in
+    best = min(best_time(lambda: np.copyto(b, a), repeat=1, number=1) for _ in range(repeat))
+    return 2 * nbytes / best
 
 
 def _tensors(batch: dict) -> dict:
@@ -253,16 +269,33 @@ def run(args) -> Report:
         main = "cython" if ext else "numpy"
         if cbs:
             for B in (32, 256):
-                sfx = "" if B == 32 else f"_{B}"
                 ours = t[f"ours ({main}) sample {B}"]
-                rep.metrics[f"sample_vs_cpprb_speedup{sfx}"] = t[f"cpprb sample {B} -> tensors"] / ours
-                rep.metrics[f"sample_vs_cpprb_speedup{sfx}_raw"] = t[f"cpprb sample {B}"] / ours
+                for raw in ("", " -> tensors"):
+                    rep.row(f"sample vs cpprb{raw}, batch {B}", t[f"cpprb sample {B}{raw}"] / ours, "x")
+            for raw, key in (("", "sample_vs_cpprb_speedup_raw"), (" -> tensors", "sample_vs_cpprb_speedup")):
+                rep.metrics[key] = min(t[f"cpprb sample {B}{raw}"] / t[f"ours ({main}) sample {B}"] for B in (32, 256))
+            for B in (32, 256):
                 for raw in ("", " -> tensors"):
                     rep.row(f"prioritized vs cpprb{raw}, batch {B}",
                             t[f"cpprb prioritized sample+update {B}{raw}"] / t[f"ours prioritized sample+update {B}"], "x")
             for raw, key in (("", "prioritized_vs_cpprb_speedup_raw"), (" -> tensors", "prioritized_vs_cpprb_speedup")):
                 rep.metrics[key] = min(t[f"cpprb prioritized sample+update {B}{raw}"]
                                        / t[f"ours prioritized sample+update {B}"] for B in (32, 256))
+        # the bound: what a sampled row must move (its unique frames read, obs + next_obs written)
+        # at the copy bandwidth of this machine, one thread, measured now
+        fb = int(np.prod(FRAME))
+        read, write = (STACK + 1) * fb, 2 * STACK * fb          # n_step 1: obs and next_obs share STACK - 1
+        bw = _copy_bandwidth()
+        rep.row("copy bandwidth, one thread (read + write)", bw / 1e9, "GB/s", "np.copyto of 256 MB")
+        rep.row("bytes per sampled row: frames read / batch written", read, "B", f"{write:,} B written (obs + next_obs)")
+        fractions = []
+        for B in (32, 256):
+            bound = B * (read + write) / bw
+            rep.row(f"bandwidth bound, batch {B}", bound * 1e6, "us")
+            fractions.append(bound / t[f"ours ({main}) sample {B}"])
+            rep.row(f"ours / bound, batch {B}", fractions[-1], "x", "fraction of the bound reached")
+        rep.metrics["sample_bandwidth_fraction"] = min(fractions)
+        rep.metrics["bytes_written_per_row"] = write
         cbs.clear()
         if sb is not None:
             rep.metrics["sample_vs_sb3_speedup"] = t["sb3 sample 32"] / t[f"ours ({main}) sample 32"]
