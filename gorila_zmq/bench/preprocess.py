@@ -5,6 +5,10 @@ Three headline ratios, each measured against its baseline in the same run:
   actor_vs_raw_ale_ratio    our env's steps/s / raw ALEInterface steps/s (4 act() calls and the
                             grayscale reads of the last two frames: the floor any env pays)
   actor_vs_gymnasium_speedup our env's steps/s / gymnasium AtariPreprocessing + FrameStackObservation
+And E environments with a Nature CNN forward pass per step (the actor's loop), per core:
+  actor_vs_envpool_per_core     ours / EnvPool (sync, num_threads = 1 or 2), the lowest over the E and
+                                thread counts; actor_vs_ale_vector_per_core: the same against ale-py's
+                                AtariVectorEnv. On 2 threads ours is 2 actor processes of E/2 envs.
 Ours is make_atari(game), the training protocol (30 no-op starts, FIRE on reset, life-loss
 terminals, clipped rewards). Every env variant plays the same game with the same seeded random
 actions for the same number of steps, episode resets included (seeding, which reloads the ROM, is
@@ -19,7 +23,8 @@ import numpy as np
 
 from gorila_zmq.bench import Report, best_time
 
-DESCRIPTION = "Frame preprocessing kernel vs cv2, and the Atari env vs raw ALE and gymnasium wrappers."
+DESCRIPTION = ("Frame preprocessing kernel vs cv2, the Atari env vs raw ALE and gymnasium wrappers, and E envs "
+               "with inference vs EnvPool and ale-py's vector env.")
 
 
 def add_arguments(parser) -> None:
@@ -27,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=4000, help="agent steps per env variant and round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per env variant (best is kept)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random actions and the envs")
+    parser.add_argument("--no-vector", action="store_true",
+                        help="skip the E-environment comparison with inference (EnvPool, ale-py's vector env)")
 
 
 def _real_frames(game: str, seed: int, n: int = 4) -> list[tuple]:
@@ -213,8 +220,156 @@ def _env_section(rep: Report, game: str, steps: int, rounds: int, seed: int) -> 
                                                    / rate["raw ALE (4 act + 2 gray reads)"])
 
 
+# -- E environments with batched inference: ours (the actor's VecEnv), EnvPool, ale-py's vector env --
+
+def _policy(n_actions: int, seed: int):
+    """The actor's per-step work besides stepping: a Nature CNN forward pass over the E observations
+    (its argmax computed, then random actions taken, so every variant plays the same way)."""
+    import torch
+    from gorila_zmq.agents.dqn.networks import NatureCNN
+    torch.manual_seed(seed)
+    net = NatureCNN((4, 84, 84), n_actions).eval()
+    rng = np.random.default_rng(seed)
+
+    def act(obs):
+        with torch.no_grad():
+            net(torch.from_numpy(np.asarray(obs))).argmax(1)
+        return rng.integers(0, n_actions, len(obs))
+    return act
+
+
+def _ours_vec(game: str, E: int, seed: int):
+    from gorila_zmq.envs import VecEnv
+    from gorila_zmq.envs.atari import make_atari
+    vec = VecEnv([make_atari(game, seed=seed + e) for e in range(E)], True)
+    obs, _ = vec.reset(seed=seed)
+    act = _policy(vec.envs[0].action_space.n, seed)
+    state = {"obs": obs}
+
+    def run(vsteps):
+        o = state["obs"]
+        for _ in range(vsteps):
+            o = vec.step(act(o)).obs
+        state["obs"] = o
+    return run
+
+
+def _envpool_vec(game: str, E: int, T: int, seed: int):
+    import envpool
+    from gorila_zmq.envs.atari import resolve_game
+    task = "".join(p.capitalize() for p in resolve_game(game).split("_")) + "-v5"
+    env = envpool.make(task, env_type="gymnasium", num_envs=E, batch_size=E, num_threads=T, seed=seed,
+                       img_height=84, img_width=84, gray_scale=True, stack_num=4, frame_skip=4, noop_max=30,
+                       episodic_life=True, reward_clip=True, repeat_action_probability=0.0,
+                       use_fire_reset=True, max_episode_steps=27000)
+    obs, _ = env.reset()
+    act = _policy(env.action_space.n, seed)
+    state = {"obs": obs}
+
+    def run(vsteps):
+        o = state["obs"]
+        for _ in range(vsteps):
+            o = env.step(act(o))[0]
+        state["obs"] = o
+    return run
+
+
+def _ale_vec(game: str, E: int, T: int, seed: int):
+    from ale_py.vector_env import AtariVectorEnv
+    from gorila_zmq.envs.atari import resolve_game
+    env = AtariVectorEnv(resolve_game(game), E, num_threads=T, img_height=84, img_width=84, grayscale=True,
+                         stack_num=4, frameskip=4, noop_max=30, episodic_life=True, reward_clipping=True,
+                         repeat_action_probability=0.0, use_fire_reset=True)
+    obs, _ = env.reset(seed=seed)
+    act = _policy(env.single_action_space.n, seed)
+    state = {"obs": obs}
+
+    def run(vsteps):
+        o = state["obs"]
+        for _ in range(vsteps):
+            o = env.step(act(o))[0]
+        state["obs"] = o
+    return run
+
+
+def _ours_child(game, E, seed, vsteps, rounds, barrier, q):
+    import torch
+    torch.set_num_threads(1)
+    run = _ours_vec(game, E, seed)
+    run(10)
+    for _ in range(rounds):
+        barrier.wait()
+        t0 = time.perf_counter()
+        run(vsteps)
+        q.put(time.perf_counter() - t0)
+
+
+def _ours_processes(game: str, E: int, T: int, seed: int, vsteps: int, rounds: int) -> float:
+    """Our runtime on T cores: T actor processes of E / T environments each, side by side; the best
+    round's wall time (the slower process of the round)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    barrier, q = ctx.Barrier(T), ctx.Queue()
+    procs = [ctx.Process(target=_ours_child, args=(game, E // T, seed + 1000 * i, vsteps, rounds, barrier, q))
+             for i in range(T)]
+    for p in procs:
+        p.start()
+    times = [q.get(timeout=600) for _ in range(T * rounds)]
+    for p in procs:
+        p.join(60)
+    return min(max(times[i:i + T]) for i in range(0, len(times), T))
+
+
+def _vector_section(rep: Report, game: str, steps: int, rounds: int, seed: int) -> None:
+    """Steps per second per core with inference included, at E in {1, 4, 16} environments on 1
+    thread and E in {4, 16} on 2 (EnvPool's and ale-py's worker threads; ours: 2 actor processes)."""
+    import torch
+    peers = {}
+    try:
+        import envpool  # noqa: F401
+        peers["EnvPool"] = _envpool_vec
+    except ImportError:
+        rep.notes.append("EnvPool not installed (pip install -e '.[bench]'): its rows are skipped")
+    peers["ale-py AtariVectorEnv"] = _ale_vec
+    ratios = {}
+    for T, Es in ((1, (1, 4, 16)), (2, (4, 16))):
+        for E in Es:
+            vsteps = max(50, steps // E)
+            torch.set_num_threads(T)        # the peers' inference may use the cores their workers idle on
+            runs = {name: make(game, E, T, seed) for name, make in peers.items()}
+            torch.set_num_threads(1)
+            if T == 1:
+                runs["ours"] = _ours_vec(game, E, seed)
+            for r in runs.values():
+                r(10)                       # warm-up
+            best = {k: float("inf") for k in runs}
+            for _ in range(rounds):
+                for name, r in runs.items():
+                    torch.set_num_threads(1 if name == "ours" else T)
+                    t0 = time.perf_counter()
+                    r(vsteps)
+                    best[name] = min(best[name], time.perf_counter() - t0)
+            torch.set_num_threads(1)
+            if T > 1:
+                best["ours"] = _ours_processes(game, E, T, seed, vsteps, rounds)
+            per_core = {k: E * vsteps / v / T for k, v in best.items()}
+            for name in ("ours", *peers):
+                rep.row(f"{name}: E={E}, {T} thread(s), with inference", per_core[name], "steps/s/core")
+            for name in peers:
+                ratios.setdefault(name, []).append(per_core["ours"] / per_core[name])
+                rep.row(f"ours / {name}: E={E}, {T} thread(s)", ratios[name][-1], "x")
+            del runs
+    if "EnvPool" in ratios:
+        rep.metrics["actor_vs_envpool_per_core"] = min(ratios["EnvPool"])
+    rep.metrics["actor_vs_ale_vector_per_core"] = min(ratios["ale-py AtariVectorEnv"])
+    rep.notes.append("actor_vs_*_per_core: the lowest ratio over E in {1, 4, 16} on 1 thread and {4, 16} on 2; "
+                     "inference: a Nature CNN forward pass per step over the E observations")
+
+
 def run(args) -> Report:
     rep = Report()
     _kernel_section(rep, args.game, args.seed, args.rounds)
     _env_section(rep, args.game, args.steps, args.rounds, args.seed)
+    if not args.no_vector:
+        _vector_section(rep, args.game, args.steps, args.rounds, args.seed)
     return rep
