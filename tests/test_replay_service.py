@@ -23,9 +23,8 @@ CARTPOLE = ["env.name=CartPole-v1", "model.kind=mlp", "roles.mode=global", "role
             "roles.replay_shards=2", "agent.replay_capacity=2000", "agent.learning_starts=10"]
 
 
-@pytest.fixture
-def server(make_cfg, ctx):
-    cfg = make_cfg(*CARTPOLE)
+def running_shards(cfg, ctx):
+    """Two replay shards of `cfg`, each serving on its own thread, stopped when the test ends."""
     prepare(cfg)
     servers = [ReplayServer(cfg, r, ctx) for r in range(2)]
     threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
@@ -36,6 +35,11 @@ def server(make_cfg, ctx):
         s.request_stop()
     for t in threads:
         t.join(10)
+
+
+@pytest.fixture
+def server(make_cfg, ctx):
+    yield from running_shards(make_cfg(*CARTPOLE), ctx)
 
 
 def ask(ctx, cfg, shard, hdr, payload=None):
@@ -209,18 +213,8 @@ def test_continuous_actions_and_rgb_frames_round_trip_and_bad_actions_are_refuse
 @pytest.fixture
 def pserver(make_cfg, ctx):
     """Two prioritized replay shards (agent.prioritized=true, alpha 0.5, eps 0.01)."""
-    cfg = make_cfg(*CARTPOLE, "agent.prioritized=true", "agent.priority_alpha=0.5", "agent.priority_eps=0.01",
-                   "run.run_id=prioritized")
-    prepare(cfg)
-    servers = [ReplayServer(cfg, r, ctx) for r in range(2)]
-    threads = [threading.Thread(target=s.run, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
-    yield cfg, servers
-    for s in servers:
-        s.request_stop()
-    for t in threads:
-        t.join(10)
+    yield from running_shards(make_cfg(*CARTPOLE, "agent.prioritized=true", "agent.priority_alpha=0.5",
+                                       "agent.priority_eps=0.01", "run.run_id=prioritized"), ctx)
 
 
 def _fill_both(ctx, cfg, steps=40):

@@ -242,14 +242,17 @@ def _ours_vec(game: str, E: int, seed: int):
     from gorila_zmq.envs import VecEnv
     from gorila_zmq.envs.atari import make_atari
     vec = VecEnv([make_atari(game, seed=seed + e) for e in range(E)], True)
-    obs, _ = vec.reset(seed=seed)
-    act = _policy(vec.envs[0].action_space.n, seed)
+    return _vector_loop(lambda a: vec.step(a).obs, vec.reset(seed=seed)[0], _policy(vec.envs[0].action_space.n, seed))
+
+
+def _vector_loop(step, obs, act):
+    """run(vsteps): act on the E observations, step all E, `vsteps` times, carrying on from the last call."""
     state = {"obs": obs}
 
     def run(vsteps):
         o = state["obs"]
         for _ in range(vsteps):
-            o = vec.step(act(o)).obs
+            o = step(act(o))
         state["obs"] = o
     return run
 
@@ -262,16 +265,7 @@ def _envpool_vec(game: str, E: int, T: int, seed: int):
                        img_height=84, img_width=84, gray_scale=True, stack_num=4, frame_skip=4, noop_max=30,
                        episodic_life=True, reward_clip=True, repeat_action_probability=0.0,
                        use_fire_reset=True, max_episode_steps=27000)
-    obs, _ = env.reset()
-    act = _policy(env.action_space.n, seed)
-    state = {"obs": obs}
-
-    def run(vsteps):
-        o = state["obs"]
-        for _ in range(vsteps):
-            o = env.step(act(o))[0]
-        state["obs"] = o
-    return run
+    return _vector_loop(lambda a: env.step(a)[0], env.reset()[0], _policy(env.action_space.n, seed))
 
 
 def _ale_vec(game: str, E: int, T: int, seed: int):
@@ -280,16 +274,7 @@ def _ale_vec(game: str, E: int, T: int, seed: int):
     env = AtariVectorEnv(resolve_game(game), E, num_threads=T, img_height=84, img_width=84, grayscale=True,
                          stack_num=4, frameskip=4, noop_max=30, episodic_life=True, reward_clipping=True,
                          repeat_action_probability=0.0, use_fire_reset=True)
-    obs, _ = env.reset(seed=seed)
-    act = _policy(env.single_action_space.n, seed)
-    state = {"obs": obs}
-
-    def run(vsteps):
-        o = state["obs"]
-        for _ in range(vsteps):
-            o = env.step(act(o))[0]
-        state["obs"] = o
-    return run
+    return _vector_loop(lambda a: env.step(a)[0], env.reset(seed=seed)[0], _policy(env.single_action_space.n, seed))
 
 
 def _ours_child(game, E, seed, vsteps, rounds, barrier, q):
