@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py
 	# torch first, pinned: this pin resolves to the local CPU wheel (a looser one pulls a multi-GB CUDA build)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q Cython numpy
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench,dmc]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench,dmc,plot]'
 	touch $@
 
 setup: $(STAMP)

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "slurm": ("gorila_zmq.launch.slurm", "main", "submit, inspect and cancel a run as a Slurm job"),
     "bench": ("gorila_zmq.bench", "main", "run a micro-benchmark against its baseline"),
     "scale": ("gorila_zmq.launch.scale", "main", "predict a layout's throughput, staleness and bandwidth (scale plan)"),
+    "plot": ("gorila_zmq.plot", "main", "draw runs' evaluation curves (return vs frames and wall time) to an image"),
     "config": ("gorila_zmq.cli", "config_main", "print every configuration field with its default and help"),
 }
 

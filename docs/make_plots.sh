@@ -1,0 +1,16 @@
+#!/bin/sh
+# Every learning-curve plot in docs/, made with `gorila-zmq plot` from the evaluations kept beside it.
+# Run from the repository root: sh docs/make_plots.sh
+set -e
+P="${GORILA:-.venv/bin/gorila-zmq} plot"
+CLEANRL=../shared/data/cleanrl_pong_curve.csv:"CleanRL DQN, this kind of box (training returns)"
+PAPER=docs/drqv2_paper_cartpole_swingup.csv:"DrQ-v2 paper, 10 seeds"
+$P docs/pong_90min_evaluations.jsonl -o docs/pong_90min.png --hline=-20.7:random --title "Pong, run 1 (AdaGrad, G0 0.1)"
+$P docs/pong_run2_evaluations.jsonl -o docs/pong_run2.png --hline=-20.7:random --reference "$CLEANRL" --title "Pong, run 2 (AdaGrad lr 0.01)"
+$P docs/pong_run3_evaluations.jsonl -o docs/pong_run3.png --hline=-20.7:random --reference "$CLEANRL" --title "Pong, run 3 (Adam lr 1e-4)"
+$P docs/drqv2_cartpole_swingup_evaluations.jsonl -o docs/drqv2_cartpole_swingup.png --hline=51.1:"uniform random" --reference "$PAPER"
+$P docs/drqv2_cartpole_swingup_reg_evaluations.jsonl -o docs/drqv2_cartpole_swingup_reg.png --hline=51.1:"uniform random" --reference "$PAPER" --title "cartpole_swingup, pre-tanh penalty 1e-3"
+for f in docs/adagrad_screen_*_evaluations.jsonl; do
+  [ -e "$f" ] || continue
+  $P "$f" -o "${f%_evaluations.jsonl}.png" --hline=-20.7:random --reference "$CLEANRL"
+done
