@@ -71,13 +71,15 @@ def eval_main(argv: list[str]) -> int:
     from gorila_zmq.agents import base as agents
     from gorila_zmq.envs.scores import summarize
     from gorila_zmq.ps.layout import ParamLayout
-    from gorila_zmq.roles.evaluator import load_params, run_episodes
+    from gorila_zmq.roles.evaluator import load_params, protocol, run_episodes
     p = argparse.ArgumentParser(prog="gorila-zmq eval", description=COMMANDS["eval"][2])
     p.add_argument("--checkpoint", required=True, help="an evaluation checkpoint (run_dir/best.npz)")
     p.add_argument("--env", help="game or gymnasium id (default: the one the checkpoint was trained on)")
     p.add_argument("--episodes", type=_positive_int, default=None, help="default: eval.episodes (30)")
     p.add_argument("--epsilon", type=_probability, default=None, help="default: eval.epsilon (0.05)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fire-reset", action="store_true", help="Atari: press FIRE at each reset, as training does "
+                   "(default: the protocol's eval.fire_reset, off)")
     p.add_argument("--video", help="write the first episode as an mp4 here")
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args(argv)
@@ -89,6 +91,8 @@ def eval_main(argv: list[str]) -> int:
         cfg.env.name = a.env
     if a.epsilon is not None:
         cfg.eval.epsilon = a.epsilon
+    if a.fire_reset:
+        cfg.eval.fire_reset = True
     agent = agents.prepare(cfg)
     model = agent.make_network(cfg)
     layout = ParamLayout.from_module(model)
@@ -100,10 +104,11 @@ def eval_main(argv: list[str]) -> int:
     episodes = a.episodes or cfg.eval.episodes
     policy = agent.evaluation(cfg, model, a.seed)
     print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes, {policy.describe()}, up to "
-          f"{cfg.eval.noop_max} no-ops, cap {cfg.eval.max_frames} frames")
+          f"{cfg.eval.noop_max} no-ops, cap {cfg.eval.max_frames} frames"
+          + (", FIRE pressed at reset" if protocol(cfg).get("fire_reset") else ""))
     returns = run_episodes(policy, cfg, episodes, a.seed, a.video,
                            on_episode=lambda i, r: print(f"  episode {i + 1}/{episodes}: {r:g}", flush=True))
-    res = summarize(cfg.env.name, returns)
+    res = dict(summarize(cfg.env.name, returns), **protocol(cfg))
     print(json.dumps(res, indent=2))
     if a.json:
         with open(a.json, "w") as f:

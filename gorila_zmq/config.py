@@ -107,6 +107,9 @@ class EnvConfig:
     clip_rewards: bool = _f(True, "training only: rewards clipped to their sign")
     max_frames: int = _f(108_000, "training episode cap in emulator frames (reported as truncation)")
     repeat_action_probability: float = _f(0.0, "sticky actions (0: the DQN protocol)")
+    fire_reset: bool = _f(True, "Atari, training: press FIRE (then action 2) after each reset and lost life in "
+                                "games that wait for it (the usual FireReset wrapper); evaluation follows "
+                                "eval.fire_reset")
     fast_render: bool = _f(False, "DeepMind Control: shadows and multisampling off (about 4x faster on a CPU)")
 
 
@@ -166,6 +169,8 @@ class EvalConfig:
     epsilon: float = _f(0.05, "evaluation epsilon")
     noop_max: int = _f(30, "up to this many random no-op starts")
     max_frames: int = _f(18_000, "evaluation episode cap in frames (5 minutes of play)")
+    fire_reset: bool = _f(False, "Atari: press FIRE at each reset, as training may (False: the DQN/Gorila "
+                                 "protocol, the agent presses it itself); each evaluation records its value")
 
 
 @dataclass

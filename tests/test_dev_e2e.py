@@ -219,6 +219,7 @@ def test_pong_smoke_through_every_role(tmp_path):
         assert cfg.model.kind == "nature_cnn" and cfg.model.n_actions == 6
         ev = evaluations(run_dir)[0]
         assert ev["human_normalized"] is not None and ev["episodes"] == 1
+        assert ev["fire_reset"] is False and ev["epsilon"] == 0.05 and ev["max_frames"] == 400   # the protocol played
     except BaseException:
         print(dump_logs(run_dir))
         raise

@@ -81,7 +81,8 @@ def test_frame_cap_and_epsilon():
 
 
 def test_noop_starts_vary_the_first_observation():
-    cfg = C.load(None, ["env.name=Breakout"])
+    cfg = C.load(None, ["env.name=Seaquest"])
+    # (Breakout and Pong show the same screen for the first 30 frames: nothing moves until the agent acts)
     firsts = set()
     for seed in range(6):
         env = make_env(cfg, evaluation=True, seed=seed)
@@ -128,3 +129,24 @@ def test_eval_writes_a_video_of_pong(tmp_path):
                         "--video", str(video)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert video.exists() and video.stat().st_size > 1000
+
+
+def test_evaluation_presses_no_fire_at_reset_unless_asked():
+    """The DQN/Gorila protocol: the agent presses FIRE itself; FireReset is a training option."""
+    from gorila_zmq.roles.evaluator import protocol
+    cfg = C.load(None, ["env.name=Breakout"])
+    envs = [make_env(cfg, seed=0), make_env(cfg, evaluation=True, seed=0)]
+    asked = C.load(None, ["env.name=Breakout", "eval.fire_reset=true", "env.fire_reset=false"])
+    envs += [make_env(asked, seed=0), make_env(asked, evaluation=True, seed=0)]
+    try:
+        assert [e.fire_on_reset for e in envs] == [True, False, False, True]
+        _, info = envs[1].reset(seed=3)
+        noops = info["noops"]
+        _, info = envs[3].reset(seed=3)                  # same no-ops, then FIRE and RIGHT: 2 agent steps more
+        assert info["episode_frame_number"] == noops + 8
+    finally:
+        for e in envs:
+            e.close()
+    assert protocol(cfg) == {"epsilon": 0.05, "noop_max": 30, "max_frames": 18_000, "fire_reset": False}
+    assert protocol(asked)["fire_reset"] is True
+    assert "fire_reset" not in protocol(C.load(None, ["env.name=CartPole-v1"]))

@@ -210,6 +210,8 @@ def make_env(cfg, *, evaluation: bool = False, seed: int | None = None):
                         clip_rewards=False if evaluation else cfg.env.clip_rewards,
                         max_frames=ev.max_frames if evaluation else cfg.env.max_frames,
                         repeat_action_probability=0.0 if evaluation else cfg.env.repeat_action_probability,
+                        # None: FIRE where the game has it; False: never
+                        fire_reset=None if (ev.fire_reset if evaluation else cfg.env.fire_reset) else False,
                         seed=seed)
     import gymnasium as gym
     env = gym.make(cfg.env.name)

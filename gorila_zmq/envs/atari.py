@@ -8,7 +8,8 @@ preprocessing done by the fused kernel of gorila_zmq.envs.frame:
 - ALE's grayscale screen (or, with ``luminance="rgb"``, the RGB screen max-pooled then reduced
   with cv2's 0.299/0.587/0.114 weights: the Nature order), INTER_AREA resize to 84x84;
 - a stack of the last ``frame_stack`` (4) frames, oldest -> newest, (4, 84, 84) uint8;
-- on reset, 1..``noop_max`` (30) random no-op frames, then FIRE for games that wait for it;
+- on reset, 1..``noop_max`` (30) random no-op frames, then FIRE for games that wait for it
+  (training only: the evaluation protocol presses nothing, ``fire_reset=False``);
 - ``terminal_on_life_loss``: losing a life ends the episode (terminated=True) without resetting
   the game; the next reset() continues it (a no-op step, then FIRE) unless the game was over;
 - ``clip_rewards``: reward = sign(raw reward); ``info["raw_reward"]`` keeps the score;
@@ -278,6 +279,11 @@ class AtariEnv(gym.Env):
         reward = float((raw > 0) - (raw < 0)) if self._clip else float(raw)
         return reward, terminated, truncated, info
 
+    @property
+    def fire_on_reset(self) -> bool:
+        """Whether reset() (and a continue after a lost life) presses FIRE, then action 2."""
+        return bool(self._fire)
+
     def _new_game(self) -> dict:
         ale = self.ale
         ale.reset_game()
@@ -320,10 +326,13 @@ class AtariEnv(gym.Env):
 
 def make_atari(game: str, *, evaluation: bool = False, **overrides) -> AtariEnv:
     """The DQN protocol: training = life-loss terminals, rewards clipped to their sign, episodes
-    capped at 108,000 frames; evaluation = whole games, raw rewards, 18,000 frames (5 minutes).
+    capped at 108,000 frames, FIRE pressed at reset where the game has it; evaluation = whole games,
+    raw rewards, 18,000 frames (5 minutes), nothing pressed at reset.
     Both: up to 30 no-op starts, no sticky actions, frame skip 4 with max-pooling, 84x84, stack 4.
     Keyword overrides go to AtariEnv."""
     kw: dict[str, Any] = dict(terminal_on_life_loss=not evaluation, clip_rewards=not evaluation,
                               max_frames=EVAL_MAX_FRAMES if evaluation else TRAIN_MAX_FRAMES)
+    if evaluation:
+        kw["fire_reset"] = False         # the protocol presses nothing at reset: the agent must fire
     kw.update(overrides)
     return AtariEnv(game, **kw)

@@ -5,7 +5,8 @@ Every `eval.interval_s` the evaluator takes the exact current theta from the sha
 DrQ-v2: the mean action), appends the result to RUN_DIR/evaluations.jsonl and keeps the best
 parameters as RUN_DIR/best.npz.
 
-Atari protocol (DQN/Gorila): no sticky actions, up to `eval.noop_max` random no-ops at the start,
+Atari protocol (DQN/Gorila): no sticky actions, up to `eval.noop_max` random no-ops at the start and
+no FIRE pressed for the agent (`eval.fire_reset`, recorded in each evaluation as `fire_reset`),
 epsilon 0.05, episodes capped at `eval.max_frames` emulator frames (18,000 = 5 minutes), 30
 episodes; raw rewards, whole games (no life-loss terminals); scores human-normalised (envs/scores.py).
 """
@@ -62,6 +63,15 @@ def run_episodes(policy: agents.Policy, cfg, episodes: int, seed: int = 0, video
             writer.release()
         env.close()
     return returns
+
+
+def protocol(cfg) -> dict:
+    """What an evaluation record says about how it was played (beside its returns)."""
+    out = {"epsilon": cfg.eval.epsilon, "noop_max": cfg.eval.noop_max, "max_frames": cfg.eval.max_frames}
+    from gorila_zmq.envs import is_atari
+    if is_atari(cfg.env.name):
+        out["fire_reset"] = bool(cfg.eval.fire_reset)
+    return out
 
 
 def _video_frame(writer, env, path: str):
@@ -135,7 +145,7 @@ class Evaluator(Role):
             return
         res = summarize(self.cfg.env.name, returns)
         res.update(global_updates=versions[0], wall_time=time.time(), eval_seconds=time.monotonic() - t0,
-                   env_frames=self._env_frames())
+                   env_frames=self._env_frames(), **protocol(self.cfg))
         self.last = res
         self.evaluations += 1
         with open(self.history_path, "a") as f:     # one line per evaluation, appended: a log, not state
