@@ -55,11 +55,13 @@ cdef class Core:
     cdef int64_t* episodes
     cdef Py_ssize_t lanes, cap, stack, nstep, fb, ab
     cdef double gamma
+    cdef bint pad_repeat, full_windows
 
     def __cinit__(self, seg, Py_ssize_t off_writes, Py_ssize_t off_episodes, Py_ssize_t off_frames,
                   Py_ssize_t off_actions, Py_ssize_t off_rewards, Py_ssize_t off_flags,
                   Py_ssize_t lanes, Py_ssize_t cap, Py_ssize_t stack, Py_ssize_t nstep,
-                  Py_ssize_t frame_nbytes, Py_ssize_t action_nbytes, double gamma):
+                  Py_ssize_t frame_nbytes, Py_ssize_t action_nbytes, double gamma,
+                  bint pad_repeat=False, bint full_windows=False):
         cdef uint8_t[::1] mv = seg
         cdef uint8_t* base = &mv[0]
         self.seg = seg
@@ -71,6 +73,7 @@ cdef class Core:
         self.flags = base + off_flags
         self.lanes, self.cap, self.stack, self.nstep = lanes, cap, stack, nstep
         self.fb, self.ab, self.gamma = frame_nbytes, action_nbytes, gamma
+        self.pad_repeat, self.full_windows = pad_repeat, full_windows
 
     def release(self):
         self.seg = None
@@ -179,6 +182,8 @@ cdef class Core:
             if f & START:
                 return False                     # next slot belongs to another episode
             if f & ENDED:
+                if self.full_windows and i < self.nstep and not (f & TERM):
+                    return False                 # cut short by a truncation (DrQ-v2 draws none)
                 k[0] = i
                 term[0] = (f & TERM) != 0
                 break
@@ -202,9 +207,12 @@ cdef class Core:
         cdef bint zero = False
         cdef double r = 0.0, g = 1.0
         for p in range(S - 1, -1, -1):
-            if zero:
-                memset(obs + p * fb, 0, fb)      # before the episode's first frame: zeros, never
-            else:                                # frames of the previous episode
+            if zero:                             # before the episode's first frame: zeros or that
+                if self.pad_repeat:              # frame again, never frames of the previous episode
+                    memcpy(obs + p * fb, obs + (p + 1) * fb, fb)
+                else:
+                    memset(obs + p * fb, 0, fb)
+            else:
                 memcpy(obs + p * fb, base + (x % cap) * fb, fb)
                 zero = (lf[x % cap] & START) != 0
                 x -= 1

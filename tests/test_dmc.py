@@ -22,7 +22,7 @@ def test_pixels_stack_and_truncation(env_cls):
     env = env_cls("cartpole_swingup", seed=1, time_limit=0.1)      # 10 physics steps = 5 agent steps
     obs, _ = env.reset(seed=1)
     assert obs.shape == (9, 84, 84) and obs.dtype == np.uint8
-    assert not obs[:6].any() and obs[6:].any()                        # zeros before the first frame
+    assert obs[6:].any() and (obs[:3] == obs[6:]).all() and (obs[3:6] == obs[6:]).all()   # the first frame repeated
     assert env.last_frame.shape == (3, 84, 84)
     steps, done = 0, False
     while not done:
@@ -81,3 +81,35 @@ def test_headless_rendering_falls_back_to_osmesa_without_egl():
     assert broken.stdout.strip() == "osmesa" and "falling back to MUJOCO_GL=osmesa" in broken.stderr
     assert subprocess.run([sys.executable, "-c", code], env={**env, "MUJOCO_GL": "glfw"}, capture_output=True,
                           text=True, timeout=120).stdout.strip() == "glfw"     # the user's choice wins
+
+
+def test_replay_gives_the_learner_the_stacks_the_actor_saw(env_cls):
+    """DrQ-v2's record: the first frame repeated before an episode (in DMCEnv and in replay alike) and
+    only whole n-step windows, so no transition of the last n - 1 steps before the time limit."""
+    from gorila_zmq import config as C
+    from gorila_zmq.agents import base as agents
+    from gorila_zmq.envs import env_spec
+    from gorila_zmq.replay.memory import ReplayMemory
+    cfg = C.load(None, ["agent.name=drqv2", "env.name=cartpole_swingup"])
+    record = agents.prepare(cfg).record(env_spec(cfg))
+    assert (record.stack_padding, record.full_windows) == ("repeat", True)
+    env = env_cls("cartpole_swingup", seed=2, time_limit=0.12)          # 12 physics steps = 6 agent steps
+    seen = [env.reset(seed=2)[0]]
+    with ReplayMemory(50, n_step=3, gamma=0.99, **record.memory_args()) as rb:
+        rb.start_episode(env.last_frame)
+        done = False
+        while not done:
+            obs, r, term, trunc, _ = env.step(env.action_space.sample())
+            rb.add(np.zeros(1, np.float32), r, env.last_frame, term, trunc)
+            seen.append(obs)
+            done = term or trunc
+        assert len(seen) == 7 and trunc
+        assert sorted(rb.valid_indices().tolist()) == [0, 1, 2, 3]     # steps 4 and 5 would be cut short
+        b = rb.sample(64, np.random.default_rng(0))
+        for i in range(64):
+            t = int(b.index[i])
+            np.testing.assert_array_equal(b.obs[i].reshape(9, 84, 84), seen[t])
+            np.testing.assert_array_equal(b.next_obs[i].reshape(9, 84, 84), seen[t + 3])
+    env.close()
+    dqn = agents.prepare(C.load(None, ["env.name=Pong"])).record(env_spec(C.load(None, ["env.name=Pong"])))
+    assert (dqn.stack_padding, dqn.full_windows) == ("zeros", False)   # as AtariEnv's stack; γ^k bootstraps

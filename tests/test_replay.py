@@ -40,7 +40,8 @@ class Rec:
 
 class Ref:
     def __init__(self, capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape=(),
-                 action_dtype=np.int64):
+                 action_dtype=np.int64, stack_padding="zeros", full_windows=False):
+        self.repeat, self.full = stack_padding == "repeat", full_windows
         self.lcap = capacity // lanes
         self.frame_shape, self.stack, self.dtype = tuple(frame_shape), stack, dtype
         self.n, self.gamma = n_step, gamma
@@ -80,8 +81,9 @@ class Ref:
                 frames = []
                 for j in range(S):
                     tt = recs[i].t - (S - 1 - j)
-                    if tt < 0:
-                        frames.append(np.zeros(self.frame_shape, self.dtype))
+                    if tt < 0:                       # before the episode: zeros, or its first frame
+                        frames.append(recs[i - recs[i].t].frame if self.repeat
+                                      else np.zeros(self.frame_shape, self.dtype))
                         continue
                     src = i - (recs[i].t - tt)
                     if src < lo:
@@ -98,6 +100,8 @@ class Ref:
                     steps.append(recs[L + i])
                     if recs[L + i].term or recs[L + i].trunc:
                         break
+                if ok and self.full and len(steps) < self.n and not steps[-1].term:
+                    ok = False                       # full_windows: none cut short by a truncation
                 if not ok:
                     continue
                 obs = stack_at(L)
@@ -187,6 +191,13 @@ CONFIGS = {
     "continuous": dict(capacity=50, frame_shape=(2, 2), stack=2, dtype=np.uint8, n_step=5, gamma=0.8, lanes=2,
                        action_shape=(2,), action_dtype=np.float32),
     "minimal-lane": dict(capacity=8, frame_shape=(2,), stack=3, dtype=np.uint8, n_step=2, gamma=0.9, lanes=2),
+    # DrQ-v2's replay: the first frame repeated before an episode, whole n-step windows only
+    "drqv2-like": dict(capacity=80, frame_shape=(3, 2, 2), stack=3, dtype=np.uint8, n_step=3, gamma=0.99, lanes=2,
+                       action_shape=(1,), action_dtype=np.float32, stack_padding="repeat", full_windows=True),
+    "repeat-padding": dict(capacity=60, frame_shape=(2, 3), stack=4, dtype=np.uint8, n_step=2, gamma=0.9, lanes=1,
+                           stack_padding="repeat"),
+    "full-windows": dict(capacity=60, frame_shape=(2,), stack=2, dtype=np.uint8, n_step=4, gamma=0.9, lanes=2,
+                         full_windows=True),
 }
 
 
@@ -209,10 +220,11 @@ def test_matches_reference(impl, cfg, seed):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lanes=st.integers(1, 3), stack=st.integers(1, 4), n_step=st.integers(1, 4),
        extra=st.integers(0, 20), steps=st.integers(0, 150), p_end=st.floats(0.0, 0.6),
-       batched=st.booleans(), seed=st.integers(0, 2**32 - 1), impl=st.sampled_from(IMPLS))
-def test_matches_reference_hypothesis(lanes, stack, n_step, extra, steps, p_end, batched, seed, impl):
+       batched=st.booleans(), seed=st.integers(0, 2**32 - 1), impl=st.sampled_from(IMPLS),
+       padding=st.sampled_from(["zeros", "repeat"]), full=st.booleans())
+def test_matches_reference_hypothesis(lanes, stack, n_step, extra, steps, p_end, batched, seed, impl, padding, full):
     kw = dict(capacity=lanes * (n_step + 2 + extra), frame_shape=(3,), stack=stack, dtype=np.uint8,
-              n_step=n_step, gamma=0.75, lanes=lanes)
+              n_step=n_step, gamma=0.75, lanes=lanes, stack_padding=padding, full_windows=full)
     rng = np.random.default_rng(seed)
     with ReplayMemory(**kw, impl=impl) as rb:
         ref = Ref(**kw)
@@ -221,7 +233,7 @@ def test_matches_reference_hypothesis(lanes, stack, n_step, extra, steps, p_end,
 
 
 @pytest.mark.skipif(pure_python(), reason="needs the compiled kernel")
-@pytest.mark.parametrize("cfg", ["nstep-lanes", "vector-nstep-lanes", "continuous"])
+@pytest.mark.parametrize("cfg", ["nstep-lanes", "vector-nstep-lanes", "continuous", "drqv2-like"])
 def test_cython_and_numpy_agree(cfg):
     """Same segment, same generator state: the two implementations return the same batch."""
     kw = CONFIGS[cfg]
@@ -490,8 +502,9 @@ def test_attach_validates():
             ReplayMemory.attach(rb.name, stack=4)
         with pytest.raises(ValueError, match="dtype"):
             ReplayMemory.attach(rb.name, dtype=np.float32)
+        assert (rb.stack_padding, rb.full_windows) == ("zeros", False)
         for offset, junk, msg in ((8, b"\x63\0\0\0", "version"), (64, b"zz\0", "corrupt header"),
-                                  (32, b"\0" * 8, "corrupt header")):
+                                  (32, b"\0" * 8, "corrupt header"), (48, b"\x08", "unknown option bits")):
             saved = bytes(rb._shm.buf[offset:offset + len(junk)])
             rb._shm.buf[offset:offset + len(junk)] = junk
             try:
@@ -500,6 +513,14 @@ def test_attach_validates():
             finally:
                 rb._shm.buf[offset:offset + len(junk)] = saved
         ReplayMemory.attach(rb.name).close()       # restored: attaches again
+    # the header carries the padding and window options to every reader
+    with ReplayMemory(20, frame_shape=(2,), stack=2, n_step=2, stack_padding="repeat", full_windows=True) as rb:
+        with ReplayMemory.attach(rb.name, stack_padding="repeat", full_windows=True) as ro:
+            assert (ro.stack_padding, ro.full_windows) == ("repeat", True)
+        with pytest.raises(ValueError, match="stack_padding='repeat', expected 'zeros'"):
+            ReplayMemory.attach(rb.name, stack_padding="zeros")
+        with pytest.raises(ValueError, match="full_windows=True, expected False"):
+            ReplayMemory.attach(rb.name, full_windows=False)
 
 
 def test_constructor_validates():
@@ -511,6 +532,8 @@ def test_constructor_validates():
         ReplayMemory(10, frame_shape=(2,), dtype=object)
     with pytest.raises(ValueError, match="capacity >= lanes"):
         ReplayMemory(2, frame_shape=(2,), lanes=3)
+    with pytest.raises(ValueError, match="stack_padding must be one of zeros, repeat"):
+        ReplayMemory(10, frame_shape=(2,), stack_padding="edge")
 
 
 def test_capacity_and_byte_accounting():

@@ -88,7 +88,7 @@ def _reference(cfg, device, B, n) -> float:
 def _filled_replay(n_actions: int, capacity: int = 3_000):
     from gorila_zmq.replay.memory import ReplayMemory
     rb = ReplayMemory(capacity, frame_shape=(3, 84, 84), stack=3, dtype=np.uint8, n_step=3,
-                      action_shape=(n_actions,), action_dtype=np.float32)
+                      action_shape=(n_actions,), action_dtype=np.float32, stack_padding="repeat", full_windows=True)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (32, 3, 84, 84), dtype=np.uint8)
     rb.start_episode(frames[0])

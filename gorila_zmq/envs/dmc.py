@@ -116,8 +116,7 @@ class DMCEnv(gym.Env):
         if seed is not None:
             self._env.task.random.seed(seed)
         self._env.reset()
-        self._frames[:] = 0                       # zero padding before the episode's first frame
-        self._frames[-1] = self._render()
+        self._frames[:] = self._render()          # the first frame repeated, as the paper's frame stack
         return self._obs(), {}
 
     def step(self, action):

@@ -28,7 +28,10 @@ n-step return r_t + g r_{t+1} + ... + g^(k-1) r_{t+k-1}; discount float32, g^k, 
 terminated within the k steps; index int64, the slot of obs's newest frame (lane = index //
 rb.lane_capacity). k = n_step, or fewer where the episode ends first: a window never extends past an
 episode end. At a truncation, next_obs is the real final observation and discount is g^k > 0
-(bootstrap); at a termination it is 0. Frames from before an episode's first frame are zeros.
+(bootstrap); at a termination it is 0. Frames from before an episode's first frame are zeros, or,
+with stack_padding="repeat", copies of that first frame (DrQ-v2's frame stack). full_windows=True
+samples only windows of n steps or cut short by a termination (DrQ-v2's replay): the last n - 1
+transitions before a truncation are never drawn.
 
 Sampling is uniform over the valid transitions of all lanes: transitions whose n-step window is
 fully written and within one episode, whose stack is still retained, and that do not touch the slot
@@ -109,22 +112,25 @@ def _check_shm_space(nbytes: int) -> None:
                           f"has {free / 2**30:.2f} GiB free (in docker: --shm-size)")
 
 
-def _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape, action_dtype) -> Layout:
+def _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape, action_dtype,
+            stack_padding="zeros", full_windows=False) -> Layout:
     capacity, lanes = int(capacity), int(lanes)
     frame_shape = (frame_shape,) if isinstance(frame_shape, (int, np.integer)) else frame_shape
     if lanes < 1 or capacity < lanes:
         raise ValueError(f"need capacity >= lanes >= 1, got capacity={capacity}, lanes={lanes}")
     lay = Layout(lanes, capacity // lanes, int(stack), int(n_step), float(gamma), tuple(int(s) for s in frame_shape),
-                 check_dtype(dtype), tuple(int(s) for s in action_shape), check_dtype(action_dtype))
+                 check_dtype(dtype), tuple(int(s) for s in action_shape), check_dtype(action_dtype),
+                 stack_padding, bool(full_windows))
     validate_params(lay)
     return lay
 
 
 def segment_bytes(capacity: int, frame_shape=(84, 84), stack: int = 4, dtype=np.uint8, n_step: int = 1,
-                  gamma: float = 0.99, lanes: int = 1, *, action_shape=(), action_dtype=np.int64) -> int:
+                  gamma: float = 0.99, lanes: int = 1, *, action_shape=(), action_dtype=np.int64,
+                  stack_padding: str = "zeros", full_windows: bool = False) -> int:
     """The size of the segment ReplayMemory(...) with these arguments would create (nothing is made)."""
     return _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape,
-                   action_dtype).offsets()["total"]
+                   action_dtype, stack_padding, full_windows).offsets()["total"]
 
 
 # ---------------------------------------------------------------- batches
@@ -185,10 +191,12 @@ class ReplayMemory:
 
     def __init__(self, capacity: int, frame_shape=(84, 84), stack: int = 4, dtype=np.uint8,
                  n_step: int = 1, gamma: float = 0.99, lanes: int = 1, name: str | None = None, *,
-                 action_shape=(), action_dtype=np.int64, impl: str | None = None):
+                 action_shape=(), action_dtype=np.int64, stack_padding: str = "zeros",
+                 full_windows: bool = False, impl: str | None = None):
         """Create the segment. capacity counts slots (frames) across all lanes; each lane gets
         capacity // lanes. impl ("cython"/"numpy") overrides GORILA_PUREPYTHON, for tests."""
-        lay = _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape, action_dtype)
+        lay = _layout(capacity, frame_shape, stack, dtype, n_step, gamma, lanes, action_shape, action_dtype,
+                      stack_padding, full_windows)
         off = lay.offsets()
         _check_shm_space(off["total"])
         name = name or f"gzrb_{os.getpid()}_{secrets.token_hex(4)}"
@@ -251,7 +259,8 @@ class ReplayMemory:
         core_cls = NumpyCore if ext is None else ext.Core
         self._core = core_cls(self._seg, off["writes"], off["episodes"], off["frames"], off["actions"],
                               off["rewards"], off["flags"], lay.lanes, lay.lane_capacity, lay.stack,
-                              lay.n_step, lay.frame_nbytes, lay.action_nbytes, lay.gamma)
+                              lay.n_step, lay.frame_nbytes, lay.action_nbytes, lay.gamma,
+                              lay.stack_padding == "repeat", lay.full_windows)
         self._zero_action = np.zeros(lay.action_nbytes, np.uint8)
         self._rng = np.random.default_rng()
         self._detect_torn = True          # tests switch it off to show that detection is needed
@@ -271,6 +280,8 @@ class ReplayMemory:
     gamma = property(lambda self: self._lay.gamma)
     action_shape = property(lambda self: self._lay.action_shape)
     action_dtype = property(lambda self: self._lay.action_dtype)
+    stack_padding = property(lambda self: self._lay.stack_padding)
+    full_windows = property(lambda self: self._lay.full_windows)
     owner = property(lambda self: self._owner)
     nbytes = property(lambda self: self._lay.offsets()["total"])
 

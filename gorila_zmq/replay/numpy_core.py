@@ -13,7 +13,7 @@ class NumpyCore:
     """ext/replay.pyx's Core in NumPy: the same segment layout, the same results."""
 
     def __init__(self, seg, off_writes, off_episodes, off_frames, off_actions, off_rewards, off_flags,
-                 lanes, cap, stack, nstep, fb, ab, gamma):
+                 lanes, cap, stack, nstep, fb, ab, gamma, pad_repeat=False, full_windows=False):
         n = lanes * cap
         self.writes = seg[off_writes:off_writes + 8 * lanes].view(np.int64)
         self.episodes = seg[off_episodes:off_episodes + 8 * lanes].view(np.int64)
@@ -23,6 +23,7 @@ class NumpyCore:
         self.flags = seg[off_flags:off_flags + n].reshape(lanes, cap)
         self.lanes, self.cap, self.stack, self.nstep = lanes, cap, stack, nstep
         self.fb, self.ab, self.gamma = fb, ab, gamma
+        self.pad_repeat, self.full_windows = bool(pad_repeat), bool(full_windows)
 
     def release(self):
         self.writes = self.episodes = self.frames = self.actions = self.rewards = self.flags = None
@@ -78,6 +79,9 @@ class NumpyCore:
             live = ok & ~ended
             ok &= ~(live & ((f & START) != 0))
             e = ok & live & ((f & ENDED) != 0)
+            if self.full_windows and i < self.nstep:      # cut short by a truncation: not drawn
+                ok &= ~(e & ((f & TERMINATED) == 0))
+                e &= ok
             k[e] = i
             term |= e & ((f & TERMINATED) != 0)
             ended |= e
@@ -107,8 +111,11 @@ class NumpyCore:
         back = (S - 1 - np.arange(S))[None, :]
         for out, top in ((obs, L), (next_obs, L + k)):
             x = top[:, None] - back
+            if self.pad_repeat:                           # before the episode's first frame: that frame
+                x = np.maximum(x, low[:, None])
             g = self.frames[lane[:, None], x % cap]
-            g[x < low[:, None]] = 0                       # before the episode's first frame
+            if not self.pad_repeat:
+                g[x < low[:, None]] = 0                   # ... or zeros
             out.reshape(B, -1).view(np.uint8).reshape(B, S, self.fb)[r] = g
         action.reshape(B, -1).view(np.uint8)[r] = self.actions[lane, (L + 1) % cap]
         ret = np.zeros(sel.size)

@@ -27,6 +27,8 @@ class Record:
     action_dtype: np.dtype
     action_low: float         # every action component lies in [action_low, action_high]
     action_high: float
+    stack_padding: str = "zeros"   # what precedes an episode's first frame in a stack: zeros, or "repeat" it
+    full_windows: bool = False     # sample only whole n-step windows (or ones a termination cut short)
 
     @property
     def obs_shape(self) -> tuple:
@@ -35,7 +37,8 @@ class Record:
     def memory_args(self) -> dict:
         """Keyword arguments of ReplayMemory for this record."""
         return dict(frame_shape=tuple(self.frame_shape), stack=self.stack, dtype=self.frame_dtype,
-                    action_shape=tuple(self.action_shape), action_dtype=self.action_dtype)
+                    action_shape=tuple(self.action_shape), action_dtype=self.action_dtype,
+                    stack_padding=self.stack_padding, full_windows=self.full_windows)
 
     def wire_dtype(self) -> np.dtype:
         """One packed transition record of global replay (REPLAY_ADD). `priority` (when `has_priority`
@@ -77,7 +80,8 @@ def discrete(env, n_actions: int) -> Record:
     return Record(tuple(env.frame_shape), env.stack, np.dtype(env.dtype), (), np.dtype(np.int64), 0, n_actions - 1)
 
 
-def continuous(env, action_dim: int) -> Record:
-    """A continuous-action record (float32 actions in [-1, 1]^action_dim)."""
+def continuous(env, action_dim: int, **options) -> Record:
+    """A continuous-action record (float32 actions in [-1, 1]^action_dim); options: stack_padding,
+    full_windows."""
     return Record(tuple(env.frame_shape), env.stack, np.dtype(env.dtype), (action_dim,), np.dtype(np.float32),
-                  -1.0, 1.0)
+                  -1.0, 1.0, **options)

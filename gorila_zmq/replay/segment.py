@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"GZREPLAY"
-VERSION = 1
+VERSION = 2
 HEADER_BYTES = 512
-# magic, version, header bytes | lanes, lane capacity, stack, n_step | gamma |
+# magic, version, header bytes | lanes, lane capacity, stack, n_step, options | gamma |
 # frame dtype, ndim, shape[8] | action dtype, ndim, shape[4] | total bytes
-HEAD = struct.Struct("<8sII qqqq d 16sq8q 16sq4q q")
+HEAD = struct.Struct("<8sII qqqqq d 16sq8q 16sq4q q")
+OPT_REPEAT_PADDING, OPT_FULL_WINDOWS = 1, 2       # the options bits
+PADDINGS = ("zeros", "repeat")
 _MAX_FRAME_NDIM, _MAX_ACTION_NDIM = 8, 4
 
 
@@ -33,6 +35,13 @@ class Layout:
     dtype: np.dtype
     action_shape: tuple
     action_dtype: np.dtype
+    stack_padding: str = "zeros"  # frames before an episode's first: "zeros", or "repeat" that first frame
+    full_windows: bool = False    # sample only n-step windows of n steps, or cut short by a termination
+
+    @property
+    def options(self) -> int:
+        return (OPT_REPEAT_PADDING if self.stack_padding == "repeat" else 0) | \
+            (OPT_FULL_WINDOWS if self.full_windows else 0)
 
     @property
     def frame_nbytes(self) -> int:
@@ -56,7 +65,7 @@ class Layout:
         fs = list(self.frame_shape) + [0] * (_MAX_FRAME_NDIM - len(self.frame_shape))
         acs = list(self.action_shape) + [0] * (_MAX_ACTION_NDIM - len(self.action_shape))
         return HEAD.pack(MAGIC, VERSION, HEADER_BYTES, self.lanes, self.lane_capacity, self.stack,
-                          self.n_step, self.gamma, self.dtype.str.encode(), len(self.frame_shape), *fs,
+                          self.n_step, self.options, self.gamma, self.dtype.str.encode(), len(self.frame_shape), *fs,
                           self.action_dtype.str.encode(), len(self.action_shape), *acs, total)
 
     @staticmethod
@@ -67,19 +76,22 @@ class Layout:
                              f"(magic {v[0]!r}, or it is still being created)")
         if v[1] != VERSION or v[2] != HEADER_BYTES:
             raise ValueError(f"replay memory {name!r} has layout version {v[1]}, this code reads {VERSION}")
-        lanes, lcap, stack, n_step, gamma = v[3:8]
-        fdt, fnd = v[8], v[9]
-        fshape = v[10:10 + _MAX_FRAME_NDIM]
-        i = 10 + _MAX_FRAME_NDIM
+        lanes, lcap, stack, n_step, options, gamma = v[3:9]
+        fdt, fnd = v[9], v[10]
+        fshape = v[11:11 + _MAX_FRAME_NDIM]
+        i = 11 + _MAX_FRAME_NDIM
         adt, and_ = v[i], v[i + 1]
         ashape = v[i + 2:i + 2 + _MAX_ACTION_NDIM]
         total = v[-1]
         try:
             if not (0 <= fnd <= _MAX_FRAME_NDIM and 0 <= and_ <= _MAX_ACTION_NDIM):
                 raise ValueError("bad ndim")
+            if options & ~(OPT_REPEAT_PADDING | OPT_FULL_WINDOWS):
+                raise ValueError(f"unknown option bits {options:#x}")
             lay = Layout(lanes, lcap, stack, n_step, gamma, tuple(fshape[:fnd]),
                           check_dtype(fdt.rstrip(b"\0").decode()), tuple(ashape[:and_]),
-                          check_dtype(adt.rstrip(b"\0").decode()))
+                          check_dtype(adt.rstrip(b"\0").decode()),
+                          PADDINGS[options & OPT_REPEAT_PADDING], bool(options & OPT_FULL_WINDOWS))
             validate_params(lay)
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"replay memory {name!r} has a corrupt header: {e}") from None
@@ -109,3 +121,5 @@ def validate_params(lay: Layout) -> None:
             raise ValueError(f"{what} must have at most {mx} positive dims, got {shape}")
     if lay.frame_nbytes < 1:
         raise ValueError("frames must not be empty")
+    if lay.stack_padding not in PADDINGS:
+        raise ValueError(f"stack_padding must be one of {', '.join(PADDINGS)}, got {lay.stack_padding!r}")

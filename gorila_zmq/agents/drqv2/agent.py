@@ -109,7 +109,10 @@ class DrQv2(Agent):
         return DrQV2(tuple(m.obs_shape), m.action_dim, m.feature_dim, int(m.hidden[0]))
 
     def record(self, env) -> records.Record:
-        return records.continuous(env, env.action_dim)
+        # As the paper's code: a stack at an episode's start repeats its first frame (DMCEnv does the
+        # same for the actor), and only whole n-step windows are drawn, never the last n - 1 steps
+        # before a time limit (DrQ-v2's replay samples idx <= len - nstep).
+        return records.continuous(env, env.action_dim, stack_padding="repeat", full_windows=True)
 
     def behaviour(self, cfg, net, index: int, num_actors: int) -> Policy:
         return Exploring(cfg, net, index, num_actors)
