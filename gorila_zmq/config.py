@@ -132,6 +132,10 @@ class AgentConfig:
     limiter_stall_s: float = _f(10.0, "a rate-limited actor steps anyway once the global update count has not "
                                       "moved for this long: the learners may be starved (a replay shard "
                                       "restarted empty), and waiting for them would wait forever")
+    max_updates_ahead: int = _f(100, "the learners' side of the same limiter (as Reverb's SampleToInsertRatio): a "
+                                     "learner pauses while its updates since it started exceed its share of the "
+                                     "transitions inserted since then / max_steps_per_update by more than this "
+                                     "many (a GPU learner faster than its actors); 0: only the actors are held")
     grads_per_push: int = _f(1, "minibatch gradients a learner averages locally before one push (k times fewer "
                                 "bytes and shard updates per gradient computed)")
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")
@@ -268,6 +272,8 @@ class Config:
             errs.append("roles.replay_shards must not exceed roles.actors (a shard nobody writes to stays empty)")
         if self.agent.limiter_stall_s <= 0:
             errs.append("agent.limiter_stall_s must be > 0")
+        if self.agent.max_updates_ahead < 0:
+            errs.append("agent.max_updates_ahead must be >= 0 (0: the learners are not held)")
         if self.agent.torch_threads < 1 or self.agent.learner_torch_threads < 0:
             errs.append("agent.torch_threads must be >= 1 and agent.learner_torch_threads >= 0")
         a = self.agent

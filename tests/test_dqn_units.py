@@ -1,6 +1,7 @@
 """DQN pieces: schedules on the global count, the loss-outlier filter, the TD target, and a learner and
 an actor driven against a real in-process shard."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -450,3 +451,53 @@ def test_prioritized_replay_is_refused_for_an_agent_without_priorities(make_cfg)
     cfg = make_cfg("agent.name=drqv2", "env.name=dmc:cartpole_swingup", "agent.prioritized=true")
     with pytest.raises(ConfigError, match="prioritized replay is for dqn"):
         base.prepare(cfg)
+
+
+def test_allowed_updates_holds_each_learner_to_its_share_of_the_inserts(make_cfg):
+    from gorila_zmq.roles.learner import allowed_updates
+    bundled = make_cfg(*CARTPOLE, "agent.max_steps_per_update=4", "agent.max_updates_ahead=10",
+                       "roles.mode=bundled", "roles.bundles=2")
+    assert allowed_updates(bundled, 400) == 10 + 100                 # its own bundle: 400 / 4
+    glob = make_cfg(*CARTPOLE, "agent.max_steps_per_update=4", "agent.max_updates_ahead=10", "roles.mode=global",
+                    "roles.actors=2", "roles.replay_shards=1", "roles.learners=2", "agent.grads_per_push=3")
+    assert allowed_updates(glob, 400) == 3 * (10 + 50)               # half of every shard's, 3 batches a push
+    assert allowed_updates(make_cfg(*CARTPOLE, "agent.max_steps_per_update=4", "agent.max_updates_ahead=0"), 1) is None
+    assert allowed_updates(make_cfg(*CARTPOLE, "agent.max_steps_per_update=0"), 1) is None
+
+
+def test_insert_count_survives_a_recreated_memory_and_a_restarted_shard():
+    from gorila_zmq.replay.sources import InsertCount
+    c = InsertCount(2)
+    assert c.see(0, 100, key=1) == 100 and c.see(0, 130, key=1) == 130
+    assert c.see(0, 20, key=2) == 150                 # a new memory: all of its transitions are new
+    assert c.see(1, 50) == 200 and c.see(1, 10) == 210    # a shard's count went back: it restarted
+    assert c.see(1, 10) == 210
+
+
+def test_a_learner_ahead_of_the_inserts_waits_for_them(shard, ctx):
+    """The learner's side of the replay-ratio limiter: with nothing inserted since it started, it makes
+    max_updates_ahead updates and waits; each max_steps_per_update transitions inserted allow one more."""
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
+    cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.max_staleness=100000",
+                   "agent.max_steps_per_update=4", "agent.max_updates_ahead=3", "agent.outlier_k=0")
+    rb = _filled_replay(300)
+    learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and learner.throttled_s < 0.5:
+            learner.step()
+        assert learner.updates == 3 and learner.throttled_s >= 0.5
+        rng = np.random.default_rng(1)
+        for _ in range(8):                                 # 8 transitions at 4 per update: 2 more
+            rb.add(0, 0.0, rng.standard_normal(4).astype(np.float32), False, False)
+        wait_for(lambda: (learner.step(), learner.updates >= 5)[1], 20, 0.0, "two more updates")
+        before = learner.throttled_s
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and learner.throttled_s < before + 0.5:
+            learner.step()
+        assert learner.updates == 5 and learner.stats()["throttled_s"] >= before + 0.5
+    finally:
+        learner.close()
+        rb.close()
+        rb.unlink()

@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 import zmq
+from conftest import wait_for
 
 from gorila_zmq.net import protocol as P
 from gorila_zmq.agents.base import prepare
@@ -75,7 +76,23 @@ def test_writer_to_sampler_round_trip(server, ctx):
         b = src.sample(8, None, src.allocate(8, pinned=False))
         assert b.obs.shape == (8, 4) and (b.next_obs[:, 0] == b.obs[:, 0] + 1).all()   # consecutive frames
         assert ((b.action == b.obs[:, 0].astype(int) % 2)).all()
+    assert src.inserted == 80                         # both shards' transitions (ready() asked them)
     src.close()
+
+
+def test_remote_source_keeps_the_insert_count_for_the_learners_limiter(make_cfg, ctx):
+    cfg_ = make_cfg(*CARTPOLE, "agent.max_steps_per_update=4")
+    for cfg, servers in running_shards(cfg_, ctx):
+        s = spec(cfg)
+        src = RemoteSource(ctx, cfg, 0, s)
+        assert src.inserted == 0
+        w = ReplayWriter(ctx, cfg, 1, s)                  # actor 1 writes to shard 1
+        w.start_episode(np.zeros(4, np.float32), lane=0)
+        for t in range(30):
+            w.add(0, 1.0, np.full(4, t + 1, np.float32), False, False, lane=0)
+        w.close()
+        wait_for(lambda: (src.refresh(), src.inserted == 30)[1], 10, 0.3, "the shards' insert counts")
+        src.close()
 
 
 def test_retried_batch_applies_once_and_a_gap_restarts_the_episode(server, ctx):

@@ -316,6 +316,10 @@ class ReplayMemory:
         self._live()
         return self._writes.copy()
 
+    def transitions_added(self) -> int:
+        """Transitions written since the memory was made (episode starts not counted); never decreases."""
+        return int((self._writes_now() - self._episodes).sum())
+
     def stats(self) -> dict:
         w, ep = self._writes_now(), self._episodes.copy()
         return {"capacity": self.capacity, "lanes": self.lanes, "size": len(self),

@@ -2,6 +2,9 @@
 which it reads: `ready(need)` (holds `need` transitions?), `allocate(B)` (an empty batch to sample
 into), `sample(B, rng, out)` (fills `out`; raises NotReady while nothing can be sampled yet, and any
 other error is a real one), `refresh()` (between two samples, from the sampling thread) and `close()`.
+`inserted` (an int the sampling thread keeps current in `refresh()`) counts the transitions ever
+inserted into what the source samples, across restarts of its writers: the learner's side of the
+replay-ratio limiter reads it.
 
 Prioritized replay (`agent.prioritized`): batches also carry `weight`, `index` and `position`;
 `beta` (an attribute the learner sets) is the importance-sampling exponent of the next samples;
@@ -59,6 +62,22 @@ class _WriteBacks:
             yield self.pending.popleft()
 
 
+class InsertCount:
+    """Transitions inserted into one or more memories, as a total that only grows: each memory's own
+    counter adds what it grew by; a counter that went back (a recreated memory, a restarted shard) or
+    a memory replaced by another (a new `key`) counts from 0 again."""
+
+    def __init__(self, n: int = 1):
+        self.last = [(None, 0)] * n
+        self.total = 0
+
+    def see(self, i: int, count: int, key=None) -> int:
+        k, last = self.last[i]
+        self.total += count - last if (key == k and count >= last) else count
+        self.last[i] = (key, count)
+        return self.total
+
+
 class MemorySource:
     """A replay memory this process already holds; `priorities` (a PriorityReplay config: alpha, eps)
     samples it by priority."""
@@ -69,6 +88,8 @@ class MemorySource:
         self.beta = 1.0
         self.gen = 0                     # which memory a batch came from (LocalSource swaps them)
         self.writebacks = _WriteBacks()
+        self.inserts = InsertCount()
+        self.inserted = 0
         if rb is not None:
             self._adopt(rb)
 
@@ -79,7 +100,12 @@ class MemorySource:
             self.pr = PrioritizedReplay(rb, **self.prioritized)
 
     def ready(self, need: int) -> bool:
+        self._count()
         return len(self.rb) >= need
+
+    def _count(self) -> None:
+        if self.rb is not None:
+            self.inserted = self.inserts.see(0, self.rb.transitions_added(), key=self.gen)
 
     def allocate(self, B: int):
         return self.rb.allocate_batch(B, prioritized=self.prioritized is not None)
@@ -104,6 +130,7 @@ class MemorySource:
 
     def refresh(self) -> None:
         self._apply_writebacks()
+        self._count()
 
     def close(self) -> None:
         pass
@@ -151,6 +178,7 @@ class LocalSource(MemorySource):
         """Once a second: adopt a recreated memory when it is full enough. Only the thread that
         samples calls this, so no sample is ever in flight on a handle being closed."""
         self._apply_writebacks()
+        self._count()
         now = time.monotonic()
         if not force and now < self._next_check:
             return
@@ -203,15 +231,24 @@ class RemoteSource:
         self.min_size = 0
         self.sizes = [0] * self.R
         self.client = new_client_id()
+        self.inserts = InsertCount(self.R)
+        self.inserted = 0
+        self._count_every = 0.25 if cfg.agent.max_steps_per_update > 0 and cfg.agent.max_updates_ahead > 0 else None
+        self._next_count = 0.0
+
+    def _stats(self, r: int, timeout_s: float = 1.0) -> dict:
+        rh, body = self.clients[r].request(P.Header(P.Cmd.STATS, shard=r), timeout_s=timeout_s, retries=0)
+        st = P.as_json(rh, body, max_bytes=1 << 20)
+        self.inserted = self.inserts.see(r, int(st.get("transitions_added", 0)))
+        return st
 
     def ready(self, need: int) -> bool:
         self.min_size = need // self.R
-        for r, c in enumerate(self.clients):
+        for r in range(self.R):
             try:
-                rh, body = c.request(P.Header(P.Cmd.STATS, shard=r), timeout_s=1.0, retries=0)
+                self.sizes[r] = self._stats(r).get("size", 0)
             except (Unavailable, P.ProtocolError):
                 return False
-            self.sizes[r] = P.as_json(rh, body, max_bytes=1 << 20).get("size", 0)
         return all(s >= self.min_size for s in self.sizes) and sum(self.sizes) >= need
 
     def allocate(self, B: int, pinned: bool | None = None) -> RemoteBatch:
@@ -268,7 +305,15 @@ class RemoteSource:
 
     def refresh(self) -> None:
         """Send the queued priorities, each to the shard that served its batch (one short request each;
-        a shard that is down or refuses them loses them: they are hints, not state)."""
+        a shard that is down or refuses them loses them: they are hints, not state). With the learner's
+        side of the replay-ratio limiter on, every 0.25 s: the shards' insert counts (STATS)."""
+        if self._count_every is not None and time.monotonic() >= self._next_count:
+            self._next_count = time.monotonic() + self._count_every
+            for r in range(self.R):
+                try:
+                    self._stats(r)
+                except (Unavailable, P.ProtocolError):
+                    pass                          # down: its count is read again next time
         for r, rec in self.writebacks.drain():
             hdr = P.Header(P.Cmd.REPLAY_PRIORITY, shard=r, client=self.client, dtype=P.Dtype.RAW)
             try:

@@ -8,6 +8,8 @@
   gradient carries the per-shard versions of the theta it was computed against.
 - Target networks are the agent's: its Learning gets `load_theta(module)`, a blocking snapshot of
   the current theta (DQN syncs theta^- every `dqn.target_sync_every` *global* updates, Gorila 4.1).
+- The replay ratio is held from this side too (`allowed_updates`): the actors pause when they run
+  ahead of the updates, a learner when it runs ahead of the transitions inserted.
 """
 from __future__ import annotations
 
@@ -42,6 +44,20 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"agent.device={name} but CUDA is not available on this host")
     return dev
+
+
+def allowed_updates(cfg, inserted: int) -> float | None:
+    """The learners' side of the replay-ratio limiter (None: off): how many minibatches one learner may
+    have sampled since it started, given the transitions inserted since then into what it samples.
+    Bundled: its own bundle's memory; global: all shards, shared by every learner. With k =
+    agent.grads_per_push minibatches per global update, k x (its share / max_steps_per_update), plus
+    agent.max_updates_ahead updates of slack (Reverb's error buffer) so that the two sides never wait
+    for each other."""
+    ratio, ahead = cfg.agent.max_steps_per_update, cfg.agent.max_updates_ahead
+    if ratio <= 0 or ahead <= 0:
+        return None
+    share = 1 if cfg.roles.mode == "bundled" else cfg.roles.learners
+    return cfg.agent.grads_per_push * (ahead + inserted / (ratio * share))
 
 
 class FlatStaging:
@@ -106,8 +122,9 @@ class Loader(threading.Thread):
         try:
             while not self.stop.is_set():
                 try:
-                    buf = self.free.get(timeout=0.2)
-                except queue.Empty:
+                    buf = self.free.get(timeout=0.05)
+                except queue.Empty:       # every batch is full and waiting: keep the source's counts
+                    self.source.refresh()     # current (the replay-ratio limiter reads `inserted`)
                     continue
                 self.source.refresh()
                 t0 = time.perf_counter()
@@ -161,6 +178,8 @@ class Learner(Role):
         self.last = {}
         self.compute_s = 0.0
         self.wait_s = 0.0
+        self.throttled_s = 0.0                         # paused by the replay-ratio limiter
+        self._inserted_at_start: int | None = None
         self.started = time.monotonic()
         waited = 0
         while not self.sub.wait_ready(30):            # never compute gradients against unknown theta
@@ -184,6 +203,11 @@ class Learner(Role):
                 self.pusher.poll(0)
                 return
             self._start_loader()
+        if self._ahead():
+            self.throttled_s += 0.005
+            time.sleep(0.005)
+            self.pusher.poll(0)
+            return
         t0 = time.perf_counter()
         try:
             batch = self.loader.get(timeout=1.0)
@@ -241,6 +265,17 @@ class Learner(Role):
         self.learning.after_update(max(self.pusher.versions[0], self.sub.global_version))
         if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:
             self.request_stop()
+
+    def _ahead(self) -> bool:
+        """Over the learner's side of the replay ratio: more minibatches sampled since the start than the
+        transitions inserted since then allow (the loader thread keeps `source.inserted` current)."""
+        inserted = getattr(self.source, "inserted", None)
+        if inserted is None:                         # a source that does not count: not held
+            return False
+        if self._inserted_at_start is None:
+            self._inserted_at_start = inserted       # what was there when learning began is paid for
+        allowed = allowed_updates(self.cfg, inserted - self._inserted_at_start)
+        return allowed is not None and self.updates + self.dropped >= allowed
 
     def _accumulate(self, grad: np.ndarray, host, versions: list[int]):
         """agent.grads_per_push = k: the mean of k minibatch gradients goes out as one push, computed
@@ -331,6 +366,7 @@ class Learner(Role):
                 "outliers_dropped": self.dropped, "global_updates": self.sub.global_version,
                 "push": self.pusher.stats.as_dict(), "device": str(self.device), "compute_s": self.compute_s,
                 "wait_for_batch_s": self.wait_s, "sample_s": self.loader.sample_s if self.loader else 0.0,
+                "throttled_s": self.throttled_s,
                 **self.learning.stats(), **self.filter.state(),
                 **(self.source.priority_stats() if self.cfg.agent.prioritized else {})}
 
