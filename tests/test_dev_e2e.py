@@ -75,10 +75,10 @@ PRIORITIZED = ["agent.prioritized=true", "agent.priority_beta_updates=5000"]   #
 
 @pytest.mark.parametrize("layout", [
     pytest.param(["ps.shards=2", "roles.bundles=2"], id="bundled-2shards-2bundles"),
-    pytest.param(["roles.mode=global", "roles.actors=2", "roles.replay_shards=1", "roles.learners=1"],
-                 id="global-2actors-1replay-1learner"),
-    # Ape-X's layout: actors that send their own initial priorities and spread epsilon, one
-    # prioritized replay shard, one learner that writes |TD| back
+    # Global mode in Ape-X's layout: actors that send their own initial priorities and spread epsilon,
+    # one prioritized replay shard, one learner that writes |TD| back. Uniform global replay differs
+    # only in the shard's sampler (tests/test_replay_service.py); its batches feed updates in the Pong
+    # smoke and replay-shard-kill tests below. One CartPole run per mode and sampler, for time.
     pytest.param(["roles.mode=global", "roles.actors=2", "roles.replay_shards=1", "roles.learners=1",
                   *PRIORITIZED, "agent.actor_priorities=true", "dqn.eps_per_actor=true"], id="apex-style-prioritized"),
     pytest.param(["roles.bundles=1", *PRIORITIZED], id="bundled-prioritized"),
