@@ -1,11 +1,13 @@
 """`gorila-zmq plot RUN_DIR [RUN_DIR ...] -o curve.png`: learning curves from run directories.
 
-Each run directory holds the evaluator's `evaluations.jsonl` (one line per evaluation) and the resolved
-`config.json`; a copy kept as NAME_evaluations.jsonl beside NAME_config.json (docs/) reads the same. The figure has two panels, the evaluation's mean return against environment frames and
-against wall time (minutes since the run's first evaluation). Each run is a thin line; with two or more
-runs, their mean and their spread (min to max over the runs) are drawn at the first run's evaluation
-points inside the range every run covers (the others interpolated linearly). For an Atari game with a
-normalisation table the right axis reads the same return as a human-normalised score (envs/scores.py).
+Each run directory holds the evaluator's `evaluations.jsonl` (one line per evaluation) and the
+resolved `config.json`; a copy kept as NAME_evaluations.jsonl beside NAME_config.json (docs/) reads
+the same. The figure has two panels, the evaluation's mean return against environment frames and
+against wall time (minutes since the run's first evaluation). Each run is a thin line; with two or
+more runs, their mean and their spread (min to max over the runs) are drawn at the first run's
+evaluation points inside the range every run covers (the others interpolated linearly); `--no-mean`
+overlays runs of different settings without them. For an Atari game with a normalisation table the
+right axis reads the same return as a human-normalised score (envs/scores.py).
 
 Reference curves come from CSV files (`--reference FILE[:LABEL]`, repeatable): a header row, then
 numbers. A `wall_minutes` column places the curve on the wall-time panel; a `frame`, `frames` or
@@ -146,7 +148,7 @@ def _pyplot():
 
 
 def plot(runs: list[Run], out: str, references: list[Reference] = (), title: str = "",
-         hlines: list[tuple[float, str]] = ()):
+         hlines: list[tuple[float, str]] = (), mean: bool = True, max_frames: float | None = None):
     """Draw and save the figure; returns it (open: the caller closes it, plt.close(fig))."""
     plt = _pyplot()
     from gorila_zmq.envs.scores import normalization_table
@@ -162,10 +164,10 @@ def plot(runs: list[Run], out: str, references: list[Reference] = (), title: str
                     alpha=1.0 if not many else 0.55, color=f"C{i % 10}", label=f"{r.label}")
             if not many:
                 ax.fill_between(xs[i], r.low, r.high, color="C0", alpha=0.2, label="min-max over the episodes")
-        if many:
-            grid, mean, lo, hi = aggregate(xs, [r.mean for r in runs])
+        if many and mean:
+            grid, avg, lo, hi = aggregate(xs, [r.mean for r in runs])
             if grid.size:
-                ax.plot(grid, mean, "k-", lw=2.2, label=f"mean of {len(runs)} runs")
+                ax.plot(grid, avg, "k-", lw=2.2, label=f"mean of {len(runs)} runs")
                 ax.fill_between(grid, lo, hi, color="k", alpha=0.12, label=f"min-max over the {len(runs)} runs")
         for j, ref in enumerate(references):
             x = ref.frames if key == "frames" else ref.minutes
@@ -186,6 +188,8 @@ def plot(runs: list[Run], out: str, references: list[Reference] = (), title: str
             f = lambda r: 100.0 * (np.asarray(r) - rnd) / (human - rnd)          # noqa: E731
             g = lambda h: rnd + np.asarray(h) * (human - rnd) / 100.0           # noqa: E731
             ax.secondary_yaxis("right", functions=(f, g)).set_ylabel("human-normalised (%)")
+        if max_frames is not None and key == "frames":
+            ax.set_xlim(right=max_frames)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("evaluation return (mean)")
         ax.grid(alpha=0.3)
@@ -235,6 +239,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hline", action="append", type=_hline, default=[], metavar="VALUE[:LABEL]",
                    help="a horizontal line, e.g. --hline=-20.7:random")
     p.add_argument("--title", default="")
+    p.add_argument("--no-mean", action="store_true", help="runs of different settings: overlay them without "
+                   "their mean and spread")
+    p.add_argument("--max-frames", type=float, default=None, help="the frames axis ends here")
     p.add_argument("--table", action="store_true", help="print each run's evaluations as a markdown table")
     a = p.parse_args(argv)
     if len(a.label) > len(a.runs):
@@ -243,7 +250,7 @@ def main(argv: list[str]) -> int:
     spf = a.steps_to_frames if a.steps_to_frames is not None else runs[0].action_repeat
     refs = [load_reference(s, spf) for s in a.reference]
     _pyplot()                                    # the clear message before any work
-    _pyplot().close(plot(runs, a.out, refs, a.title, a.hline))
+    _pyplot().close(plot(runs, a.out, refs, a.title, a.hline, mean=not a.no_mean, max_frames=a.max_frames))
     print(f"wrote {a.out}: {len(runs)} run(s), {sum(len(r.rows) for r in runs)} evaluations"
           + (f", {len(refs)} reference curve(s)" if refs else ""))
     if a.table:

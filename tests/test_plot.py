@@ -124,3 +124,16 @@ def test_without_matplotlib_the_message_says_how_to_install_it(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"pip install -e '.\[plot\]'"):
         P._pyplot()
+
+
+def test_no_mean_overlays_runs_of_different_settings(tmp_path):
+    pytest.importorskip("matplotlib")
+    a = make_run(tmp_path, "lr1", [0, 100], [-21.0, -15.0], [0, 10])
+    b = make_run(tmp_path, "lr2", [0, 100], [-21.0, -19.0], [0, 10])
+    fig = P.plot([P.load_run(a), P.load_run(b)], str(tmp_path / "c.png"), mean=False, max_frames=150)
+    try:
+        labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+        assert labels == ["lr1", "lr2"] and fig.axes[0].get_xlim()[1] == 150
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
