@@ -16,7 +16,7 @@ from gorila_zmq.fields import ConfigError
 PKG = pathlib.Path(ROOT) / "gorila_zmq"
 # Bottom to top; a module may import its own layer and the layers below, never one above.
 LAYERS = ["fields", "_native", "host", "net", "agents/common", "agents/*/config", "presets", "config", "ps", "replay",
-          "envs", "agents", "roles", "launch", "bench", "cli"]
+          "envs", "agents", "roles", "launch", "plot", "bench", "cli"]
 
 
 def _layer(mod: str) -> int:

@@ -1,0 +1,17 @@
+#!/bin/sh
+# AdaGrad screening on Pong (docs/RESULTS.md, "AdaGrad on Pong"): the dev preset with the shard's
+# optimiser switched to AdaGrad, one run per "LR G0" pair, one after the other (each takes both cores).
+# Usage: sh docs/adagrad_screen.sh [SECONDS] "LR G0" ["LR G0" ...]
+#   2026-12-03 ran: sh docs/adagrad_screen.sh 2700 "0.03 1e-6" "0.05 2e-4"
+#   next, from the accumulator profile:  sh docs/adagrad_screen.sh 2700 "0.01 1e-10" "0.003 1e-12"
+set -e
+DUR=${1:-2700}
+shift
+for spec in "$@"; do
+  set -- $spec
+  rd=runs/adagrad-screen-lr$1-g0$2
+  echo "$(date -u +%T) lr=$1 G0=$2 -> $rd"
+  ${GORILA:-.venv/bin/gorila-zmq} dev --preset dev --duration "$DUR" run.run_dir="$rd" \
+    ps.optimizer=adagrad ps.lr="$1" ps.initial_accumulator="$2" eval.interval_s=300 eval.episodes=5 > "$rd.log" 2>&1
+  python docs/adagrad_steps.py "$rd" > "$rd.steps.md" || true
+done
