@@ -139,6 +139,22 @@ MUTANTS = [
       ("tests/test_replay_service.py",)),
     M("replay add NaN reward accepted", "gorila_zmq/roles/replay.py",
       'if not np.isfinite(recs["reward"]).all():', "if False:", ("tests/test_replay_service.py",)),
+    # -- issue 17: fidelity of the learning setups ----------------------------------------------
+    M("replay repeat padding ignored (NumPy)", "gorila_zmq/replay/numpy_core.py",
+      "            if self.pad_repeat:                           # before", "            if False:                           # before",
+      (REPLAY,)),
+    M("replay full windows ignored (NumPy)", "gorila_zmq/replay/numpy_core.py",
+      "            if self.full_windows and i < self.nstep:", "            if False:", (REPLAY,)),
+    M("DMC stack zero-padded again", "gorila_zmq/envs/dmc.py",
+      "        self._frames[:] = self._render()", "        self._frames[:] = 0\n        self._frames[-1] = self._render()",
+      ("tests/test_dmc.py",)),
+    M("DrQ-v2 samples windows cut short by the time limit", "gorila_zmq/agents/drqv2/agent.py",
+      'stack_padding="repeat", full_windows=True)', 'stack_padding="repeat", full_windows=False)', ("tests/test_dmc.py",)),
+    M("learner not held by the replay ratio", "gorila_zmq/roles/learner.py",
+      "        return allowed is not None and self.updates + self.dropped >= allowed", "        return False", (DQN,)),
+    M("evaluation presses FIRE", "gorila_zmq/envs/__init__.py",
+      "fire_reset=None if (ev.fire_reset if evaluation else cfg.env.fire_reset) else False", "fire_reset=None",
+      ("tests/test_evaluation.py",)),
 ]
 
 
