@@ -10,7 +10,7 @@ $P docs/pong_run2_evaluations.jsonl -o docs/pong_run2.png --hline=-20.7:random -
 $P docs/pong_run3_evaluations.jsonl -o docs/pong_run3.png --hline=-20.7:random --reference "$CLEANRL" --title "Pong, run 3 (Adam lr 1e-4)"
 $P docs/drqv2_cartpole_swingup_evaluations.jsonl -o docs/drqv2_cartpole_swingup.png --hline=51.1:"uniform random" --reference "$PAPER"
 $P docs/drqv2_cartpole_swingup_reg_evaluations.jsonl -o docs/drqv2_cartpole_swingup_reg.png --hline=51.1:"uniform random" --reference "$PAPER" --title "cartpole_swingup, pre-tanh penalty 1e-3"
-for f in docs/adagrad_screen_*_evaluations.jsonl; do
-  [ -e "$f" ] || continue
-  $P "$f" -o "${f%_evaluations.jsonl}.png" --hline=-20.7:random --reference "$CLEANRL"
-done
+$P docs/adagrad_screen_lr0.03_g0_1e-6_evaluations.jsonl docs/adagrad_screen_lr0.05_g0_2e-4_evaluations.jsonl \
+   docs/pong_run3_evaluations.jsonl -o docs/adagrad_screens.png --no-mean --max-frames 1.2e6 --hline=-20.7:random \
+   --label "A: AdaGrad lr 0.03, G0 1e-6" --label "B: AdaGrad lr 0.05, G0 2e-4" --label "run 3: Adam lr 1e-4" \
+   --title "Pong: AdaGrad screens against Adam, first 1.2 M frames"
