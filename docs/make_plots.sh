@@ -3,7 +3,7 @@
 # Run from the repository root: sh docs/make_plots.sh
 set -e
 P="${GORILA:-.venv/bin/gorila-zmq} plot"
-CLEANRL=../shared/data/cleanrl_pong_curve.csv:"CleanRL DQN, this kind of box (training returns)"
+CLEANRL=docs/cleanrl_pong_curve.csv:"CleanRL DQN, this kind of box (training returns)"
 PAPER=docs/drqv2_paper_cartpole_swingup.csv:"DrQ-v2 paper, 10 seeds"
 $P docs/pong_90min_evaluations.jsonl -o docs/pong_90min.png --hline=-20.7:random --title "Pong, run 1 (AdaGrad, G0 0.1)"
 $P docs/pong_run2_evaluations.jsonl -o docs/pong_run2.png --hline=-20.7:random --reference "$CLEANRL" --title "Pong, run 2 (AdaGrad lr 0.01)"

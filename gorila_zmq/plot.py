@@ -232,7 +232,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--label", action="append", default=[], help="a run's legend label, in RUN_DIR order "
                    "(default: the directory's name)")
     p.add_argument("--reference", action="append", default=[], metavar="CSV[:LABEL]",
-                   help="a reference curve (repeatable): e.g. ../shared/data/cleanrl_pong_curve.csv:CleanRL")
+                   help="a reference curve (repeatable): e.g. docs/cleanrl_pong_curve.csv:CleanRL")
     p.add_argument("--steps-to-frames", type=float, default=None,
                    help="frames per agent step for a reference's agent_steps column (default: the first "
                         "run's env.action_repeat)")

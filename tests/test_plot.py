@@ -11,7 +11,7 @@ from gorila_zmq import plot as P
 from gorila_zmq.fields import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLEANRL = os.path.join(REPO, "..", "shared", "data", "cleanrl_pong_curve.csv")
+CLEANRL = os.path.join(REPO, "docs", "cleanrl_pong_curve.csv")     # a copy of ../shared/data/'s
 DRQ_PAPER = os.path.join(REPO, "docs", "drqv2_paper_cartpole_swingup.csv")
 
 
