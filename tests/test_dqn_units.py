@@ -501,3 +501,31 @@ def test_a_learner_ahead_of_the_inserts_waits_for_them(shard, ctx):
         learner.close()
         rb.close()
         rb.unlink()
+
+
+def test_a_learner_whose_shard_is_gone_stops_promptly(shard, ctx):
+    """With its only shard gone, a learner's window fills with pushes nobody answers; each is resent and
+    given up only after request_timeout_s x (request_retries + 1) = 20 s. A stop asked meanwhile ends
+    the learner's loop and closes it within a few seconds all the same."""
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
+    cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.max_staleness=100000",
+                   "agent.outlier_k=0", "net.request_timeout_s=5", "net.request_retries=3")
+    rb = _filled_replay()
+    learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+    s.request_stop()
+    wait_for(lambda: s.state is None, 10, what="the shard to stop")
+    t = threading.Thread(target=learner.run, daemon=True)
+    try:
+        t.start()
+        wait_for(lambda: learner.pusher.in_flight() == cfg.net.in_flight, 20, what="the window to fill")
+        time.sleep(0.5)                                  # the learner is now waiting for room
+        assert learner.updates == cfg.net.in_flight and learner.pusher.stats.lost == 0
+        learner.request_stop()
+        t.join(10)                                       # the loop's wait (0.25 s) + close's flush (2 s)
+        assert not t.is_alive(), "the learner is still waiting for its gone shard"
+    finally:
+        learner.request_stop()
+        t.join(30)
+        rb.close()
+        rb.unlink()

@@ -209,12 +209,17 @@ class Learner(Role):
             self.pusher.poll(0)
             return
         t0 = time.perf_counter()
+        # The window first, then theta: no gradient waits to be sent. A shard that does not answer
+        # (gone, or restarting) keeps the window full until its pushes are resent or given up; the
+        # learner goes back to its loop meanwhile, so a stop is not held up by a missing shard.
+        if not self.pusher.wait_room(timeout_s=0.25):
+            self.wait_s += time.perf_counter() - t0
+            return
         try:
             batch = self.loader.get(timeout=1.0)
         except queue.Empty:
             self.wait_s += time.perf_counter() - t0
             return
-        self.pusher.wait_room()          # the window first, then theta: no gradient waits to be sent
         t1 = time.perf_counter()
         self.wait_s += t1 - t0
         self._refresh()
@@ -374,7 +379,7 @@ class Learner(Role):
         if self.loader is not None:
             self.loader.stop.set()
             self.loader.join(2)
-        self.pusher.flush(5)
+        self.pusher.flush(2.0)          # the last replies: milliseconds from a live shard; a gone one is not waited for
         self.pusher.close()
         self.sub.close()
         self.source.close()
