@@ -77,7 +77,10 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--env", help="game or gymnasium id (default: the one the checkpoint was trained on)")
     p.add_argument("--episodes", type=_positive_int, default=None, help="default: eval.episodes (30)")
     p.add_argument("--epsilon", type=_probability, default=None, help="default: eval.epsilon (0.05)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the episodes' seed (an evaluation record's `seed` plays "
+                   "its episodes again)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads (default: the checkpoint's agent.torch_threads, as the evaluator ran)")
     p.add_argument("--fire-reset", action="store_true", help="Atari: press FIRE at each reset, as training does "
                    "(default: the protocol's eval.fire_reset, off)")
     p.add_argument("--video", help="write the first episode as an mp4 here")
@@ -99,16 +102,18 @@ def eval_main(argv: list[str]) -> int:
     if layout.hash != meta["layout_hash"]:
         raise C.ConfigError(f"checkpoint was trained on another network than {cfg.env.name} needs "
                             f"({layout.size} params vs {theta.size})")
+    import torch
+    torch.set_num_threads(a.threads or cfg.agent.torch_threads)
     layout.load_into(model, theta)
     model.eval()
     episodes = a.episodes or cfg.eval.episodes
     policy = agent.evaluation(cfg, model, a.seed)
-    print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes, {policy.describe()}, up to "
+    print(f"evaluating {a.checkpoint} on {cfg.env.name}: {episodes} episodes (seed {a.seed}), {policy.describe()}, up to "
           f"{cfg.eval.noop_max} no-ops, cap {cfg.eval.max_frames} frames"
           + (", FIRE pressed at reset" if protocol(cfg).get("fire_reset") else ""))
     returns = run_episodes(policy, cfg, episodes, a.seed, a.video,
                            on_episode=lambda i, r: print(f"  episode {i + 1}/{episodes}: {r:g}", flush=True))
-    res = dict(summarize(cfg.env.name, returns), **protocol(cfg))
+    res = dict(summarize(cfg.env.name, returns), seed=a.seed, **protocol(cfg))
     print(json.dumps(res, indent=2))
     if a.json:
         with open(a.json, "w") as f:

@@ -529,3 +529,39 @@ def test_a_learner_whose_shard_is_gone_stops_promptly(shard, ctx):
         t.join(30)
         rb.close()
         rb.unlink()
+
+
+def test_an_evaluation_is_played_again_from_best_npz_and_its_seed(shard, ctx, tmp_path):
+    """The evaluator role against a real shard: its record names the seed, best.npz keeps the theta it
+    played, and `gorila-zmq eval --seed` on best.npz plays the same episodes (CartPole and epsilon's
+    draws are seeded: the same returns); another seed plays others."""
+    import json
+    from gorila_zmq.cli import eval_main
+    from gorila_zmq.roles.evaluator import Evaluator
+    cfg, s = shard("eval.epsilon=0.5", "eval.episodes=4", "eval.interval_s=1000", "ps.max_staleness=100000")
+    _advance(ctx, cfg, 3)
+    ev = Evaluator(cfg, 0, ctx)
+    try:
+        ev._next = 0.0
+        ev.step()
+    finally:
+        ev.close()
+    rec = [json.loads(line) for line in open(f"{cfg.run.run_dir}/evaluations.jsonl")][-1]
+    assert rec["episodes"] == 4 and rec["global_updates"] == 3
+
+    def replay(seed):
+        out = tmp_path / f"eval{seed}.json"
+        threads = torch.get_num_threads()              # eval_main sets the evaluator's: this process's back after
+        try:
+            assert eval_main(["--checkpoint", f"{cfg.run.run_dir}/best.npz", "--seed", str(seed),
+                              "--json", str(out)]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return json.load(open(out))
+    again = replay(rec["seed"])
+    assert again["seed"] == rec["seed"]
+    assert [again[k] for k in ("return_mean", "return_min", "return_max")] == \
+        [rec[k] for k in ("return_mean", "return_min", "return_max")], (again, rec)
+    other = replay(rec["seed"] + 1)
+    assert [other[k] for k in ("return_mean", "return_min", "return_max")] != \
+        [rec[k] for k in ("return_mean", "return_min", "return_max")]

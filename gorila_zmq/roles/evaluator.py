@@ -3,7 +3,9 @@
 Every `eval.interval_s` the evaluator takes the exact current theta from the shards, plays
 `eval.episodes` whole episodes with the agent's evaluation policy (DQN: epsilon `eval.epsilon`;
 DrQ-v2: the mean action), appends the result to RUN_DIR/evaluations.jsonl and keeps the best
-parameters as RUN_DIR/best.npz.
+parameters as RUN_DIR/best.npz. Each record names its seed: `gorila-zmq eval --checkpoint
+RUN_DIR/best.npz --seed SEED` plays the same episodes again (on `agent.torch_threads` threads, as the
+evaluator does), and on a deterministic environment gets the same returns.
 
 Atari protocol (DQN/Gorila): no sticky actions, up to `eval.noop_max` random no-ops at the start and
 no FIRE pressed for the agent (`eval.fire_reset`, recorded in each evaluation as `fire_reset`),
@@ -145,7 +147,7 @@ class Evaluator(Role):
             return
         res = summarize(self.cfg.env.name, returns)
         res.update(global_updates=versions[0], wall_time=time.time(), eval_seconds=time.monotonic() - t0,
-                   env_frames=self._env_frames(), **protocol(self.cfg))
+                   env_frames=self._env_frames(), seed=seed, **protocol(self.cfg))
         self.last = res
         self.evaluations += 1
         with open(self.history_path, "a") as f:     # one line per evaluation, appended: a log, not state
