@@ -155,6 +155,13 @@ MUTANTS = [
     M("evaluation presses FIRE", "gorila_zmq/envs/__init__.py",
       "fire_reset=None if (ev.fire_reset if evaluation else cfg.env.fire_reset) else False", "fire_reset=None",
       ("tests/test_evaluation.py",)),
+    M("evaluation record names another seed", "gorila_zmq/roles/evaluator.py",
+      "env_frames=self._env_frames(), seed=seed,", "env_frames=self._env_frames(), seed=seed + 1,", (DQN,)),
+    M("eval ignores --seed", "gorila_zmq/cli.py",
+      "returns = run_episodes(policy, cfg, episodes, a.seed, a.video,", "returns = run_episodes(policy, cfg, episodes, 0, a.video,",
+      (DQN,)),
+    M("learner waits for window room without bound", "gorila_zmq/roles/learner.py",
+      "if not self.pusher.wait_room(timeout_s=0.25):", "if not self.pusher.wait_room(timeout_s=30.0):", (DQN,)),
 ]
 
 
