@@ -216,7 +216,11 @@ cdef class Core:
                 memcpy(obs + p * fb, base + (x % cap) * fb, fb)
                 zero = (lf[x % cap] & START) != 0
                 x -= 1
-        if k < S:
+        if nxt == NULL:
+            # shared-frames row (n_step 1, so k = 1): next_obs is the row's frames 1..S, a view the
+            # caller holds; only its newest frame is written, after obs's
+            memcpy(obs + S * fb, base + ((L + 1) % cap) * fb, fb)
+        elif k < S:
             # next_obs is obs shifted by k frames: reuse the row just written (it is in cache)
             memcpy(nxt, obs + k * fb, (S - k) * fb)
             for i in range(1, k + 1):
@@ -248,8 +252,10 @@ cdef class Core:
                int64_t[::1] index, int64_t[::1] row_lane, int64_t[::1] row_low):
         """Candidates u = floor(x * total) (x uniform in [0, 1): uniform over the snapshot's retained
         slots) are tested in order; each valid one is gathered into the next unfilled row of `rows`.
-        Returns the new number of filled rows."""
-        cdef Py_ssize_t B = reward.shape[0], ob = self.stack * self.fb, nrows = rows.shape[0]
+        Returns the new number of filled rows. next_obs None: `obs` is a shared-frames buffer, rows of
+        stack + 1 frames (n_step 1 only), obs their first `stack` frames and next_obs their last."""
+        cdef bint shared = next_obs is None
+        cdef Py_ssize_t B = reward.shape[0], ob = (self.stack + shared) * self.fb, nrows = rows.shape[0]
         cdef Py_ssize_t j, l, r, m = 0, want = nrows - filled
         cdef int64_t L, k, low, u
         cdef bint term
@@ -257,6 +263,8 @@ cdef class Core:
         cdef uint8_t* po
         cdef uint8_t* pn
         cdef uint8_t* pa
+        if shared and self.nstep != 1:
+            raise ValueError("a shared-frames batch needs n_step == 1")
         if want <= 0:
             return filled
         cdef int64_t[:, ::1] acc = np.empty((want, 4), np.int64)     # lane, L, k, term
@@ -281,9 +289,11 @@ cdef class Core:
                 row_lane[r] = l
                 row_low[r] = low
                 m += 1
-        po = _acquire(obs, &ov, B * ob, True, "obs")
+        po = _acquire(obs, &ov, B * ob, True, "frames" if shared else "obs")
         try:
-            pn = _acquire(next_obs, &nv, B * ob, True, "next_obs")
+            pn = NULL
+            if not shared:
+                pn = _acquire(next_obs, &nv, B * ob, True, "next_obs")
             try:
                 pa = _acquire(action, &av, B * self.ab, True, "action")
                 try:
@@ -296,12 +306,13 @@ cdef class Core:
                                 self._prefetch(acc[j + 1, 0], acc[j + 1, 1], acc[j + 1, 2])
                             r = rows[filled + j]
                             self._gather(acc[j, 0], acc[j, 1], acc[j, 2], acc[j, 3] != 0,
-                                         po + r * ob, pn + r * ob, pa + r * self.ab,
+                                         po + r * ob, NULL if shared else pn + r * ob, pa + r * self.ab,
                                          &reward[r], &discount[r])
                 finally:
                     PyBuffer_Release(&av)
             finally:
-                PyBuffer_Release(&nv)
+                if not shared:
+                    PyBuffer_Release(&nv)
         finally:
             PyBuffer_Release(&ov)
         return filled + m

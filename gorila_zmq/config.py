@@ -154,6 +154,10 @@ class AgentConfig:
                                        "the shard's max)")
     learner_torch_threads: int = _f(0, "torch intra-op threads in learner processes (0: torch_threads); on a "
                                        "small box the learner is the one role worth a second core")
+    batch_layout: str = _f("auto", "a bundled learner's minibatch: pairs (obs and next_obs, a full stack each), "
+                                   "frames (rows of stack + 1 frames that obs and next_obs are views of: 5 frames "
+                                   "per Atari row instead of 8, one copy to the device; n_step 1 only), or auto "
+                                   "(frames where n_step is 1 and frames are stacked)")
 
 
 @dataclass
@@ -237,6 +241,11 @@ class Config:
             errs.append("ps.max_staleness, ps.max_staleness_s and ps.staleness_factor must be >= 0 (0: off)")
         if 0 < self.ps.staleness_factor < 2:
             errs.append("ps.staleness_factor below 2 would refuse honest gradients (half are older than the median)")
+        if self.agent.batch_layout not in ("auto", "pairs", "frames"):
+            errs.append(f"agent.batch_layout {self.agent.batch_layout!r} is not one of: auto, pairs, frames")
+        elif self.agent.batch_layout == "frames" and self.agent.n_step != 1:
+            errs.append(f"agent.batch_layout=frames needs agent.n_step=1 (it is {self.agent.n_step}): only then is "
+                        "next_obs obs shifted by one frame; use auto or pairs")
         if self.net.grad_dtype not in ("float32", "bfloat16", "float16"):
             errs.append(f"net.grad_dtype {self.net.grad_dtype!r} is not one of: float32, bfloat16, float16")
         if self.agent.grads_per_push < 1:

@@ -565,3 +565,58 @@ def test_an_evaluation_is_played_again_from_best_npz_and_its_seed(shard, ctx, tm
     other = replay(rec["seed"] + 1)
     assert [other[k] for k in ("return_mean", "return_min", "return_max")] != \
         [rec[k] for k in ("return_mean", "return_min", "return_max")]
+
+
+@pytest.mark.parametrize("layout", ["auto", "frames"])
+def test_shared_frames_batches_give_the_learner_the_same_loss_and_gradient(layout, make_cfg):
+    """agent.batch_layout: a bundled learner's source samples rows of stack + 1 frames (n_step 1), and
+    the learner moves that one tensor to its device and views obs and next_obs in it: the same
+    tensors, the same TD loss and gradient as with separate obs and next_obs of the same rows."""
+    from gorila_zmq.agents.dqn.networks import NatureCNN
+    from gorila_zmq.replay.memory import ReplayMemory
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import batch_to_device
+    rng = np.random.default_rng(0)
+    with ReplayMemory(400, frame_shape=(84, 84), stack=4, dtype=np.uint8, n_step=1) as rb:
+        rb.start_episode(rng.integers(0, 255, (84, 84), dtype=np.uint8))
+        for t in range(300):
+            rb.add(int(rng.integers(6)), float(rng.standard_normal()), rng.integers(0, 255, (84, 84), dtype=np.uint8),
+                   t % 37 == 36, False)
+            if t % 37 == 36:
+                rb.start_episode(rng.integers(0, 255, (84, 84), dtype=np.uint8))
+        pairs = MemorySource(rb, batch_layout="pairs").allocate(16)
+        shared = MemorySource(rb, batch_layout=layout).allocate(16)
+        assert pairs.frames is None and shared.frames is not None
+        rb.sample(16, np.random.default_rng(3), out=pairs)
+        rb.sample(16, np.random.default_rng(3), out=shared)
+        a = batch_to_device(pairs.as_tensors(), torch.device("cpu"), False, False)
+        b = batch_to_device(shared.as_tensors(), torch.device("cpu"), False, False)
+        assert not b.obs.is_contiguous() and b.obs.data_ptr() == shared.frames.ctypes.data
+        for k in ("obs", "action", "reward", "discount", "next_obs"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), k
+        torch.manual_seed(0)
+        q, tgt = NatureCNN(n_actions=6), NatureCNN(n_actions=6)
+        grads = []
+        for batch in (a, b):
+            q.zero_grad()
+            loss, _ = td_loss(q, tgt, batch.obs, batch.action, batch.reward, batch.discount, batch.next_obs,
+                              double=True)
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in q.parameters()]))
+        assert torch.equal(grads[0], grads[1])
+        # prioritized replay samples into the same layout
+        prio = {"alpha": 0.6, "eps": 1e-6, "weight_norm": "batch"}
+        got = []
+        for lay in ("pairs", layout):
+            src = MemorySource(rb, prioritized=prio, batch_layout=lay)
+            got.append(src.sample(16, np.random.default_rng(4), src.allocate(16)))
+        assert got[1].frames is not None and np.array_equal(got[0].index, got[1].index)
+        assert np.array_equal(got[0].obs, got[1].obs) and np.array_equal(got[0].next_obs, got[1].next_obs)
+        assert np.array_equal(got[0].weight, got[1].weight)
+    cfg = make_cfg("agent.n_step=3", "agent.batch_layout=auto")
+    assert cfg.agent.batch_layout == "auto"
+    from gorila_zmq.config import ConfigError
+    with pytest.raises(ConfigError, match="batch_layout=frames needs agent.n_step=1"):
+        make_cfg("agent.n_step=3", "agent.batch_layout=frames")
+    with pytest.raises(ConfigError, match="is not one of: auto, pairs, frames"):
+        make_cfg("agent.batch_layout=five")

@@ -170,17 +170,23 @@ def check_against_ref(rb, ref, rng, batch=512):
         with pytest.raises(ValueError):
             rb.sample(4, rng)
         return
-    b = rb.sample(batch, rng)
-    assert b.obs.shape == (batch, *rb.obs_shape) and b.obs.dtype == rb.dtype
-    for i in range(batch):
-        idx = int(b.index[i])
-        assert idx in want, f"sampled invalid index {idx}"
-        obs, action, ret, disc, nxt = want[idx]
-        np.testing.assert_array_equal(b.obs[i], obs)
-        np.testing.assert_array_equal(b.next_obs[i], nxt)
-        np.testing.assert_array_equal(b.action[i], action)
-        assert b.reward[i] == pytest.approx(ret, rel=1e-5, abs=1e-5)
-        assert b.discount[i] == pytest.approx(disc, rel=1e-5, abs=1e-7)
+    batches = [rb.sample(batch, rng)]
+    if rb.shares_frames:          # n_step 1 with a stack: the shared-frames layout, by the same rules
+        shared = rb.sample(batch, rng, out=rb.allocate_batch(batch, pinned=False, shared_frames=True))
+        assert shared.frames.shape == (batch, rb.stack + 1, *rb.frame_shape)
+        assert np.shares_memory(shared.obs, shared.frames) and np.shares_memory(shared.next_obs, shared.frames)
+        batches.append(shared)
+    for b in batches:
+        assert b.obs.shape == (batch, *rb.obs_shape) and b.obs.dtype == rb.dtype
+        for i in range(batch):
+            idx = int(b.index[i])
+            assert idx in want, f"sampled invalid index {idx}"
+            obs, action, ret, disc, nxt = want[idx]
+            np.testing.assert_array_equal(b.obs[i], obs)
+            np.testing.assert_array_equal(b.next_obs[i], nxt)
+            np.testing.assert_array_equal(b.action[i], action)
+            assert b.reward[i] == pytest.approx(ret, rel=1e-5, abs=1e-5)
+            assert b.discount[i] == pytest.approx(disc, rel=1e-5, abs=1e-7)
 
 
 CONFIGS = {
@@ -194,6 +200,8 @@ CONFIGS = {
     # DrQ-v2's replay: the first frame repeated before an episode, whole n-step windows only
     "drqv2-like": dict(capacity=80, frame_shape=(3, 2, 2), stack=3, dtype=np.uint8, n_step=3, gamma=0.99, lanes=2,
                        action_shape=(1,), action_dtype=np.float32, stack_padding="repeat", full_windows=True),
+    "one-step-lanes-repeat": dict(capacity=60, frame_shape=(3, 2), stack=4, dtype=np.uint8, n_step=1, gamma=0.9,
+                                  lanes=3, stack_padding="repeat"),
     "repeat-padding": dict(capacity=60, frame_shape=(2, 3), stack=4, dtype=np.uint8, n_step=2, gamma=0.9, lanes=1,
                            stack_padding="repeat"),
     "full-windows": dict(capacity=60, frame_shape=(2,), stack=2, dtype=np.uint8, n_step=4, gamma=0.9, lanes=2,
@@ -463,6 +471,45 @@ def test_batch_allocation_and_validation():
             rb.sample(5, out=bad)
     with ReplayMemory(20, frame_shape=(4,), stack=1, dtype=np.float32) as rb:
         assert rb.obs_shape == (4,) and rb.allocate_batch(3).obs.shape == (3, 4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shared_frames_batch_layout(impl):
+    """Rows of stack + 1 frames (n_step 1): obs and next_obs are views, 5 frames written per Atari row
+    instead of 8, and the tensors too are views of one `frames` tensor. Refused where next_obs is
+    not obs shifted by one frame, and for arrays that are not its views."""
+    import torch
+    with ReplayMemory(50, frame_shape=(3, 3), stack=4, impl=impl) as rb:
+        assert rb.shares_frames
+        b = rb.allocate_batch(6, pinned=False, shared_frames=True)
+        assert b.frames.shape == (6, 5, 3, 3) and b.obs.shape == b.next_obs.shape == (6, 4, 3, 3)
+        assert b.frames.nbytes == 6 * 5 * 9                       # pairs: 6 * 8 * 9
+        rb.start_episode(np.full((3, 3), 1, np.uint8))
+        for v in range(2, 9):
+            rb.add(0, float(v), np.full((3, 3), v, np.uint8), False, False)
+        rb.sample(6, np.random.default_rng(0), out=b)
+        for i in range(6):                                         # frames v-3..v+1, zeros before frame 1
+            v = int(b.next_obs[i, -1, 0, 0])
+            assert b.reward[i] == v and [int(f[0, 0]) for f in b.frames[i]] == [max(x, 0) for x in range(v - 4, v + 1)]
+        t = b.as_tensors()
+        assert t.frames.data_ptr() == t.obs.data_ptr() == t.next_obs.data_ptr() - 9
+        assert torch.equal(t.next_obs, torch.from_numpy(np.ascontiguousarray(b.next_obs)))
+        b.obs = b.obs.copy()                                       # no longer the view the kernel fills
+        with pytest.raises(ValueError, match="shared_views"):
+            rb.sample(6, out=b)
+    with ReplayMemory(50, frame_shape=(3, 3), stack=4, n_step=3, impl=impl) as rb:
+        assert not rb.shares_frames
+        with pytest.raises(ValueError, match="n_step 1"):
+            rb.allocate_batch(4, pinned=False, shared_frames=True)
+        rb.start_episode(np.ones((3, 3), np.uint8))
+        for _ in range(5):
+            rb.add(0, 0.0, np.ones((3, 3), np.uint8), False, False)
+        with ReplayMemory(50, frame_shape=(3, 3), stack=4, impl=impl) as one_step:
+            foreign = one_step.allocate_batch(4, pinned=False, shared_frames=True)
+        with pytest.raises(ValueError, match="n_step 1"):
+            rb.sample(4, out=foreign)
+    with ReplayMemory(50, frame_shape=(4,), stack=1, dtype=np.float32, impl=impl) as rb:
+        assert not rb.shares_frames                               # nothing to share without a stack
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()")

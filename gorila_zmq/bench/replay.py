@@ -35,6 +35,10 @@ single-thread copy bandwidth (np.copyto of 256 MB, measured in the same run), ov
 the lower of batch 32 and 256. Random 7 KB reads rarely reach a sequential copy's bandwidth, so 1.0 is
 out of reach.
 
+*_frames: the same for the shared-frames batch layout (agent.batch_layout; n_step 1): each row is
+STACK + 1 frames that obs and next_obs are views of, so a sample writes 5 frames per row instead of 8;
+sample_frames_vs_pairs_speedup is its speed-up over the pairs layout (the lower of batch 32 and 256).
+
 bytes_per_transition: a fresh process fills an Atari memory of --rss-capacity slots and reports its
 resident-set growth (psutil) divided by the capacity; the shared-memory file's allocated blocks give
 the same number from the other side.
@@ -223,6 +227,14 @@ def run(args) -> Report:
                     h.sample(B, rng, out=out)
                     return out.as_tensors()
                 fns[f"ours ({h.implementation}) sample {B}"] = ours_sample
+        for B in (32, 256):         # the shared-frames layout (agent.batch_layout): 5 frames per row
+            out = rb.allocate_batch(B, pinned=False, shared_frames=True)
+            out.as_tensors()
+
+            def ours_frames(B=B, out=out):
+                rb.sample(B, rng, out=out)
+                return out.as_tensors()
+            fns[f"ours ({rb.implementation}) sample {B}, shared frames"] = ours_frames
         if not args.no_sb3:
             from gymnasium import spaces
             from stable_baselines3.common.buffers import ReplayBuffer
@@ -296,6 +308,26 @@ def run(args) -> Report:
             rep.row(f"ours / bound, batch {B}", fractions[-1], "x", "fraction of the bound reached")
         rep.metrics["sample_bandwidth_fraction"] = min(fractions)
         rep.metrics["bytes_written_per_row"] = write
+        # the shared-frames layout: a row of STACK + 1 frames, obs and next_obs views of it
+        write_f = (STACK + 1) * fb
+        rep.row("bytes per sampled row, shared frames: frames read / batch written", read, "B",
+                f"{write_f:,} B written (one row of {STACK + 1} frames)")
+        fr_f, speed = [], []
+        for B in (32, 256):
+            tf = t[f"ours ({main}) sample {B}, shared frames"]
+            fr_f.append(B * (read + write_f) / bw / tf)
+            speed.append(t[f"ours ({main}) sample {B}"] / tf)
+            rep.row(f"shared frames / pairs, batch {B}", speed[-1], "x", "speed-up of the sample")
+            rep.row(f"ours shared frames / bound, batch {B}", fr_f[-1], "x", "fraction of its bound reached")
+            if cbs:
+                rep.row(f"sample vs cpprb -> tensors, shared frames, batch {B}", t[f"cpprb sample {B} -> tensors"] / tf, "x")
+        rep.metrics["bytes_written_per_row_frames"] = write_f
+        rep.metrics["sample_frames_vs_pairs_speedup"] = min(speed)
+        rep.metrics["sample_bandwidth_fraction_frames"] = min(fr_f)
+        if cbs:
+            rep.metrics["sample_vs_cpprb_speedup_frames"] = min(t[f"cpprb sample {B} -> tensors"]
+                                                                / t[f"ours ({main}) sample {B}, shared frames"]
+                                                                for B in (32, 256))
         cbs.clear()
         if sb is not None:
             rep.metrics["sample_vs_sb3_speedup"] = t["sb3 sample 32"] / t[f"ours ({main}) sample 32"]

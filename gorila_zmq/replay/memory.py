@@ -148,6 +148,7 @@ class Batch:
     discount: np.ndarray
     next_obs: np.ndarray
     index: np.ndarray
+    frames: np.ndarray | None = None          # the shared-frames layout: obs and next_obs are views of it
     _tensors: "Batch | None" = field(default=None, repr=False)
     _scratch: dict | None = field(default=None, repr=False)
 
@@ -155,17 +156,28 @@ class Batch:
         return self.reward.shape[0]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not f.name.startswith("_") and getattr(self, f.name) is not None}
 
     def as_tensors(self) -> "Batch":
         """The same memory as torch tensors (no copy): the pinned tensors when allocated pinned.
+        In the shared-frames layout, obs and next_obs are views of the `frames` tensor.
 
         With pinned memory, copy to the GPU with .to(device, non_blocking=True) and do not sample
         into this batch again before that copy has finished (double-buffer two batches)."""
         if self._tensors is None:
             import torch
-            self._tensors = type(self)(**{k: torch.from_numpy(v) for k, v in self.arrays().items()})
+            t = {k: torch.from_numpy(v) for k, v in self.arrays().items()}
+            if self.frames is not None:
+                t["obs"], t["next_obs"] = shared_views(t["frames"])
+            self._tensors = type(self)(**t)
         return self._tensors
+
+
+def shared_views(frames):
+    """obs and next_obs of a shared-frames batch (B, stack + 1, *frame_shape), as views (NumPy or
+    torch, on any device): each row's frames 0..stack-1 and 1..stack."""
+    return frames[:, :-1], frames[:, 1:]
 
 
 @dataclass(eq=False)
@@ -380,16 +392,33 @@ class ReplayMemory:
 
     # ------------------------------------------------------------ readers
 
-    def allocate_batch(self, batch_size: int, pinned: bool | None = None, prioritized: bool = False) -> Batch:
+    @property
+    def shares_frames(self) -> bool:
+        """Can a batch use the shared-frames layout (allocate_batch(shared_frames=True))? With n_step
+        1 every next_obs is its obs shifted by one frame, so a row of stack + 1 frames holds both."""
+        return self._lay.n_step == 1 and self._lay.stack > 1
+
+    def allocate_batch(self, batch_size: int, pinned: bool | None = None, prioritized: bool = False,
+                       shared_frames: bool = False) -> Batch:
         """An empty Batch to sample into. pinned=None pins (page-locked torch tensors, viewed as
         NumPy arrays; Batch.as_tensors() returns the tensors) when torch.cuda.is_available(), so
-        the learner can copy to the GPU with non_blocking=True; otherwise plain NumPy arrays."""
+        the learner can copy to the GPU with non_blocking=True; otherwise plain NumPy arrays.
+
+        shared_frames=True (n_step 1, stack > 1: see shares_frames): one `frames` array of rows of
+        stack + 1 frames, with obs and next_obs its views (memory.shared_views), so a sample writes
+        5 frames per Atari row instead of 8 and a learner copies `frames` alone to its device."""
         B, lay = int(batch_size), self._lay
         if B < 1:
             raise ValueError(f"batch_size must be >= 1, got {B}")
+        if shared_frames and not self.shares_frames:
+            raise ValueError(f"shared_frames needs n_step 1 and a frame stack (this memory: n_step "
+                             f"{lay.n_step}, stack {lay.stack}): only then is next_obs obs shifted by a frame")
         spec = {"obs": ((B, *self.obs_shape), lay.dtype), "action": ((B, *lay.action_shape), lay.action_dtype),
                 "reward": ((B,), np.float32), "discount": ((B,), np.float32),
                 "next_obs": ((B, *self.obs_shape), lay.dtype), "index": ((B,), np.int64)}
+        if shared_frames:
+            del spec["obs"], spec["next_obs"]
+            spec["frames"] = ((B, lay.stack + 1, *lay.frame_shape), lay.dtype)
         cls = Batch
         if prioritized:         # PrioritizedReplay fills these: the importance weights, the positions
             spec.update(weight=((B,), np.float32), position=((B,), np.int64))
@@ -397,22 +426,36 @@ class ReplayMemory:
         if pinned is None:
             pinned = _cuda_available()
         if not pinned:
-            return cls(**{k: np.zeros(s, d) for k, (s, d) in spec.items()})
-        import torch
-        t = {k: torch.zeros(s, dtype=torch.from_numpy(np.empty(0, d)).dtype, pin_memory=True)
-             for k, (s, d) in spec.items()}
-        return cls(**{k: v.numpy() for k, v in t.items()}, _tensors=cls(**t))
+            a = {k: np.zeros(s, d) for k, (s, d) in spec.items()}
+            t = None
+        else:
+            import torch
+            t = {k: torch.zeros(s, dtype=torch.from_numpy(np.empty(0, d)).dtype, pin_memory=True)
+                 for k, (s, d) in spec.items()}
+            a = {k: v.numpy() for k, v in t.items()}
+        if shared_frames:
+            a["obs"], a["next_obs"] = shared_views(a["frames"])
+            if t is not None:
+                t["obs"], t["next_obs"] = shared_views(t["frames"])
+        return cls(**a, _tensors=None if t is None else cls(**t))
 
     def _check_batch(self, out: Batch, B: int) -> dict:
         sc = out._scratch
         key = (id(self._lay), B, id(out.obs), id(out.action), id(out.reward), id(out.discount),
-               id(out.next_obs), id(out.index))
+               id(out.next_obs), id(out.index), id(out.frames))
         if sc is not None and sc["ok_for"] == key:
             return sc              # validated before, and the same arrays
         lay = self._lay
         want = {"obs": ((B, *self.obs_shape), lay.dtype), "action": ((B, *lay.action_shape), lay.action_dtype),
                 "reward": ((B,), np.float32), "discount": ((B,), np.float32),
                 "next_obs": ((B, *self.obs_shape), lay.dtype), "index": ((B,), np.int64)}
+        shared = out.frames is not None
+        if shared:
+            if not self.shares_frames:
+                raise ValueError(f"a shared-frames batch needs a memory with n_step 1 and a frame stack "
+                                 f"(this one: n_step {lay.n_step}, stack {lay.stack})")
+            del want["obs"], want["next_obs"]
+            want["frames"] = ((B, lay.stack + 1, *lay.frame_shape), lay.dtype)
         for k, (shape, dt) in want.items():
             a = getattr(out, k)
             if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dt
@@ -423,8 +466,15 @@ class ReplayMemory:
         sc = {"ok_for": key, "rows": np.arange(B, dtype=np.int64),
               "row_lane": np.zeros(B, np.int64), "row_low": np.zeros(B, np.int64),
               "torn": np.zeros(B, np.int64)}
-        sc["args"] = (out.obs, out.next_obs, out.action, out.reward, out.discount, out.index,
-                      sc["row_lane"], sc["row_low"])
+        if shared:              # the kernel writes `frames`: obs and next_obs must be its views
+            views = shared_views(out.frames)
+            for k, v in zip(("obs", "next_obs"), views):
+                a = getattr(out, k)
+                if not (isinstance(a, np.ndarray) and a.shape == v.shape and a.strides == v.strides
+                        and a.__array_interface__["data"][0] == v.__array_interface__["data"][0]):
+                    raise ValueError(f"out.{k} must be the view memory.shared_views(out.frames) gives")
+        sc["args"] = (out.frames if shared else out.obs, None if shared else out.next_obs, out.action, out.reward,
+                      out.discount, out.index, sc["row_lane"], sc["row_low"])
         out._scratch = sc
         return sc
 

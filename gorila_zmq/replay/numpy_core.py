@@ -95,6 +95,9 @@ class NumpyCore:
 
     def gather(self, x, total, w, lo, cum, rows, filled, obs, next_obs, action, reward, discount,
                index, row_lane, row_low):
+        """next_obs None: `obs` is a shared-frames buffer (rows of stack + 1 frames, n_step 1)."""
+        if next_obs is None and self.nstep != 1:
+            raise ValueError("a shared-frames batch needs n_step == 1")
         want = rows.shape[0] - filled
         if want <= 0 or x.shape[0] == 0:
             return filled
@@ -109,14 +112,18 @@ class NumpyCore:
         r = rows[filled:filled + sel.size]
         B, S, cap = reward.shape[0], self.stack, self.cap
         back = (S - 1 - np.arange(S))[None, :]
-        for out, top in ((obs, L), (next_obs, L + k)):
+        shared = next_obs is None
+        for out, top in ((obs, L),) if shared else ((obs, L), (next_obs, L + k)):
             x = top[:, None] - back
             if self.pad_repeat:                           # before the episode's first frame: that frame
                 x = np.maximum(x, low[:, None])
             g = self.frames[lane[:, None], x % cap]
             if not self.pad_repeat:
                 g[x < low[:, None]] = 0                   # ... or zeros
-            out.reshape(B, -1).view(np.uint8).reshape(B, S, self.fb)[r] = g
+            rows_out = out.reshape(B, -1).view(np.uint8).reshape(B, S + shared, self.fb)
+            rows_out[r, :S] = g
+            if shared:                                    # next_obs = frames 1..S: only the newest is new
+                rows_out[r, S] = self.frames[lane, (L + 1) % cap]
         action.reshape(B, -1).view(np.uint8)[r] = self.actions[lane, (L + 1) % cap]
         ret = np.zeros(sel.size)
         g = np.ones(sel.size)

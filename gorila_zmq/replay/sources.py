@@ -82,8 +82,8 @@ class MemorySource:
     """A replay memory this process already holds; `priorities` (a PriorityReplay config: alpha, eps)
     samples it by priority."""
 
-    def __init__(self, rb: ReplayMemory, prioritized: dict | None = None):
-        self.rb, self.prioritized = rb, prioritized
+    def __init__(self, rb: ReplayMemory, prioritized: dict | None = None, batch_layout: str = "auto"):
+        self.rb, self.prioritized, self.batch_layout = rb, prioritized, batch_layout
         self.pr = None
         self.beta = 1.0
         self.gen = 0                     # which memory a batch came from (LocalSource swaps them)
@@ -108,7 +108,9 @@ class MemorySource:
             self.inserted = self.inserts.see(0, self.rb.transitions_added(), key=self.gen)
 
     def allocate(self, B: int):
-        return self.rb.allocate_batch(B, prioritized=self.prioritized is not None)
+        """A batch to sample into: shared frames (agent.batch_layout) where this memory allows them."""
+        shared = self.batch_layout == "frames" or (self.batch_layout == "auto" and self.rb.shares_frames)
+        return self.rb.allocate_batch(B, prioritized=self.prioritized is not None, shared_frames=shared)
 
     def sample(self, B: int, rng, out):
         if self.pr is None:
@@ -143,7 +145,7 @@ class LocalSource(MemorySource):
     valid after the unlink)."""
 
     def __init__(self, cfg, index: int):
-        super().__init__(None, priority_args(cfg))
+        super().__init__(None, priority_args(cfg), cfg.agent.batch_layout)
         self.name = bundle_memory_name(cfg, index)
         self._ino = None
         self._next_check = 0.0

@@ -29,7 +29,7 @@ from gorila_zmq.net import topology
 from gorila_zmq.ps.client import GradientPusher, ShardSet, fetch_params
 from gorila_zmq.ps.shared import param_source
 from gorila_zmq.ps.layout import ParamLayout
-from gorila_zmq.replay.memory import NotReady
+from gorila_zmq.replay.memory import NotReady, shared_views
 from gorila_zmq.replay.priority import beta_at
 from gorila_zmq.replay.sources import make_source
 from gorila_zmq.roles.base import Role, role_main
@@ -149,6 +149,20 @@ class Loader(threading.Thread):
         self.free.put(buf)
 
 
+def batch_to_device(t, device: torch.device, non_blocking: bool, weights: bool) -> agents.Batch:
+    """A sampled batch's tensors (Batch.as_tensors()) on the learner's device. A shared-frames batch
+    (agent.batch_layout) travels as its one `frames` tensor; obs and next_obs are views of it there."""
+    moved = {k: torch.as_tensor(getattr(t, k)).to(device, non_blocking=non_blocking)
+             for k in ("action", "reward", "discount")}
+    if getattr(t, "frames", None) is not None:
+        moved["obs"], moved["next_obs"] = shared_views(t.frames.to(device, non_blocking=non_blocking))
+    else:
+        for k in ("obs", "next_obs"):
+            moved[k] = torch.as_tensor(getattr(t, k)).to(device, non_blocking=non_blocking)
+    return agents.Batch(**moved, weight=torch.as_tensor(t.weight).to(device, non_blocking=non_blocking)
+                        if weights else None)
+
+
 class Learner(Role):
     def __init__(self, cfg, index: int, ctx=None, source=None):
         self.name = f"learner{index}"
@@ -227,10 +241,7 @@ class Learner(Role):
         t = batch.as_tensors()
         nb = self.device.type == "cuda"
         a = self.cfg.agent
-        on_device = agents.Batch(*(torch.as_tensor(getattr(t, k)).to(self.device, non_blocking=nb)
-                                   for k in ("obs", "action", "reward", "discount", "next_obs")),
-                                 weight=torch.as_tensor(t.weight).to(self.device, non_blocking=nb)
-                                 if a.prioritized else None)
+        on_device = batch_to_device(t, self.device, nb, a.prioritized)
         copied = None
         if nb:                  # the pinned buffer goes back to the loader only once the copies landed
             copied = torch.cuda.Event()
