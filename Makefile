@@ -28,7 +28,7 @@ run: build
 # The whole suite with the Cython kernels, then the fast tier again on the NumPy fallbacks.
 test: build
 	$(PY) -m pytest -q --durations=12 $(PYTEST_ARGS)
-	GORILA_PUREPYTHON=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	GORILA_PUREPYTHON=1 $(PY) -m pytest -q --durations=8 -m "not slow" $(PYTEST_ARGS)
 
 # What a developer runs locally: skips the slow end-to-end tier.
 test-fast: build

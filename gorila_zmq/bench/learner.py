@@ -94,7 +94,7 @@ def learner_pipeline(cfg, rb, n: int, warmup: int = 10, flush_s: float = 30.0) -
     learner = None
     try:
         _wait_hello(ctx, ShardSet(cfg, ParamLayout.from_module(build_network(cfg))))
-        learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+        learner = Learner(cfg, 0, ctx, source=MemorySource(rb, batch_layout=cfg.agent.batch_layout))
         while learner.updates < warmup:
             learner.step()
         learner.pusher.flush(flush_s)
