@@ -40,7 +40,9 @@ class Clock:
 
 @dataclass
 class Batch:
-    """A minibatch on the learner's device, as replay made it (dtypes as stored: the agent converts)."""
+    """A minibatch on the learner's device, as replay made it (dtypes as stored: the agent converts).
+    obs and next_obs may be overlapping views of one tensor (agent.batch_layout's shared frames), so
+    not contiguous: reshape them, never .view()."""
     obs: torch.Tensor
     action: torch.Tensor
     reward: torch.Tensor          # the n-step discounted return
