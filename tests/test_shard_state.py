@@ -36,7 +36,9 @@ class Driven:
         self.sock.send_multipart(frames)
         for _ in range(50):
             self.shard.step()
-            if self.sock.poll(0):
+            # the reply crosses two I/O threads: wait for it here, not in the shard's next idle poll
+            # (up to a heartbeat interval each)
+            if self.sock.poll(200):
                 hdr, _ = P.parse(self.sock.recv_multipart())
                 return P.Cmd(hdr.command), P.Status(hdr.status)
         raise AssertionError("no reply")
