@@ -67,4 +67,6 @@ def extensions():
     )
 
 
-setup(ext_modules=extensions())
+# The four extensions compile side by side (build_ext -j): `make build` and the wheel `cluster
+# bootstrap` builds take about half the time on two cores.
+setup(ext_modules=extensions(), options={"build_ext": {"parallel": max(1, os.cpu_count() or 1)}})
