@@ -134,15 +134,33 @@ def run(args) -> Report:
     device = pick_device(args.device)
     print(f"  bare torch loop ({device}, batch {args.batch}, {threads} threads) ...", flush=True)
     bare = _bare(cfg, device, args.batch, args.updates)
-    print("  gorila-zmq learner pipeline ...", flush=True)
-    ours, detail = learner_pipeline(cfg, _filled_replay(), args.updates)
-    bare2 = _bare(cfg, device, args.batch, args.updates)      # again: the box may have changed pace
-    bare = max(bare, bare2)
+    # agent.batch_layout: with n_step 1 the learner samples shared-frames rows (auto); the pairs
+    # layout is measured beside it, alternating, so the run says which is faster here
+    layouts = [cfg.agent.batch_layout]
+    if cfg.agent.batch_layout == "auto" and cfg.agent.n_step == 1:
+        layouts = ["auto", "pairs"]
+    runs: dict[str, list] = {k: [] for k in layouts}
+    for rnd in range(2):
+        for lay in layouts:
+            print(f"  gorila-zmq learner pipeline (agent.batch_layout={lay}) ...", flush=True)
+            one = C.apply_dict(C.from_dict(C.to_dict(cfg)), {"agent": {"batch_layout": lay},
+                                                              "run": {"run_dir": f"{tmp}/run-{lay}-{rnd}"}})
+            runs[lay].append(learner_pipeline(one, _filled_replay(), args.updates))
+        if rnd == 0:
+            bare = max(bare, _bare(cfg, device, args.batch, args.updates))   # again: the box may change pace
+    best = {lay: max(r, key=lambda x: x[0]) for lay, r in runs.items()}
+    ours, detail = best[layouts[0]]
     rep.row("bare torch loop (Adagrad in process)", bare, "updates/s", f"best of 2 runs, {device}")
-    rep.row("gorila-zmq learner (replay+push+refresh)", ours, "updates/s")
+    rep.row("gorila-zmq learner (replay+push+refresh)", ours, "updates/s",
+            f"agent.batch_layout={layouts[0]}, best of 2 runs")
     for k, v in detail.items():
         rep.row(f"  {k}", v, "")
     rep.metrics["learner_vs_bare_torch_ratio"] = ours / bare
+    if "pairs" in best and len(layouts) > 1:
+        rep.row("gorila-zmq learner, agent.batch_layout=pairs", best["pairs"][0], "updates/s", "best of 2 runs")
+        rep.metrics["learner_frames_vs_pairs_ratio"] = ours / best["pairs"][0]
+        rep.notes.append("learner_frames_vs_pairs_ratio: the default layout for n_step 1 (shared frames, 5 frames "
+                         "per row) over obs + next_obs pairs (8 frames per row), alternating runs")
     rep.notes.append(f"device {device}, torch threads {threads}; {cfg.ps.shards} shard(s) on the same host"
                      + ("" if device.type == "cuda" else ", competing for the same cores"))
     return rep

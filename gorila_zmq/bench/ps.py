@@ -91,6 +91,51 @@ def _wait_hello(ctx, shards: ShardSet, timeout=30.0) -> None:
 
 # -- measurements -------------------------------------------------------------------------------
 
+def _busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole box so far, in clock ticks (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4], sum(v)          # idle and iowait are not busy
+
+
+class _Busy:
+    """Cores the whole box kept busy during a `with` block (all processes: pusher, shards, servers)."""
+
+    def __enter__(self):
+        self.b0, self.t0 = _busy_jiffies()
+        return self
+
+    def __exit__(self, *exc):
+        b1, t1 = _busy_jiffies()
+        ncpu = os.cpu_count() or 1
+        self.cores = ncpu * (b1 - self.b0) / max(1, t1 - self.t0)
+
+
+def _kernel_ms(size: int, shards: int, reps: int = 15) -> tuple[float, float]:
+    """What a push costs the shards' kernels, one thread, in this process: the finite check and the
+    AdaGrad apply over `size` floats split in `shards` slices (each slice's own theta and G, as the
+    shard processes hold them), in ms per push. Out of cache, as a shard meets them: a 64 MB write
+    evicts the caches before each timed call; the median of `reps`."""
+    from gorila_zmq.ps import optim
+    rng = np.random.default_rng(1)
+    bounds = np.linspace(0, size, shards + 1).astype(int)
+    sl = [((rng.standard_normal(b - a) * 1e-3).astype(np.float32), np.zeros(b - a, np.float32),
+           np.full(b - a, 0.1, np.float32)) for a, b in zip(bounds[:-1], bounds[1:])]
+    junk = np.zeros(64 << 20, np.uint8)
+
+    def cold(fn) -> float:
+        ts = []
+        for _ in range(reps):
+            np.add(junk, 1, out=junk)
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+    check = cold(lambda: [optim.all_finite(g) for g, _, _ in sl])
+    apply = cold(lambda: [optim.adagrad_update(th, G, g, 1e-4, 1e-10, 1) for g, th, G in sl])
+    return check * 1e3, apply * 1e3
+
+
 def _ours(ctx, cfg, layout, grad, pushes) -> float:
     shards = ShardSet(cfg, layout)
     _wait_hello(ctx, shards)
@@ -247,11 +292,15 @@ def run(args) -> Report:
             for s in servers:
                 s.start()
             time.sleep(1.0)
-            ours_r, raw_r = [], []
+            ours_r, raw_r, busy = [], [], {"ours": [], "raw": []}
             try:
                 for _ in range(args.rounds):    # alternate: a change of pace on the box hits both alike
-                    ours_r.append(_ours(ctx, cfg, layout, grad, args.pushes))
-                    raw_r.append(_raw(ctx, port_raw, shards.ranges, grad, args.pushes, args.window))
+                    with _Busy() as b:
+                        ours_r.append(_ours(ctx, cfg, layout, grad, args.pushes))
+                    busy["ours"].append(b.cores)
+                    with _Busy() as b:
+                        raw_r.append(_raw(ctx, port_raw, shards.ranges, grad, args.pushes, args.window))
+                    busy["raw"].append(b.cores)
             finally:
                 _stop(procs)
                 for s in servers:
@@ -262,6 +311,21 @@ def run(args) -> Report:
             rep.row(f"push {transport} {S} shard(s): raw ZeroMQ", raw, "req/s")
             rep.row(f"push {transport} {S} shard(s): ratio", ours / raw, "x")
             ratios.setdefault(transport, []).append(ours / raw)
+            # Where the time goes: each push's extra time over raw ZeroMQ's, the part of it the shards'
+            # kernels take (finite check, AdaGrad apply: measured alone, one thread), and the box's
+            # busy cores in each phase (raw ZeroMQ near every core: the kernels cannot overlap it).
+            b_ours, b_raw = float(np.median(busy["ours"])), float(np.median(busy["raw"]))
+            check_ms, apply_ms = _kernel_ms(layout.size, S)
+            gap_ms = 1e3 / ours - 1e3 / raw
+            rep.row(f"push {transport} {S} shard(s): time per push over raw", gap_ms, "ms",
+                    f"{1e3 / ours:.3f} ms vs {1e3 / raw:.3f} ms")
+            rep.row(f"push {transport} {S} shard(s): finite check + AdaGrad apply per push", check_ms + apply_ms,
+                    "ms", f"check {check_ms:.3f} ms, apply {apply_ms:.3f} ms; one thread, out of cache")
+            rep.row(f"push {transport} {S} shard(s): busy cores, ours", b_ours, "cores",
+                    f"raw ZeroMQ {b_raw:.2f}, of {os.cpu_count()}")
+            rep.extra.setdefault("where_the_time_goes", []).append(
+                {"transport": transport, "shards": S, "ms_per_push_ours": 1e3 / ours, "ms_per_push_raw": 1e3 / raw,
+                 "check_ms": check_ms, "apply_ms": apply_ms, "busy_cores_ours": b_ours, "busy_cores_raw": b_raw})
     for transport, r in ratios.items():
         rep.metrics[f"push_vs_raw_ratio_{transport}"] = min(r)
     rep.notes.append("push_vs_raw_ratio_* is the lowest ratio over the shard counts measured")
