@@ -128,7 +128,8 @@ def keys(hosts):
 
 def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, keys, tmp_path):
     """Three hosts on shaped 1 Gb/s links (shards on two, both bundles on the third with its relay),
-    bfloat16 gradients: the run learns CartPole, a 5 s link cut costs no update twice, it recovers."""
+    bfloat16 gradients: a 5 s link cut while it learns costs no update twice, both shards SIGKILLed come
+    back with their live shared memory, and the run goes on to solve CartPole."""
     from gorila_zmq.launch.cluster import _collect, leftovers, load_spec
     assert "tbf" in sh(f"tc qdisc show dev {TAG}bet").stdout            # the links really are shaped
     run_dir = str(tmp_path / "run")
@@ -175,8 +176,8 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 0 and "refused" in out.stdout, out.stdout + out.stderr
         assert _collect(spec, "launcher")["ps0"]["auth_failures"] > before
-        # cut beta's link for a few heartbeats, then restore it: the run carries on
-        wait_for(lambda: solved(run_dir), 240, 1.0, "CartPole solved across the cluster")
+        # While it learns: cut beta's link for a few heartbeats, then restore it; the run carries on
+        wait_for(lambda: evaluations(run_dir), 120, 1.0, "a first evaluation")
         sh(f"ip link set {TAG}bet down")
         time.sleep(5)
         sh(f"ip link set {TAG}bet up")
@@ -199,8 +200,9 @@ def test_cluster_up_learns_survives_a_cut_link_and_down_leaves_nothing(hosts, ke
         killed = time.time()
         wait_for(lambda: all((_collect(spec, "launcher").get(f"ps{i}") or {}).get("resumed_from") == "segment"
                              for i in range(2)), 60, 0.5, "the shards to come back with their live shared memory")
-        wait_for(lambda: [e for e in evaluations(run_dir) if e["wall_time"] > killed + 5], 120, 1.0,
-                 "evaluations after the shards came back")
+        # and the run, disturbed twice, still learns: solved after both
+        wait_for(lambda: [e for e in solved(run_dir) if e["wall_time"] > killed + 5], 240, 1.0,
+                 "CartPole solved across the cluster after the cut and the shards' restart")
     finally:
         r = cluster("down", spec_path)
         print(r.stdout, r.stderr)

@@ -74,7 +74,10 @@ PRIORITIZED = ["agent.prioritized=true", "agent.priority_beta_updates=5000"]   #
 
 
 @pytest.mark.parametrize("layout", [
-    pytest.param(["ps.shards=2", "roles.bundles=2"], id="bundled-2shards-2bundles"),
+    # Two shards and two bundles, with the supervisor's restarts: once solved, an actor, a learner and a
+    # shard are SIGKILLed, and the run must be solved again after they are back.
+    pytest.param(["ps.shards=2", "roles.bundles=2", "ps.checkpoint_interval_s=1.0", "net.heartbeat_interval_s=0.5",
+                  "dev.restart_backoff_s=0.5"], id="bundled-2shards-2bundles-then-killed-roles"),
     # Global mode in Ape-X's layout: actors that send their own initial priorities and spread epsilon,
     # one prioritized replay shard, one learner that writes |TD| back. Uniform global replay differs
     # only in the shard's sampler (tests/test_replay_service.py); its batches feed updates in the Pong
@@ -83,7 +86,7 @@ PRIORITIZED = ["agent.prioritized=true", "agent.priority_beta_updates=5000"]   #
                   *PRIORITIZED, "agent.actor_priorities=true", "dqn.eps_per_actor=true"], id="apex-style-prioritized"),
     pytest.param(["roles.bundles=1", *PRIORITIZED], id="bundled-prioritized"),
 ])
-def test_cartpole_learns_in_dev_mode(tmp_path, layout):
+def test_cartpole_learns_in_dev_mode(tmp_path, layout, request):
     run_dir = str(tmp_path / "run")
     dev = start_dev(run_dir, *layout)
     t0 = time.monotonic()
@@ -112,6 +115,8 @@ def test_cartpole_learns_in_dev_mode(tmp_path, layout):
                 assert stats["replay0"]["initial_priorities"] > 0 and stats["actor0"]["replay"]["priorities_given"] > 0
         actor_csv = os.path.join(run_dir, "scalars", "actor0.csv")   # a row every dev.stats_interval_s
         wait_for(lambda: sum(1 for _ in open(actor_csv)) > 1, 60, 1.0, "a scalar row in actor0.csv")
+        if "killed-roles" in request.node.callspec.id:
+            supervisor_restarts_killed_roles_and_the_run_learns_on(dev, run_dir, tmp_path)
     except BaseException:
         print(dump_logs(run_dir))
         raise
@@ -119,47 +124,39 @@ def test_cartpole_learns_in_dev_mode(tmp_path, layout):
         assert_clean_shutdown(dev, run_dir)
 
 
-def test_supervisor_restarts_killed_roles_and_run_still_learns(tmp_path):
-    run_dir = str(tmp_path / "run")
-    dev = start_dev(run_dir, "ps.shards=2", "roles.bundles=2", "ps.checkpoint_interval_s=1.0",
-                    "net.heartbeat_interval_s=0.5", "dev.restart_backoff_s=0.5")
+def supervisor_restarts_killed_roles_and_the_run_learns_on(dev, run_dir, tmp_path):
+    """An actor and a learner SIGKILLed, then a shard that has checkpointed: the supervisor restarts
+    each, the shard re-adopts its live shared memory, and CartPole is solved again afterwards."""
+    victims = {n: pid_of(run_dir, n) for n in ("actor0", "learner1")}
+    for pid in victims.values():
+        os.kill(pid, signal.SIGKILL)
+    for n, old in victims.items():
+        wait_for(lambda: pid_of(run_dir, n) not in (None, old), 60, 0.2, f"{n} to be restarted")
+    from gorila_zmq.ps.state import load_checkpoint
+    ck = os.path.join(run_dir, "ckpt", "ps1.npz")
+    wait_for(lambda: os.path.exists(ck) and load_checkpoint(ck)[2]["version"] > 0, 60, 0.2,
+             "shard 1 to checkpoint applied updates")
+    ps1 = pid_of(run_dir, "ps1")
+    os.kill(ps1, signal.SIGKILL)
+    wait_for(lambda: pid_of(run_dir, "ps1") not in (None, ps1), 60, 0.2, "ps1 to be restarted")
+    killed_at = time.time()
+    from gorila_zmq.launch.status import collect, load_run
+    from gorila_zmq.launch.program import make_program
+    import zmq
+    cfg = load_run(run_dir)
+    ctx = zmq.Context()
     try:
-        wait_for(lambda: len(evaluations(run_dir)) >= 1, 120, 0.5, "a first evaluation")
-        victims = {n: pid_of(run_dir, n) for n in ("actor0", "learner1")}
-        for pid in victims.values():
-            os.kill(pid, signal.SIGKILL)
-        for n, old in victims.items():
-            wait_for(lambda: pid_of(run_dir, n) not in (None, old), 60, 0.2, f"{n} to be restarted")
-        from gorila_zmq.ps.state import load_checkpoint
-        ck = os.path.join(run_dir, "ckpt", "ps1.npz")
-        wait_for(lambda: os.path.exists(ck) and load_checkpoint(ck)[2]["version"] > 0, 60, 0.2,
-                 "shard 1 to checkpoint applied updates")
-        ps1 = pid_of(run_dir, "ps1")
-        os.kill(ps1, signal.SIGKILL)
-        wait_for(lambda: pid_of(run_dir, "ps1") not in (None, ps1), 60, 0.2, "ps1 to be restarted")
-        killed_at = time.time()
-        from gorila_zmq.launch.status import collect, load_run
-        from gorila_zmq.launch.program import make_program
-        import zmq
-        cfg = load_run(run_dir)
-        ctx = zmq.Context()
-        try:
-            st = wait_for(lambda: (collect(cfg, [s for s in make_program(cfg) if s.name == "ps1"], ctx, 1.0)
-                                   .get("ps1")), 60, 0.5, "ps1 to answer")
-        finally:
-            ctx.destroy(linger=0)
-        assert st["resumed_from"] == "segment" and st["version"] > 0
-        wait_for(lambda: solved(run_dir, after=killed_at) or dev.poll() is not None, WALL_BUDGET, 1.0,
-                 "CartPole solved after the kills")
-        assert solved(run_dir, after=killed_at), dump_logs(run_dir)
-        log = open(os.path.join(tmp_path, "dev.log")).read()
-        for n in ("actor0", "learner1", "ps1"):
-            assert f"{n} killed by signal 9" in log, log[-3000:]
-    except BaseException:
-        print(dump_logs(run_dir))
-        raise
+        st = wait_for(lambda: (collect(cfg, [s for s in make_program(cfg) if s.name == "ps1"], ctx, 1.0)
+                               .get("ps1")), 60, 0.5, "ps1 to answer")
     finally:
-        assert_clean_shutdown(dev, run_dir)
+        ctx.destroy(linger=0)
+    assert st["resumed_from"] == "segment" and st["version"] > 0
+    wait_for(lambda: solved(run_dir, after=killed_at) or dev.poll() is not None, WALL_BUDGET, 1.0,
+             "CartPole solved after the kills")
+    assert solved(run_dir, after=killed_at), dump_logs(run_dir)
+    log = open(os.path.join(tmp_path, "dev.log")).read()
+    for n in ("actor0", "learner1", "ps1"):
+        assert f"{n} killed by signal 9" in log, log[-3000:]
 
 
 def test_replay_shard_killed_while_actors_wait_is_refilled_and_updates_resume(tmp_path):
