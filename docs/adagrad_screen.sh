@@ -4,7 +4,7 @@
 # Usage: sh docs/adagrad_screen.sh [SECONDS] "LR G0" ["LR G0" ...]
 #   2026-12-03 ran: sh docs/adagrad_screen.sh 2700 "0.03 1e-6" "0.05 2e-4"          (A, B)
 #   then, from the accumulator profile:  sh docs/adagrad_screen.sh 2700 "0.01 1e-10" "0.003 1e-12"   (C, D)
-#   next (late steps of Adam's size):    sh docs/adagrad_screen.sh 2700 "0.03 1e-10"
+#   then (late steps of Adam's size):    sh docs/adagrad_screen.sh 2520 "0.03 1e-10"     (E)
 set -e
 DUR=${1:-2700}
 shift
