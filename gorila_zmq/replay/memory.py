@@ -413,12 +413,7 @@ class ReplayMemory:
         if shared_frames and not self.shares_frames:
             raise ValueError(f"shared_frames needs n_step 1 and a frame stack (this memory: n_step "
                              f"{lay.n_step}, stack {lay.stack}): only then is next_obs obs shifted by a frame")
-        spec = {"obs": ((B, *self.obs_shape), lay.dtype), "action": ((B, *lay.action_shape), lay.action_dtype),
-                "reward": ((B,), np.float32), "discount": ((B,), np.float32),
-                "next_obs": ((B, *self.obs_shape), lay.dtype), "index": ((B,), np.int64)}
-        if shared_frames:
-            del spec["obs"], spec["next_obs"]
-            spec["frames"] = ((B, lay.stack + 1, *lay.frame_shape), lay.dtype)
+        spec = self._batch_spec(B, shared_frames)
         cls = Batch
         if prioritized:         # PrioritizedReplay fills these: the importance weights, the positions
             spec.update(weight=((B,), np.float32), position=((B,), np.int64))
@@ -439,6 +434,17 @@ class ReplayMemory:
                 t["obs"], t["next_obs"] = shared_views(t["frames"])
         return cls(**a, _tensors=None if t is None else cls(**t))
 
+    def _batch_spec(self, B: int, shared_frames: bool) -> dict:
+        """Each batch array's (shape, dtype): what allocate_batch makes and _check_batch expects."""
+        lay = self._lay
+        obs = ((B, *self.obs_shape), lay.dtype)
+        spec = {"obs": obs, "action": ((B, *lay.action_shape), lay.action_dtype), "reward": ((B,), np.float32),
+                "discount": ((B,), np.float32), "next_obs": obs, "index": ((B,), np.int64)}
+        if shared_frames:
+            del spec["obs"], spec["next_obs"]
+            spec["frames"] = ((B, lay.stack + 1, *lay.frame_shape), lay.dtype)
+        return spec
+
     def _check_batch(self, out: Batch, B: int) -> dict:
         sc = out._scratch
         key = (id(self._lay), B, id(out.obs), id(out.action), id(out.reward), id(out.discount),
@@ -446,16 +452,11 @@ class ReplayMemory:
         if sc is not None and sc["ok_for"] == key:
             return sc              # validated before, and the same arrays
         lay = self._lay
-        want = {"obs": ((B, *self.obs_shape), lay.dtype), "action": ((B, *lay.action_shape), lay.action_dtype),
-                "reward": ((B,), np.float32), "discount": ((B,), np.float32),
-                "next_obs": ((B, *self.obs_shape), lay.dtype), "index": ((B,), np.int64)}
         shared = out.frames is not None
-        if shared:
-            if not self.shares_frames:
-                raise ValueError(f"a shared-frames batch needs a memory with n_step 1 and a frame stack "
-                                 f"(this one: n_step {lay.n_step}, stack {lay.stack})")
-            del want["obs"], want["next_obs"]
-            want["frames"] = ((B, lay.stack + 1, *lay.frame_shape), lay.dtype)
+        if shared and not self.shares_frames:
+            raise ValueError(f"a shared-frames batch needs a memory with n_step 1 and a frame stack "
+                             f"(this one: n_step {lay.n_step}, stack {lay.stack})")
+        want = self._batch_spec(B, shared)
         for k, (shape, dt) in want.items():
             a = getattr(out, k)
             if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != dt
