@@ -72,6 +72,9 @@ class PSConfig:
     # Atari DQN gradients are ~1e-5 per parameter at the start (measured on Pong), so TF's 0.1 would
     # shrink every AdaGrad step ~300x below Adam's; 1e-6 gives ~1e-4 early and ~3e-5 by 100k updates.
     initial_accumulator: float = _f(1e-6, "initial value of the AdaGrad accumulator G (small: steps ~ lr*g/sqrt(G))")
+    lr_warmup_updates: int = _f(0, "ramp the shard's learning rate linearly from lr/N to lr over its first N "
+                                   "updates (0: off); caps AdaGrad's first steps, which are ~lr per parameter "
+                                   "once G is below g^2 (docs/RESULTS.md, AdaGrad on Pong)")
     adam_beta1: float = _f(0.9, "Adam: first-moment decay")
     adam_beta2: float = _f(0.999, "Adam: second-moment decay")
     adam_eps: float = _f(1e-8, "Adam: epsilon added to the bias-corrected sqrt(v)")
@@ -237,6 +240,8 @@ class Config:
             errs.append(f"ps.optimizer {self.ps.optimizer!r} is not one of: adagrad, adam")
         if self.ps.lr <= 0 or self.ps.eps < 0 or self.ps.initial_accumulator < 0:
             errs.append("ps.lr must be > 0, ps.eps and ps.initial_accumulator >= 0")
+        if self.ps.lr_warmup_updates < 0:
+            errs.append(f"ps.lr_warmup_updates must be >= 0 (0: off), got {self.ps.lr_warmup_updates}")
         if self.ps.max_staleness < 0 or self.ps.max_staleness_s < 0 or self.ps.staleness_factor < 0:
             errs.append("ps.max_staleness, ps.max_staleness_s and ps.staleness_factor must be >= 0 (0: off)")
         if 0 < self.ps.staleness_factor < 2:

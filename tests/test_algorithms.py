@@ -216,3 +216,41 @@ def test_the_shard_applies_adagrad_as_the_paper_writes_it(make_cfg):
         opt.apply(theta, states, g, step)
         np.testing.assert_allclose(states[0], expect_G, rtol=1e-6)
         np.testing.assert_allclose(theta, expect, rtol=1e-5)
+
+
+def test_the_shards_learning_rate_ramps_over_its_first_updates(make_cfg):
+    """ps.lr_warmup_updates=4: AdaGrad's updates 1..4 use lr/4, 2lr/4, 3lr/4, lr, then lr; Adam's match
+    torch.optim.Adam under the same linear ramp (LambdaLR)."""
+    import torch
+    from gorila_zmq.ps import optim
+    cfg = make_cfg("ps.optimizer=adagrad", "ps.lr=0.1", "ps.eps=0.0", "ps.initial_accumulator=0.0",
+                   "ps.lr_warmup_updates=4")
+    opt = optim.make_server_optimizer(cfg.ps)
+    assert [opt.lr_at(v) for v in range(6)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    theta, states = np.zeros(2, np.float32), [np.zeros(2, np.float32)]
+    for v in range(6):          # a constant gradient: AdaGrad's k-th step is lr_k / sqrt(k) per element
+        before = theta.copy()
+        opt.apply(theta, states, np.array([1.0, -1.0], np.float32), v)
+        step = min(1.0, (v + 1) / 4) * 0.1 / np.sqrt(v + 1)
+        np.testing.assert_allclose(before - theta, [step, -step], rtol=1e-5)
+
+    cfg = make_cfg("ps.optimizer=adam", "ps.lr=0.01", "ps.lr_warmup_updates=5")
+    opt = optim.make_server_optimizer(cfg.ps)
+    rng = np.random.default_rng(0)
+    grads = rng.standard_normal((12, 8)).astype(np.float32)
+    theta, states = rng.standard_normal(8).astype(np.float32), [np.zeros(8, np.float32), np.zeros(8, np.float32)]
+    p = torch.nn.Parameter(torch.from_numpy(theta.copy()))
+    ref = torch.optim.Adam([p], lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda t: min(1.0, (t + 1) / 5))
+    for v, g in enumerate(grads):
+        opt.apply(theta, states, g, v)
+        p.grad = torch.from_numpy(g.copy())
+        ref.step()
+        sched.step()
+    np.testing.assert_allclose(theta, p.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_negative_warmup_is_a_config_error():
+    from gorila_zmq import config as C
+    with pytest.raises(C.ConfigError, match="lr_warmup_updates"):
+        C.load(overrides=["ps.lr_warmup_updates=-1"])

@@ -4,6 +4,7 @@ AdaGrad (Duchi et al., 2011; Gorila), as torch.optim.Adagrad with lr_decay=0 and
     G += g * g;   theta -= lr * g / (sqrt(G) + eps)
 with G starting at `initial_accumulator`. Adam (Kingma & Ba; DrQ-v2), as torch.optim.Adam without
 weight decay: m, v moving averages with bias correction at step t = the shard's version + 1.
+Either one's lr ramps linearly over the shard's first `lr_warmup_updates` updates (`ServerOptimizer.lr_at`).
 `GORILA_PUREPYTHON=1` selects the NumPy versions. `make_server_optimizer(ps_cfg)` picks by config.
 """
 from __future__ import annotations
@@ -120,8 +121,13 @@ class ServerOptimizer:
     def init_states(self, states: list[np.ndarray]) -> None:
         states[0][:] = self.cfg.initial_accumulator
 
+    def lr_at(self, version: int) -> float:
+        """The learning rate of the update that takes the shard from `version` to `version` + 1."""
+        n = self.cfg.lr_warmup_updates
+        return self.cfg.lr if n <= 0 or version + 1 >= n else self.cfg.lr * (version + 1) / n
+
     def apply(self, theta, states, grad, version: int) -> None:
-        adagrad_update(theta, states[0], grad, self.cfg.lr, self.cfg.eps, self.cfg.apply_threads)
+        adagrad_update(theta, states[0], grad, self.lr_at(version), self.cfg.eps, self.cfg.apply_threads)
 
 
 class ServerAdam(ServerOptimizer):
@@ -134,8 +140,8 @@ class ServerAdam(ServerOptimizer):
 
     def apply(self, theta, states, grad, version: int) -> None:
         c = self.cfg
-        adam_update(theta, states[0], states[1], grad, c.lr, version + 1, c.adam_beta1, c.adam_beta2,
-                    c.adam_eps, c.apply_threads)
+        adam_update(theta, states[0], states[1], grad, self.lr_at(version), version + 1, c.adam_beta1,
+                    c.adam_beta2, c.adam_eps, c.apply_threads)
 
 
 def make_server_optimizer(ps_cfg) -> ServerOptimizer:
