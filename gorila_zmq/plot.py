@@ -136,6 +136,29 @@ def aggregate(xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[np.ndarray, n
     return grid, at.mean(axis=0), at.min(axis=0), at.max(axis=0)
 
 
+def clip_frames(runs: list[Run], references: list[Reference], max_frames: float) -> tuple[list, list]:
+    """The evaluations (and reference points) up to `max_frames` frames, for both panels: the wall-time
+    panel then shows the same stretch of each run as the frames panel. A reference with no frames
+    column is kept whole."""
+    import dataclasses
+    out = []
+    for r in runs:
+        k = r.frames <= max_frames
+        if not k.any():
+            raise ConfigError(f"{r.path}: no evaluation at or below {max_frames:,.0f} frames (--max-frames)")
+        out.append(dataclasses.replace(r, frames=r.frames[k], minutes=r.minutes[k], mean=r.mean[k], low=r.low[k],
+                                       high=r.high[k], rows=[row for row, keep in zip(r.rows, k) if keep]))
+    refs = []
+    for ref in references:
+        if ref.frames is None:
+            refs.append(ref)
+            continue
+        k = ref.frames <= max_frames
+        refs.append(dataclasses.replace(ref, frames=ref.frames[k], values=ref.values[k],
+                                        minutes=None if ref.minutes is None else ref.minutes[k]))
+    return out, refs
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -152,6 +175,8 @@ def plot(runs: list[Run], out: str, references: list[Reference] = (), title: str
     """Draw and save the figure; returns it (open: the caller closes it, plt.close(fig))."""
     plt = _pyplot()
     from gorila_zmq.envs.scores import normalization_table
+    if max_frames is not None:
+        runs, references = clip_frames(runs, references, max_frames)
     games = {r.game for r in runs}
     table = normalization_table(runs[0].game) if len(games) == 1 and runs[0].game else None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -241,7 +266,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--title", default="")
     p.add_argument("--no-mean", action="store_true", help="runs of different settings: overlay them without "
                    "their mean and spread")
-    p.add_argument("--max-frames", type=float, default=None, help="the frames axis ends here")
+    p.add_argument("--max-frames", type=float, default=None,
+                   help="plot only evaluations up to this many frames (both panels); the frames axis ends here")
     p.add_argument("--table", action="store_true", help="print each run's evaluations as a markdown table")
     a = p.parse_args(argv)
     if len(a.label) > len(a.runs):

@@ -129,11 +129,17 @@ def test_without_matplotlib_the_message_says_how_to_install_it(tmp_path, monkeyp
 def test_no_mean_overlays_runs_of_different_settings(tmp_path):
     pytest.importorskip("matplotlib")
     a = make_run(tmp_path, "lr1", [0, 100], [-21.0, -15.0], [0, 10])
-    b = make_run(tmp_path, "lr2", [0, 100], [-21.0, -19.0], [0, 10])
+    b = make_run(tmp_path, "lr2", [0, 100, 200], [-21.0, -19.0, -10.0], [0, 10, 20])
     fig = P.plot([P.load_run(a), P.load_run(b)], str(tmp_path / "c.png"), mean=False, max_frames=150)
     try:
         labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
         assert labels == ["lr1", "lr2"] and fig.axes[0].get_xlim()[1] == 150
+        # --max-frames clips both panels: the wall-time panel shows the same stretch of each run
+        wall = {ln.get_label(): list(ln.get_xdata()) for ln in fig.axes[1].get_lines()}
+        assert wall["lr2"] == [0, 10] and wall["lr1"] == [0, 10]
     finally:
         import matplotlib.pyplot as plt
         plt.close(fig)
+    with pytest.raises(ConfigError, match="no evaluation at or below 50"):
+        P.plot([P.load_run(make_run(tmp_path, "late", [100, 200], [-21.0, -20.0], [0, 5]))],
+               str(tmp_path / "d.png"), max_frames=50)
