@@ -138,7 +138,8 @@ class AgentConfig:
     max_updates_ahead: int = _f(100, "the learners' side of the same limiter (as Reverb's SampleToInsertRatio): a "
                                      "learner pauses while its updates since it started exceed its share of the "
                                      "transitions inserted since then / max_steps_per_update by more than this "
-                                     "many (a GPU learner faster than its actors); 0: only the actors are held")
+                                     "many (a GPU learner faster than its actors); batches the outlier filter "
+                                     "dropped and pushes shard 0 refused do not count; 0: only the actors are held")
     grads_per_push: int = _f(1, "minibatch gradients a learner averages locally before one push (k times fewer "
                                 "bytes and shard updates per gradient computed)")
     learner_max_updates: int = _f(0, "stop a learner after this many updates (0: never)")

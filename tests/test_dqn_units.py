@@ -503,6 +503,39 @@ def test_a_learner_ahead_of_the_inserts_waits_for_them(shard, ctx):
         rb.unlink()
 
 
+def test_dropped_batches_and_refused_pushes_do_not_use_up_the_learners_slack(shard, ctx):
+    """The actors pace themselves by global updates, so the learner's side of the limiter counts only
+    minibatches that become (or may still become) one: with a slack of 3, five batches the outlier
+    filter drops, then three pushes shard 0 refused, still leave it 3 updates ahead of the inserts. Had
+    they counted, both sides would wait on each other for good."""
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
+    cfg, s = shard("agent.learning_starts=64", "agent.batch_size=16", "ps.max_staleness=100000",
+                   "agent.max_steps_per_update=4", "agent.max_updates_ahead=3", "agent.outlier_k=0")
+    rb = _filled_replay(300)
+    learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+    verdicts = iter([False] * 5)
+    learner.filter.accept = lambda loss: next(verdicts, True)
+
+    def run_until_held():
+        before = learner.throttled_s
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and learner.throttled_s < before + 0.5:
+            learner.step()
+    try:
+        run_until_held()
+        assert learner.dropped == 5 and learner.updates == 3 and learner.paced_updates() == 3
+        learner.pusher.flush(10)
+        learner.pusher.stats.by_shard[0]["stale"] += 2     # as if shard 0 had discarded two of them ...
+        learner.pusher.stats.by_shard[0]["rejected"] += 1  # ... and refused the third
+        run_until_held()
+        assert learner.updates == 6 and learner.paced_updates() == 3
+    finally:
+        learner.close()
+        rb.close()
+        rb.unlink()
+
+
 def test_a_learner_whose_shard_is_gone_stops_promptly(shard, ctx):
     """With its only shard gone, a learner's window fills with pushes nobody answers; each is resent and
     given up only after request_timeout_s x (request_retries + 1) = 20 s. A stop asked meanwhile ends

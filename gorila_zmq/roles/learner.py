@@ -282,16 +282,27 @@ class Learner(Role):
         if self.cfg.agent.learner_max_updates and self.updates >= self.cfg.agent.learner_max_updates:
             self.request_stop()
 
+    def paced_updates(self) -> int:
+        """The minibatches the replay-ratio limiter counts: those that became, or may still become, global
+        updates. The actors pace themselves by the global update count (shard 0's version), so a
+        minibatch that never reaches it (an outlier the filter dropped, a push shard 0 discarded as stale,
+        refused or lost) must not count here either: each would eat the max_updates_ahead slack for good,
+        and once it is gone both sides wait for each other (a Pong run crawled at 4 updates/s after 107
+        drops against a slack of 100)."""
+        s0 = self.pusher.stats.by_shard[0]
+        return self.updates - self.cfg.agent.grads_per_push * (s0["stale"] + s0["rejected"] + s0["lost"])
+
     def _ahead(self) -> bool:
-        """Over the learner's side of the replay ratio: more minibatches sampled since the start than the
-        transitions inserted since then allow (the loader thread keeps `source.inserted` current)."""
+        """Over the learner's side of the replay ratio: more minibatches counted (paced_updates) since the
+        start than the transitions inserted since then allow (the loader thread keeps `source.inserted`
+        current)."""
         inserted = getattr(self.source, "inserted", None)
         if inserted is None:                         # a source that does not count: not held
             return False
         if self._inserted_at_start is None:
             self._inserted_at_start = inserted       # what was there when learning began is paid for
         allowed = allowed_updates(self.cfg, inserted - self._inserted_at_start)
-        return allowed is not None and self.updates + self.dropped >= allowed
+        return allowed is not None and self.paced_updates() >= allowed
 
     def _accumulate(self, grad: np.ndarray, host, versions: list[int]):
         """agent.grads_per_push = k: the mean of k minibatch gradients goes out as one push, computed
