@@ -17,5 +17,5 @@ for spec in "$@"; do
   echo "$(date -u +%T) lr=$1 G0=$2 warmup=$warm -> $rd"
   ${GORILA:-.venv/bin/gorila-zmq} dev --preset dev --duration "$DUR" run.run_dir="$rd" \
     ps.optimizer=adagrad ps.lr="$1" ps.initial_accumulator="$2" ps.lr_warmup_updates="$warm" eval.interval_s=300 eval.episodes=5 > "$rd.log" 2>&1
-  python docs/adagrad_steps.py "$rd" > "$rd.steps.md" || true
+  ${PYTHON:-.venv/bin/python} docs/adagrad_steps.py "$rd" > "$rd.steps.md" || true
 done
