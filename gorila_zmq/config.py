@@ -69,8 +69,10 @@ class PSConfig:
     optimizer: str = _f("adagrad", "server-side optimiser: adagrad (Gorila) or adam (DrQ-v2)")
     lr: float = _f(0.01, "learning rate of the shard's optimiser (ps.optimizer: AdaGrad or Adam)")
     eps: float = _f(1e-10, "AdaGrad epsilon added to sqrt(G) (Adam's is ps.adam_eps)")
-    # Atari DQN gradients are ~1e-5 per parameter at the start (measured on Pong), so TF's 0.1 would
-    # shrink every AdaGrad step ~300x below Adam's; 1e-6 gives ~1e-4 early and ~3e-5 by 100k updates.
+    # Atari DQN gradients are 1e-8..1e-2 per parameter (measured on Pong), so TF's 0.1 shrinks most
+    # AdaGrad steps far below Adam's. A G0 below g^2 normalises a parameter, but then its first steps are
+    # ~lr each: without ps.lr_warmup_updates they kill most of the network's units within ten updates
+    # (docs/RESULTS.md, "AdaGrad's first ten updates").
     initial_accumulator: float = _f(1e-6, "initial value of the AdaGrad accumulator G (small: steps ~ lr*g/sqrt(G))")
     lr_warmup_updates: int = _f(0, "ramp the shard's learning rate linearly from lr/N to lr over its first N "
                                    "updates (0: off); caps AdaGrad's first steps, which are ~lr per parameter "

@@ -8,15 +8,22 @@ PRESETS: dict[str, dict] = {
     # so the count bound is off; a gradient whose theta was superseded more than 1 s ago, or 8 times the
     # median age if that is longer (a slow layout), is discarded (docs/SCALING.md). One subscriber per
     # host (a relay): the fan-out to 200 roles is the wall otherwise.
+    # AdaGrad as it first learned Pong here (docs/RESULTS.md, screen F): G0 1e-10 (below every tensor's
+    # squared gradients, so AdaGrad normalises each), lr 0.03, and the lr ramped over the first 20 K
+    # updates. Without the ramp the first ten steps, ~lr per parameter, kill most of the network's units;
+    # that does not depend on the layout (with 100 learners the first 100 gradients land on nearly the
+    # same theta, which is worse, not better), and neither do the gradients' scale nor the updates per
+    # frame that lr / sqrt(t) is paced by (the replay ratio), so these carry over to the paper's scale.
     "paper": {
-        "ps": {"shards": 31, "max_staleness": 0, "max_staleness_s": 1.0, "staleness_factor": 8.0},
+        "ps": {"shards": 31, "max_staleness": 0, "max_staleness_s": 1.0, "staleness_factor": 8.0,
+               "lr": 0.03, "initial_accumulator": 1e-10, "lr_warmup_updates": 20_000},
         "net": {"param_relay": True},
         "roles": {"mode": "bundled", "bundles": 100},
         "agent": {"replay_capacity": 1_000_000},
         "dqn": {"target_sync_every": 60_000, "eps_anneal_updates": 1_000_000},
     },
     # Adam on the shard: with it Pong rose from -21 within 1.5 M frames on this box (docs/RESULTS.md,
-    # run 3); two AdaGrad runs of 2-2.75 M frames did not. The paper preset keeps Gorila's AdaGrad.
+    # run 3), where AdaGrad without a warm-up never did. The paper preset keeps Gorila's AdaGrad.
     "dev": {
         "env": {"name": "Pong"},
         "ps": {"shards": 1, "checkpoint_interval_s": 60.0, "optimizer": "adam", "lr": 1e-4},

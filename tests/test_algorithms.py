@@ -254,3 +254,21 @@ def test_a_negative_warmup_is_a_config_error():
     from gorila_zmq import config as C
     with pytest.raises(C.ConfigError, match="lr_warmup_updates"):
         C.load(overrides=["ps.lr_warmup_updates=-1"])
+
+
+def test_the_paper_presets_adagrad_takes_small_first_steps():
+    """AdaGrad with a G0 below g^2 steps ~lr per parameter at first (0.03 at the paper preset's lr):
+    enough to kill most of the DQN's units within ten updates (docs/RESULTS.md). The paper preset's
+    warm-up keeps the first ten steps together below lr / N x (sqrt(1) + ... + sqrt(10)), about
+    22.5 lr / N: a hundredth of lr for any N over 2,250."""
+    from gorila_zmq import config as C
+    from gorila_zmq.ps import optim
+    cfg = C.load(preset="paper")
+    opt = optim.make_server_optimizer(cfg.ps)
+    assert opt.name == "adagrad" and cfg.ps.lr_warmup_updates > 0
+    rng = np.random.default_rng(0)
+    theta = np.zeros(1000, np.float32)
+    states = [np.full(1000, cfg.ps.initial_accumulator, np.float32)]
+    for v in range(10):
+        opt.apply(theta, states, (1e-4 * rng.standard_normal(1000)).astype(np.float32), v)
+    assert np.abs(theta).max() < 0.01 * cfg.ps.lr
