@@ -166,6 +166,18 @@ MUTANTS = [
       (DQN,)),
     M("learner waits for window room without bound", "gorila_zmq/roles/learner.py",
       "if not self.pusher.wait_room(timeout_s=0.25):", "if not self.pusher.wait_room(timeout_s=30.0):", (DQN,)),
+    M("shard lr ramp off by one update", "gorila_zmq/ps/optim.py",
+      "else self.cfg.lr * (version + 1) / n", "else self.cfg.lr * version / n", (ALG,)),
+    M("Adam ignores the lr ramp", "gorila_zmq/ps/optim.py",
+      "grad, self.lr_at(version), version + 1,", "grad, c.lr, version + 1,", (ALG,)),
+    M("limiter counts dropped batches", "gorila_zmq/roles/learner.py",
+      "return allowed is not None and self.paced_updates() >= allowed",
+      "return allowed is not None and self.updates + self.dropped >= allowed", (DQN,)),
+    M("limiter counts refused pushes", "gorila_zmq/roles/learner.py",
+      'return self.updates - self.cfg.agent.grads_per_push * (s0["stale"] + s0["rejected"] + s0["lost"])',
+      "return self.updates", (DQN,)),
+    M("plot --max-frames clips only the axis", "gorila_zmq/plot.py",
+      "        runs, references = clip_frames(runs, references, max_frames)\n", "", ("tests/test_plot.py",)),
 ]
 
 
