@@ -28,6 +28,7 @@ from gorila_zmq.agents.common import OutlierFilter
 from gorila_zmq.envs import env_spec, make_vec_env
 from gorila_zmq.ps.layout import ParamLayout
 from gorila_zmq.replay.memory import ReplayMemory
+from gorila_zmq.roles.learner import batch_to_device
 
 # name: (optimiser, lr, initial accumulator, warm-up updates of a linear lr ramp)
 VARIANTS = {
@@ -88,9 +89,7 @@ def run(cfg, agent, rb, init, probe_obs, name, kind, lr, g0, warm, updates):
     batch, rng, t0 = rb.allocate_batch(cfg.agent.batch_size), np.random.default_rng(2), time.time()
     for u in range(1, updates + 1):
         rb.sample(cfg.agent.batch_size, rng, out=batch)
-        t = batch.as_tensors()
-        b = agents.Batch(*(torch.as_tensor(getattr(t, k)) for k in ("obs", "action", "reward", "discount",
-                                                                    "next_obs")))
+        b = batch_to_device(batch.as_tensors(), torch.device("cpu"), False, False)
         _, ok = learning.gradients(b, u, filt.accept)
         if ok:
             opt.step()

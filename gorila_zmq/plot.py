@@ -24,7 +24,7 @@ import argparse
 import csv
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -140,22 +140,21 @@ def clip_frames(runs: list[Run], references: list[Reference], max_frames: float)
     """The evaluations (and reference points) up to `max_frames` frames, for both panels: the wall-time
     panel then shows the same stretch of each run as the frames panel. A reference with no frames
     column is kept whole."""
-    import dataclasses
     out = []
     for r in runs:
         k = r.frames <= max_frames
         if not k.any():
             raise ConfigError(f"{r.path}: no evaluation at or below {max_frames:,.0f} frames (--max-frames)")
-        out.append(dataclasses.replace(r, frames=r.frames[k], minutes=r.minutes[k], mean=r.mean[k], low=r.low[k],
-                                       high=r.high[k], rows=[row for row, keep in zip(r.rows, k) if keep]))
+        out.append(replace(r, frames=r.frames[k], minutes=r.minutes[k], mean=r.mean[k], low=r.low[k],
+                           high=r.high[k], rows=[row for row, keep in zip(r.rows, k) if keep]))
     refs = []
     for ref in references:
         if ref.frames is None:
             refs.append(ref)
             continue
         k = ref.frames <= max_frames
-        refs.append(dataclasses.replace(ref, frames=ref.frames[k], values=ref.values[k],
-                                        minutes=None if ref.minutes is None else ref.minutes[k]))
+        refs.append(replace(ref, frames=ref.frames[k], values=ref.values[k],
+                            minutes=None if ref.minutes is None else ref.minutes[k]))
     return out, refs
 
 

@@ -167,7 +167,7 @@ MUTANTS = [
     M("learner waits for window room without bound", "gorila_zmq/roles/learner.py",
       "if not self.pusher.wait_room(timeout_s=0.25):", "if not self.pusher.wait_room(timeout_s=30.0):", (DQN,)),
     M("shard lr ramp off by one update", "gorila_zmq/ps/optim.py",
-      "else self.cfg.lr * (version + 1) / n", "else self.cfg.lr * version / n", (ALG,)),
+      "min(1.0, (version + 1) / n)", "min(1.0, version / n)", (ALG,)),
     M("Adam ignores the lr ramp", "gorila_zmq/ps/optim.py",
       "grad, self.lr_at(version), version + 1,", "grad, c.lr, version + 1,", (ALG,)),
     M("limiter counts dropped batches", "gorila_zmq/roles/learner.py",

@@ -124,7 +124,7 @@ class ServerOptimizer:
     def lr_at(self, version: int) -> float:
         """The learning rate of the update that takes the shard from `version` to `version` + 1."""
         n = self.cfg.lr_warmup_updates
-        return self.cfg.lr if n <= 0 or version + 1 >= n else self.cfg.lr * (version + 1) / n
+        return self.cfg.lr * min(1.0, (version + 1) / n) if n > 0 else self.cfg.lr
 
     def apply(self, theta, states, grad, version: int) -> None:
         adagrad_update(theta, states[0], grad, self.lr_at(version), self.cfg.eps, self.cfg.apply_threads)
