@@ -3,8 +3,9 @@
 Each run directory holds the evaluator's `evaluations.jsonl` (one line per evaluation) and the
 resolved `config.json`; a copy kept as NAME_evaluations.jsonl beside NAME_config.json (docs/) reads
 the same. The figure has two panels, the evaluation's mean return against environment frames and
-against wall time (minutes since the run's first evaluation). Each run is a thin line; with two or
-more runs, their mean and their spread (min to max over the runs) are drawn at the first run's
+against wall time (minutes since the run's first evaluation; of the run's up time, `run_seconds`, when
+every record has it, so a resumed run's curve leaves out the time it was stopped). Each run is a thin
+line; with two or more runs, their mean and their spread (min to max over the runs) are drawn at the first run's
 evaluation points inside the range every run covers (the others interpolated linearly); `--no-mean`
 overlays runs of different settings without them. For an Atari game with a normalisation table the
 right axis reads the same return as a human-normalised score (envs/scores.py).
@@ -40,7 +41,7 @@ class Run:
     game: str
     action_repeat: int
     frames: np.ndarray           # env frames at each evaluation
-    minutes: np.ndarray          # wall minutes since the first evaluation
+    minutes: np.ndarray          # minutes since the first evaluation (of up time when recorded)
     mean: np.ndarray
     low: np.ndarray              # min and max over the evaluation's episodes
     high: np.ndarray
@@ -76,12 +77,13 @@ def load_run(path: str, label: str | None = None) -> Run:
         with open(cfg_path) as f:
             cfg = json.load(f)
     env = cfg.get("env", {})
-    start = min(r["wall_time"] for r in rows)
     col = lambda k, default=None: np.array([r.get(k, r["return_mean"] if default is None else default)  # noqa: E731
                                             for r in rows], np.float64)
+    clock = "run_seconds" if all(isinstance(r.get("run_seconds"), (int, float)) for r in rows) else "wall_time"
+    seconds = col(clock)
     return Run(path=path, label=label or os.path.basename(os.path.normpath(path)), game=env.get("name", ""),
                action_repeat=int(env.get("action_repeat", 1)), frames=col("env_frames"),
-               minutes=(col("wall_time") - start) / 60.0, mean=col("return_mean"), low=col("return_min"),
+               minutes=(seconds - seconds.min()) / 60.0, mean=col("return_mean"), low=col("return_min"),
                high=col("return_max"), rows=rows)
 
 

@@ -232,7 +232,9 @@ def test_a_run_resumes_from_its_directory(tmp_path):
     v1 = load_checkpoint(os.path.join(run_dir, "ckpt", "ps0.npz"))[2]["version"]
     frames1 = json.load(open(os.path.join(run_dir, "state", "actor0.json")))["env_frames"]
     assert v1 > 0 and frames1 > 0
+    evals1 = len(evaluations(run_dir))
     # the second start names only the run directory: config, checkpoints and counters come from it
+    restarted = time.time()
     log = open(os.path.join(tmp_path, "dev2.log"), "wb")
     dev = subprocess.Popen([sys.executable, "-m", "gorila_zmq.cli", "dev", "--duration", "20",
                             f"run.run_dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -244,6 +246,12 @@ def test_a_run_resumes_from_its_directory(tmp_path):
     v2 = load_checkpoint(os.path.join(run_dir, "ckpt", "ps0.npz"))[2]["version"]
     frames2 = json.load(open(os.path.join(run_dir, "state", "actor0.json")))["env_frames"]
     assert v2 > v1 and frames2 > frames1
+    # the evaluator went on as well: new seeds, and up time that keeps counting from the first start's
+    evals = evaluations(run_dir)
+    assert evals1 >= 1 and any(e["wall_time"] > restarted for e in evals[evals1:]), evals
+    assert len({e["seed"] for e in evals}) == len(evals), evals
+    up = [e["run_seconds"] for e in evals]
+    assert up == sorted(up) and up[evals1] > up[evals1 - 1], up
 
 
 def test_two_hosts_split_by_placement(tmp_path):

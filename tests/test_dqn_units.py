@@ -600,6 +600,45 @@ def test_an_evaluation_is_played_again_from_best_npz_and_its_seed(shard, ctx, tm
         [rec[k] for k in ("return_mean", "return_min", "return_max")]
 
 
+def test_a_resumed_evaluator_goes_on_counting_evaluations_and_up_time(shard, ctx, caplog):
+    """RUN_DIR/state/evaluator.json: a clean stop keeps the evaluator's count and its up time; the next
+    start of the run goes on from them (new seeds, `run_seconds` that leave out the time it was
+    stopped), and an unreadable file is a warning and a count from 0, not a crash."""
+    import json
+    import time
+    from gorila_zmq.roles.evaluator import Evaluator
+    cfg, s = shard("eval.episodes=1", "eval.interval_s=1000", "ps.max_staleness=100000")
+    _advance(ctx, cfg, 2)
+    history, state_path = f"{cfg.run.run_dir}/evaluations.jsonl", f"{cfg.run.run_dir}/state/evaluator.json"
+
+    def one_evaluation():
+        t0 = time.monotonic()
+        ev = Evaluator(cfg, 0, ctx)
+        try:
+            ev._next = 0.0
+            ev.step()
+            ev.finish()
+        finally:
+            ev.close()
+        return [json.loads(line) for line in open(history)][-1], time.monotonic() - t0
+
+    first, _ = one_evaluation()
+    kept = json.load(open(state_path))
+    assert kept["evaluations"] == 1 and kept["run_seconds"] >= first["run_seconds"] > 0
+    # as if the run had been up for 1000 s over 7 evaluations before it was stopped
+    json.dump({"evaluations": 7, "run_seconds": 1000.0}, open(state_path, "w"))
+    rec, took = one_evaluation()
+    assert rec["seed"] == cfg.run.seed + 7919 * 8 != first["seed"]
+    assert 1000.0 <= rec["run_seconds"] <= 1000.0 + took
+    assert json.load(open(state_path))["evaluations"] == 8
+    for bad in ("{not json", '{"evaluations": "many"}', '{"evaluations": 3, "run_seconds": -5}', "[1, 2]"):
+        open(state_path, "w").write(bad)
+        caplog.clear()
+        rec, took = one_evaluation()
+        assert rec["seed"] == cfg.run.seed + 7919 and rec["run_seconds"] <= took, bad
+        assert "evaluator.json is unreadable" in caplog.text, bad
+
+
 @pytest.mark.parametrize("layout", ["auto", "frames"])
 def test_shared_frames_batches_give_the_learner_the_same_loss_and_gradient(layout, make_cfg):
     """agent.batch_layout: a bundled learner's source samples rows of stack + 1 frames (n_step 1), and

@@ -47,6 +47,22 @@ def test_load_run_reads_times_from_the_first_evaluation_and_the_game(tmp_path):
     np.testing.assert_array_equal(r.low, [-22, -21, -16])
 
 
+def test_a_resumed_runs_curve_against_time_leaves_out_the_time_it_was_stopped(tmp_path):
+    """Evaluator records carry `run_seconds` (up time over every start of a run): the time panel uses it
+    when every record has it, so an hour's stop between evaluations 2 and 3 is not drawn; a run whose
+    records lack it (older evaluators) keeps the wall clock."""
+    d = make_run(tmp_path, "resumed", [40_000, 80_000, 120_000], [-21.0, -20.0, -15.0], [0.0, 5.0, 65.0])
+    path = os.path.join(d, "evaluations.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    for r, up in zip(rows, [10.0, 310.0, 610.0]):
+        r["run_seconds"] = up
+    open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
+    np.testing.assert_allclose(P.load_run(d).minutes, [0.0, 5.0, 10.0])
+    del rows[1]["run_seconds"]
+    open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
+    np.testing.assert_allclose(P.load_run(d).minutes, [0.0, 5.0, 65.0])
+
+
 def test_load_run_reads_a_docs_copy_with_its_config_beside_it():
     r = P.load_run(os.path.join(REPO, "docs", "pong_run3_evaluations.jsonl"))
     assert r.label == "pong_run3" and r.game == "Pong" and len(r.rows) >= 10

@@ -3,9 +3,13 @@
 Every `eval.interval_s` the evaluator takes the exact current theta from the shards, plays
 `eval.episodes` whole episodes with the agent's evaluation policy (DQN: epsilon `eval.epsilon`;
 DrQ-v2: the mean action), appends the result to RUN_DIR/evaluations.jsonl and keeps the best
-parameters as RUN_DIR/best.npz. Each record names its seed: `gorila-zmq eval --checkpoint
-RUN_DIR/best.npz --seed SEED` plays the same episodes again (on `agent.torch_threads` threads, as the
-evaluator does), and on a deterministic environment gets the same returns.
+parameters as RUN_DIR/best.npz. A resumed run's evaluator goes on from RUN_DIR/state/evaluator.json:
+its count of evaluations (so seeds are not reused) and `run_seconds`, the time the run has been up
+summed over its starts (written at each evaluation and at a clean stop), which each record carries
+beside its `wall_time` so a curve against time leaves out the hours a run was stopped. Each record
+names its seed: `gorila-zmq eval --checkpoint RUN_DIR/best.npz --seed SEED` plays the same episodes
+again (on `agent.torch_threads` threads, as the evaluator does), and on a deterministic environment
+gets the same returns.
 
 Atari protocol (DQN/Gorila): no sticky actions, up to `eval.noop_max` random no-ops at the start and
 no FIRE pressed for the agent (`eval.fire_reset`, recorded in each evaluation as `fire_reset`),
@@ -25,7 +29,7 @@ from gorila_zmq import config as C
 from gorila_zmq.agents import base as agents
 from gorila_zmq.envs import make_env, screen
 from gorila_zmq.envs.scores import summarize
-from gorila_zmq.host.files import atomic_write
+from gorila_zmq.host.files import atomic_write, write_json
 from gorila_zmq.net import topology
 from gorila_zmq.ps.client import ShardSet, fetch_params
 from gorila_zmq.ps.layout import ParamLayout
@@ -125,8 +129,32 @@ class Evaluator(Role):
             except ValueError as e:
                 log.warning("evaluator: %s; its score is not kept as the best", e)
         self.last: dict = {}
-        self.evaluations = 0
+        self.state_path = os.path.join(cfg.run.run_dir, "state", "evaluator.json")
+        self.evaluations, self._up_before = self._load_state()   # _up_before: over the earlier starts
+        self._started = time.monotonic()
         self._next = time.monotonic() + min(cfg.eval.interval_s, 5.0)
+
+    def _load_state(self) -> tuple[int, float]:
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+            n, up = int(state.get("evaluations", 0)), float(state.get("run_seconds", 0.0))
+            if n < 0 or not up >= 0:
+                raise ValueError(f"evaluations {n}, run_seconds {up}")
+            return n, up
+        except FileNotFoundError:
+            return 0, 0.0
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            log.warning("evaluator: %s is unreadable (%s: %s); counting evaluations and run time from 0",
+                        self.state_path, type(e).__name__, e)
+            return 0, 0.0
+
+    def run_seconds(self) -> float:
+        """Seconds this run's evaluator has been up, over every start of the run."""
+        return self._up_before + time.monotonic() - self._started
+
+    def _save_state(self) -> None:
+        write_json(self.state_path, {"evaluations": self.evaluations, "run_seconds": round(self.run_seconds(), 3)})
 
     def step(self) -> None:
         if time.monotonic() < self._next:
@@ -146,12 +174,14 @@ class Evaluator(Role):
         if self._stop:
             return
         res = summarize(self.cfg.env.name, returns)
-        res.update(global_updates=versions[0], wall_time=time.time(), eval_seconds=time.monotonic() - t0,
-                   env_frames=self._env_frames(), seed=seed, **protocol(self.cfg))
+        res.update(global_updates=versions[0], wall_time=time.time(), run_seconds=round(self.run_seconds(), 3),
+                   eval_seconds=time.monotonic() - t0, env_frames=self._env_frames(), seed=seed,
+                   **protocol(self.cfg))
         self.last = res
         self.evaluations += 1
         with open(self.history_path, "a") as f:     # one line per evaluation, appended: a log, not state
             f.write(json.dumps(res) + "\n")
+        self._save_state()
         self.scalars.log(versions[0], {k: v for k, v in res.items() if k.startswith(("return", "human"))})
         log.info("evaluation %d at %d global updates: mean return %.2f%s", self.evaluations, versions[0],
                  res["return_mean"], f" ({res['human_normalized']:.1f}% human)" if res.get("human_normalized")
@@ -159,6 +189,9 @@ class Evaluator(Role):
         if res["return_mean"] > self.best:
             self.best = res["return_mean"]
             save_params(self.best_path, theta, self.layout, self.cfg, res)
+
+    def finish(self) -> None:
+        self._save_state()
 
     def _env_frames(self) -> int:
         total = 0
