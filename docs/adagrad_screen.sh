@@ -6,6 +6,10 @@
 #   2026-12-03 ran: sh docs/adagrad_screen.sh 2700 "0.03 1e-6" "0.05 2e-4"          (A, B)
 #   then, from the accumulator profile:  sh docs/adagrad_screen.sh 2700 "0.01 1e-10" "0.003 1e-12"   (C, D)
 #   then (late steps of Adam's size):    sh docs/adagrad_screen.sh 2520 "0.03 1e-10"     (E)
+#   2026-12-04, with the lr ramp:        sh docs/adagrad_screen.sh 4800 "0.03 1e-10 20000"   (F)
+#                                        sh docs/adagrad_screen.sh 2460 "0.01 1e-10 20000"   (G)
+#   2026-12-06:                          sh docs/adagrad_screen.sh 6900 "0.02 1e-10 20000"   (H)
+#   A run stopped early resumes from its directory: gorila-zmq dev --duration S run.run_dir=RUN_DIR
 set -e
 DUR=${1:-2700}
 shift

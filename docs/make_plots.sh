@@ -16,14 +16,18 @@ $P docs/adagrad_screen_lr0.03_g0_1e-6_evaluations.jsonl docs/adagrad_screen_lr0.
    docs/adagrad_screen_lr0.03_g0_1e-10_warm20000_livelocked_evaluations.jsonl \
    docs/adagrad_screen_lr0.03_g0_1e-10_warm20000_evaluations.jsonl \
    docs/adagrad_screen_lr0.01_g0_1e-10_warm20000_evaluations.jsonl \
+   docs/adagrad_screen_lr0.02_g0_1e-10_warm20000_evaluations.jsonl \
    docs/pong_run3_evaluations.jsonl -o docs/adagrad_screens.png --no-mean --max-frames 1.2e6 --hline=-20.7:random \
    --label "A: AdaGrad lr 0.03, G0 1e-6" --label "B: AdaGrad lr 0.05, G0 2e-4" \
    --label "C: AdaGrad lr 0.01, G0 1e-10" --label "D: AdaGrad lr 0.003, G0 1e-12" --label "E: AdaGrad lr 0.03, G0 1e-10" \
    --label "F (livelocked at 0.61 M): E + lr warm-up 20 K" --label "F: E + lr warm-up 20 K updates" \
    --label "G: AdaGrad lr 0.01, G0 1e-10, lr warm-up 20 K" \
+   --label "H: AdaGrad lr 0.02, G0 1e-10, lr warm-up 20 K" \
    --label "run 3: Adam lr 1e-4" \
    --title "Pong: AdaGrad screens against Adam, first 1.2 M frames"
-$P docs/adagrad_screen_lr0.03_g0_1e-10_warm20000_evaluations.jsonl docs/pong_run3_evaluations.jsonl -o docs/adagrad_warmup.png \
+$P docs/adagrad_screen_lr0.03_g0_1e-10_warm20000_evaluations.jsonl docs/adagrad_screen_lr0.02_g0_1e-10_warm20000_evaluations.jsonl \
+   docs/pong_run3_evaluations.jsonl -o docs/adagrad_warmup.png \
    --no-mean --hline=-20.7:random --reference "$CLEANRL" \
-   --label "AdaGrad lr 0.03, G0 1e-10, lr warm-up 20 K updates (F)" --label "run 3: Adam lr 1e-4" \
+   --label "AdaGrad lr 0.03, G0 1e-10, lr warm-up 20 K updates (F)" \
+   --label "AdaGrad lr 0.02, G0 1e-10, lr warm-up 20 K updates (H)" --label "run 3: Adam lr 1e-4" \
    --title "Pong: AdaGrad with a warm-up against Adam"

@@ -8,15 +8,17 @@ PRESETS: dict[str, dict] = {
     # so the count bound is off; a gradient whose theta was superseded more than 1 s ago, or 8 times the
     # median age if that is longer (a slow layout), is discarded (docs/SCALING.md). One subscriber per
     # host (a relay): the fan-out to 200 roles is the wall otherwise.
-    # AdaGrad as it first learned Pong here (docs/RESULTS.md, screen F): G0 1e-10 (below every tensor's
-    # squared gradients, so AdaGrad normalises each), lr 0.03, and the lr ramped over the first 20 K
-    # updates. Without the ramp the first ten steps, ~lr per parameter, kill most of the network's units;
+    # AdaGrad as it learned Pong here (docs/RESULTS.md, screen H: above 0 at 2.7 M frames): G0 1e-10
+    # (below every tensor's squared gradients, so AdaGrad normalises each), lr 0.02, and the lr ramped
+    # over the first 20 K updates. At lr 0.03 (screen F) it rose faster, then its network died at ~44 K
+    # updates; at 0.01 (G) it had not left -21 by 0.7 M frames. Without the ramp the first ten steps,
+    # ~lr per parameter, kill most of the network's units;
     # that does not depend on the layout (with 100 learners the first 100 gradients land on nearly the
     # same theta, which is worse, not better), and neither do the gradients' scale nor the updates per
     # frame that lr / sqrt(t) is paced by (the replay ratio), so these carry over to the paper's scale.
     "paper": {
         "ps": {"shards": 31, "max_staleness": 0, "max_staleness_s": 1.0, "staleness_factor": 8.0,
-               "lr": 0.03, "initial_accumulator": 1e-10, "lr_warmup_updates": 20_000},
+               "lr": 0.02, "initial_accumulator": 1e-10, "lr_warmup_updates": 20_000},
         "net": {"param_relay": True},
         "roles": {"mode": "bundled", "bundles": 100},
         "agent": {"replay_capacity": 1_000_000},

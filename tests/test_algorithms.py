@@ -257,7 +257,7 @@ def test_a_negative_warmup_is_a_config_error():
 
 
 def test_the_paper_presets_adagrad_takes_small_first_steps():
-    """AdaGrad with a G0 below g^2 steps ~lr per parameter at first (0.03 at the paper preset's lr):
+    """AdaGrad with a G0 below g^2 steps ~lr per parameter at first (0.02 at the paper preset's lr):
     enough to kill most of the DQN's units within ten updates (docs/RESULTS.md). The paper preset's
     warm-up keeps the first ten steps together below lr / N x (sqrt(1) + ... + sqrt(10)), about
     22.5 lr / N: a hundredth of lr for any N over 2,250."""
