@@ -178,6 +178,12 @@ MUTANTS = [
       "return self.updates", (DQN,)),
     M("plot --max-frames clips only the axis", "gorila_zmq/plot.py",
       "        runs, references = clip_frames(runs, references, max_frames)\n", "", ("tests/test_plot.py",)),
+    M("a resumed evaluator counts from 0", "gorila_zmq/roles/evaluator.py",
+      "self.evaluations, self._up_before = self._load_state()", "self.evaluations, self._up_before = 0, 0.0", (DQN,)),
+    M("up time not kept at a clean stop", "gorila_zmq/roles/evaluator.py",
+      "    def finish(self) -> None:\n        self._save_state()", "    def finish(self) -> None:\n        pass", (DQN,)),
+    M("plot's time panel ignores run_seconds", "gorila_zmq/plot.py",
+      'clock = "run_seconds" if all(', 'clock = "wall_time" if all(', ("tests/test_plot.py",)),
 ]
 
 
