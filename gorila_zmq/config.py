@@ -50,6 +50,9 @@ class NetConfig:
     in_flight: int = _f(2, "gradient pushes in flight per shard (bounded window)")
     grad_dtype: str = _f("float32", "gradients travel as float32, bfloat16 or float16 (half the bytes; the shard "
                                     "widens them and applies in float32; float16 overflows past 65504)")
+    shm_push: str = _f("auto", "auto: a gradient pushed to a shard on the same host stays in a shared-memory "
+                               "buffer and the message only names it (ps/local.py); off: every push sends "
+                               "its bytes (and shards refuse shared-memory pushes)")
     sub_hwm: int = _f(2, "subscriber high-water mark: slow actors drop stale parameters, not queue them")
     io_threads: int = _f(1, "ZeroMQ I/O threads per process (each moves ~1-2 GB/s in the clear, ~0.8 GB/s under "
                             "CurveZMQ): more for a shard that serves many learners over fast links")
@@ -254,6 +257,8 @@ class Config:
         elif self.agent.batch_layout == "frames" and self.agent.n_step != 1:
             errs.append(f"agent.batch_layout=frames needs agent.n_step=1 (it is {self.agent.n_step}): only then is "
                         "next_obs obs shifted by one frame; use auto or pairs")
+        if self.net.shm_push not in ("auto", "off"):
+            errs.append(f"net.shm_push must be 'auto' or 'off', not {self.net.shm_push!r}")
         if self.net.grad_dtype not in ("float32", "bfloat16", "float16"):
             errs.append(f"net.grad_dtype {self.net.grad_dtype!r} is not one of: float32, bfloat16, float16")
         if self.agent.grads_per_push < 1:

@@ -695,3 +695,30 @@ def test_shared_frames_batches_give_the_learner_the_same_loss_and_gradient(layou
         make_cfg("agent.n_step=3", "agent.batch_layout=frames")
     with pytest.raises(ConfigError, match="is not one of: auto, pairs, frames"):
         make_cfg("agent.batch_layout=five")
+
+
+@pytest.mark.parametrize("shm_push", ["auto", "off"])
+def test_a_learner_beside_its_shard_pushes_through_shared_memory(shm_push, shard, ctx):
+    """net.shm_push=auto: the learner's gradient buffers are shared-memory segments that the shard on
+    its host reads in place (the push names the buffer); =off: the bytes go over the socket. Either way
+    every push is applied, and a buffer is reused only once answered (no new segment per update)."""
+    from gorila_zmq.replay.sources import MemorySource
+    from gorila_zmq.roles.learner import Learner
+    cfg, s = shard(f"net.shm_push={shm_push}", "agent.learning_starts=64", "agent.batch_size=16",
+                   "ps.max_staleness=100000")
+    rb = _filled_replay()
+    learner = Learner(cfg, 0, ctx, source=MemorySource(rb))
+    try:
+        for _ in range(6):
+            learner.step()
+        assert learner.pusher.flush(5)
+        assert s.state.version == 6 and learner.pusher.stats.applied == 6
+        local = shm_push == "auto"
+        assert s.counters["shm_pushes"] == learner.pusher.stats.local == (6 if local else 0)
+        if local:
+            assert len(learner.pusher.segments) <= cfg.net.in_flight + 2
+            assert learner.pusher.bytes_sent < 1000
+    finally:
+        learner.close()
+        rb.close()
+        rb.unlink()

@@ -500,3 +500,81 @@ def test_staleness_factor_bounds_the_age_by_what_this_layout_calls_honest(runnin
     # theta of 60 updates ago stopped being the newest ~0.6 s ago: far past 4 x ~10 ms
     assert push_one(ctx, r, 0, g, pversion=shard.state.version - 60, seq=500) == (P.Cmd.REPLY, P.Status.STALE)
     assert push_one(ctx, r, 0, g, pversion=shard.state.version, seq=501)[1] == P.Status.APPLIED
+
+
+def test_a_same_host_push_names_its_shared_memory_buffer_and_theta_moves_as_over_a_socket(running, ctx):
+    """net.shm_push=auto: a shard whose HELLO names this host's /dev/shm reads the pusher's buffer in
+    place; the message is a 88-byte reference, and theta moves exactly as for the same gradient's bytes
+    sent over the socket (net.shm_push=off)."""
+    shm_r = running("ps.shards=2", "ps.max_staleness=1000")
+    sock_r = running("ps.shards=2", "ps.max_staleness=1000", "net.shm_push=off",
+                     f"run.run_dir={shm_r.cfg.run.run_dir}-off")
+    g = (np.random.default_rng(2).standard_normal(shm_r.layout.size) * 1e-2).astype(np.float32)
+    p, q = GradientPusher(ctx, shm_r.set), GradientPusher(ctx, sock_r.set)
+    try:
+        assert p.local == {0, 1} and q.local == set() and q.segments is None
+        buf = p.segments.new()
+        buf[:] = g
+        for _ in range(2):
+            p.push(buf, p.versions)
+            q.push(g, q.versions)
+            assert p.flush(10) and q.flush(10)
+        assert p.stats.applied == q.stats.applied == 4 and p.stats.local == 4 and q.stats.local == 0
+        assert p.bytes_sent == 4 * P.SHM_REF_RECORD.size and q.bytes_sent == 2 * g.nbytes
+        assert [s.counters["shm_pushes"] for s in shm_r.shards] == [2, 2]
+        assert [s.counters["shm_pushes"] for s in sock_r.shards] == [0, 0]
+        for a, b in zip(shm_r.shards, sock_r.shards):
+            assert np.array_equal(a.state.theta, b.state.theta)
+        assert not np.array_equal(shm_r.shards[0].state.theta, shm_r.theta0[:shm_r.shards[0].size])
+        # a plain array (not one of the segments) still goes over the socket
+        p.push(g, p.versions)
+        assert p.flush(10) and p.stats.local == 4 and p.bytes_sent == 4 * P.SHM_REF_RECORD.size + g.nbytes
+    finally:
+        p.close()
+        q.close()
+
+
+def test_a_bad_shared_memory_reference_is_counted_refused_and_theta_unchanged(running, ctx):
+    """Whatever a SHM_REF names (another segment of the run, a missing one, a range outside it, the
+    wrong count, a NaN in the buffer), the shard answers an ERROR, counts it, leaves theta alone and
+    serves on; a shard with net.shm_push=off refuses every such push."""
+    from gorila_zmq.host import shm
+    from gorila_zmq.ps.local import GradientSegments
+    r = running("ps.max_staleness=1000")
+    s = r.shards[0]
+    segs = GradientSegments(r.cfg.run_id, 7, r.layout.size)
+    buf = segs.new()
+    buf[:] = 0.01
+    name = segs.ref(buf)
+    before = s.state.theta.copy()
+
+    def ref_push(payload, seq, shard_r=r):
+        hdr = P.Header(P.Cmd.PUSH_GRAD, shard=0, client=7, seq=seq, layout=shard_r.layout.hash, dtype=P.Dtype.SHM_REF)
+        return reply_status(raw(ctx, shard_r.set.req[0], P.message(hdr, payload)))
+
+    n = r.layout.size
+    bad = [P.shm_ref(f"gz_{r.cfg.run_id}_ps0", 0, n),                 # the shard's own state: not a gradient buffer
+           P.shm_ref(f"gz_{r.cfg.run_id}_grad00000007_99", 0, n),     # no such segment
+           P.shm_ref(name, 4, n),                                      # runs past the segment's end
+           P.shm_ref(name, 2, n - 1),                                  # not float32-aligned (and short)
+           P.shm_ref(name, 0, n + 1),                                  # the wrong count
+           P.shm_ref(name, 0, n)[:-1],                                 # a truncated reference
+           P.shm_ref("gz_x/../" + name, 0, n)]
+    try:
+        for k, payload in enumerate(bad):
+            assert ref_push(payload, k + 1)[0] == P.Cmd.ERROR, k
+        assert np.array_equal(s.state.theta, before) and s.state.version == 0
+        buf[3] = np.nan
+        assert ref_push(P.shm_ref(name, 0, n), 100) == (P.Cmd.ERROR, P.Status.NON_FINITE)
+        assert np.array_equal(s.state.theta, before)
+        assert s.stats()["rejected_total"] == len(bad) + 1
+        buf[3] = 0.01
+        assert ref_push(P.shm_ref(name, 0, n), 101) == (P.Cmd.REPLY, P.Status.APPLIED)
+        assert s.state.version == 1 and s.counters["shm_pushes"] == 2     # read in place: the NaN one and this
+        off = running("ps.max_staleness=1000", "net.shm_push=off", f"run.run_dir={r.cfg.run.run_dir}-off")
+        assert off.shards[0].describe()["host"] == ""
+        assert ref_push(P.shm_ref(name, 0, n), 1, off) == (P.Cmd.ERROR, P.Status.BAD_DTYPE)
+        assert off.shards[0].state.version == 0
+    finally:
+        segs.close()
+    assert name not in shm.segments(f"gz_{r.cfg.run_id}_")

@@ -93,6 +93,7 @@ class Dtype(enum.IntEnum):
     RAW = 5            # a packed record with its own documented layout
     FLOAT16 = 6        # IEEE half (gradients with net.grad_dtype=float16)
     BFLOAT16 = 7       # the top 16 bits of a float32, sent as uint16 arrays (net.grad_dtype=bfloat16)
+    SHM_REF = 8        # a float32 slice left in a shared-memory segment of this host (SHM_REF_RECORD)
 
 
 _NP = {Dtype.FLOAT32: np.dtype(np.float32), Dtype.UINT8: np.dtype(np.uint8),
@@ -101,6 +102,27 @@ _NP = {Dtype.FLOAT32: np.dtype(np.float32), Dtype.UINT8: np.dtype(np.uint8),
 
 # The wire dtypes a gradient may travel in (net.grad_dtype); a shard widens them to float32.
 GRAD_DTYPES = {"float32": Dtype.FLOAT32, "float16": Dtype.FLOAT16, "bfloat16": Dtype.BFLOAT16}
+
+
+# A same-host push (net.shm_push, ps/local.py): the gradient slice stays in the pusher's segment and
+# the message names it: byte offset, float32 count, segment name (ASCII, NUL-padded).
+SHM_REF_RECORD = struct.Struct("<QQ64s")
+
+
+def shm_ref(name: str, offset: int, count: int) -> bytes:
+    return SHM_REF_RECORD.pack(offset, count, name.encode("ascii"))
+
+
+def parse_shm_ref(hdr: Header, payload: memoryview | None) -> tuple[str, int, int]:
+    """(segment name, byte offset, float32 count) of a SHM_REF payload; only its size and the name's
+    encoding are checked here (the reader checks the name's prefix and the range against the segment)."""
+    if hdr.dtype != Dtype.SHM_REF or payload is None or payload.nbytes != SHM_REF_RECORD.size:
+        raise ProtocolError(Status.BAD_PAYLOAD, f"a shared-memory reference is {SHM_REF_RECORD.size} bytes")
+    offset, count, raw = SHM_REF_RECORD.unpack(payload)
+    name = raw.rstrip(b"\0")
+    if not name or not name.isascii() or b"\0" in name:
+        raise ProtocolError(Status.BAD_PAYLOAD, "shared-memory reference with an unreadable segment name")
+    return name.decode("ascii"), offset, count
 
 
 def narrow_floats(x: np.ndarray, code: Dtype) -> np.ndarray:

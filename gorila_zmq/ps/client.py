@@ -5,7 +5,9 @@
   stale / duplicate / rejected) and a request without a reply is resent on a new socket (Lazy Pirate)
   up to `net.request_retries` times, then counted lost. Retries reuse (client, seq), so the shard
   applies a push at most once. With `net.grad_dtype` bfloat16 or float16 the gradient is narrowed once
-  per push (half the bytes on the wire); the shard widens it back and applies in float32.
+  per push (half the bytes on the wire); the shard widens it back and applies in float32. To a shard
+  on the same host (`net.shm_push=auto`) a push whose gradient lies in one of `segments`' buffers
+  carries only the buffer's name and the slice's offset (ps/local.py); it stays float32.
 - `ParamSubscriber` (ps/subscriber.py): a background thread (zguide Clone agent): subscribe to every
   shard's PUB first, then take a snapshot of each, then apply only newer broadcasts. `latest()` never blocks on the
   network. A shard silent for `heartbeat_liveness` intervals is marked dead; the thread reconnects
@@ -25,6 +27,7 @@ import zmq
 from gorila_zmq.net import protocol as P, topology
 from gorila_zmq.net.rpc import Window, new_client_id, request
 from gorila_zmq.ps.layout import ParamLayout
+from gorila_zmq.ps.local import GradientSegments, host_identity
 
 log = logging.getLogger("gorila_zmq.client")
 
@@ -76,6 +79,7 @@ class PushStats:
     rejected: int = 0
     lost: int = 0          # no reply after every retry
     retries: int = 0
+    local: int = 0         # slices sent as a shared-memory reference (a shard on this host)
     by_shard: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -109,10 +113,19 @@ class GradientPusher:
         self.resnapshot: set[int] = set()        # shards that refused a push as AHEAD: theta must be re-read
         self._logged: set = set()
         self.socks: list[zmq.Socket] = [self._connect(i) for i in range(shards.n)]
+        # Shards on this host (their HELLO names the same /dev/shm) read pushes from shared memory
+        # (ps/local.py): the learner takes its buffers from `segments` and the message only names them.
+        self.local: set[int] = set()
+        self.segments: GradientSegments | None = None
         if hello:
+            me = host_identity() if net.shm_push != "off" else ""
             for i in range(shards.n):
                 info = shards.hello(ctx, i, self.client)
                 self.versions[i], self.incarnations[i] = info["version"], info["incarnation"]
+                if me and info.get("host") == me:
+                    self.local.add(i)
+        if self.local:
+            self.segments = GradientSegments(shards.cfg.run_id, self.client, shards.layout.size)
 
     def _connect(self, i: int) -> zmq.Socket:
         s = P.make_socket(self.ctx, zmq.DEALER, sndhwm=self.window + 1)
@@ -130,7 +143,9 @@ class GradientPusher:
             raise ValueError(f"gradient must be float32 of shape ({self.shards.layout.size},), "
                              f"got {grad.dtype} {grad.shape}")
         self.seq += 1
-        wire = P.narrow_floats(grad, self.wire)       # a new array unless float32: the frames keep it alive
+        seg = self.segments.ref(grad) if self.segments is not None else None
+        local = self.local if seg is not None else ()
+        wire = None
         if self.staleness_log is not None:
             self._pushed_versions[self.seq] = list(versions)
         for i, (a, b) in enumerate(self.shards.ranges):
@@ -138,7 +153,14 @@ class GradientPusher:
                 self.poll(timeout_s=min(0.1, self.timeout), shard=i)
             hdr = P.Header(P.Cmd.PUSH_GRAD, shard=i, client=self.client, seq=self.seq,
                            pversion=versions[i], layout=self.shards.layout.hash)
-            frames = P.message(hdr, wire[a:b])
+            if i in local:
+                hdr.dtype = P.Dtype.SHM_REF
+                frames = P.message(hdr, P.shm_ref(seg, 4 * a, b - a))
+                self.stats.local += 1
+            else:
+                if wire is None:     # a new array unless float32: the frames keep it alive
+                    wire = P.narrow_floats(grad, self.wire)
+                frames = P.message(hdr, wire[a:b])
             self.socks[i].send_multipart(frames, copy=False)
             self.pending[i].sent(self.seq, frames)
             self.bytes_sent += hdr.length
@@ -265,3 +287,5 @@ class GradientPusher:
         for s in self.socks:
             s.close(linger=0)
         self.socks = []
+        if self.segments is not None:
+            self.segments.close()

@@ -104,6 +104,15 @@ class FlatStaging:
             torch.cuda.current_stream(self.device).synchronize()
 
 
+def pin_in_place(t: torch.Tensor) -> None:
+    """Page-lock a host tensor's existing memory (a shared-memory gradient buffer) for CUDA's
+    asynchronous copies; where the driver refuses, the copies stay correct, only synchronous."""
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(rc) != 0:
+        log.warning("cudaHostRegister of a %d-byte shared-memory gradient buffer failed (%s): its "
+                    "device-to-host copies will be synchronous", t.numel() * t.element_size(), rc)
+
+
 class Loader(threading.Thread):
     """Fills a ring of preallocated batches in the background; `get()` hands out the next full one."""
 
@@ -358,6 +367,16 @@ class Learner(Role):
             del self._grad_bufs[k]
             if ok:
                 return buf, host
+            if self.pusher.segments is not None:
+                if self.staging is not None:
+                    torch.cuda.cudart().cudaHostUnregister(buf.ctypes.data)
+                self.pusher.segments.drop(buf)       # its name goes; a shard still reading keeps its mapping
+        if self.pusher.segments is not None:          # a shard on this host reads it in place (ps/local.py)
+            buf = self.pusher.segments.new()
+            host = torch.from_numpy(buf)
+            if self.staging is not None:
+                pin_in_place(host)
+            return buf, host
         host = self.staging.host_vector() if self.staging is not None \
             else torch.empty(self.layout.size, dtype=torch.float32)
         return host.numpy(), host

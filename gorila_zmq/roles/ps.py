@@ -14,7 +14,9 @@ newest more than `ps.max_staleness_s` seconds ago, or more than `ps.staleness_fa
 median age of the latest gradients (each 0: off; docs/SCALING.md says which to use when). A gradient
 computed against a version this shard never reached (it came back from an older state than the
 client saw) is refused as AHEAD: the client re-snapshots. A gradient may come as float32, float16 or
-bfloat16 (net.grad_dtype); it is applied in float32. A (client, seq) pair is applied at most once
+bfloat16 (net.grad_dtype); it is applied in float32. From a learner on the same host
+(net.shm_push=auto) it may instead name a slice of the learner's shared-memory buffer, read in place
+(ps/local.py says what is checked first). A (client, seq) pair is applied at most once
 (ps/state.py says how, with a bounded table): a retried push gets the first outcome back (counted as a
 duplicate), across restarts too.
 
@@ -40,6 +42,7 @@ from gorila_zmq.fields import ConfigError
 from gorila_zmq.host.files import remove_stale_temporaries
 from gorila_zmq.net import protocol as P, security, topology
 from gorila_zmq.ps import optim
+from gorila_zmq.ps.local import SegmentReader, host_identity
 from gorila_zmq.ps.layout import ParamLayout, load_init_slice, load_run_layout, load_run_token
 from gorila_zmq.ps.state import ShardState, checkpoint_path, dedup_clients, load_checkpoint, save_checkpoint
 from gorila_zmq.roles.base import Role, role_main
@@ -118,10 +121,13 @@ class ParameterServerShard(Role):
                          "checkpoint_errors": 0, "checkpoint_write_s": 0.0,
                          "staleness": collections.Counter(),   # histogram: exact to 16, then powers of 2
                          "age_ms": collections.Counter(),      # the same, of the gradient's age in ms
-                         "forgotten_retries": 0, "resumed_from": resumed}
+                         "forgotten_retries": 0, "shm_pushes": 0, "resumed_from": resumed}
         self.rejections = P.Rejections(log, f"shard {index}")
         self.started = time.monotonic()
         self._wide = np.empty(self.size, np.float32)         # float16/bfloat16 gradients widened here
+        # Same-host pushes (ps/local.py): the learner's segment is read in place.
+        self.segments = SegmentReader(cfg.run_id) if cfg.net.shm_push != "off" else None
+        self.host = host_identity()
         # When each of the latest AGE_RING versions was reached; a resumed shard's past versions count
         # as reached now (a gradient computed before a restart is not old because of the restart).
         self._reached = np.full(AGE_RING, self.started, np.float64)
@@ -234,6 +240,8 @@ class ParameterServerShard(Role):
         for m in getattr(self, "auth", []):
             m.close()
         self.auth = []
+        if getattr(self, "segments", None) is not None:
+            self.segments.close()
         for attr in ("router", "pub"):
             if getattr(self, attr, None) is not None:
                 getattr(self, attr).close(linger=0)
@@ -375,7 +383,13 @@ class ParameterServerShard(Role):
         if first is not None:
             self.counters["duplicates"] += 1
             return self._reply(ident, self._hdr(P.Cmd.REPLY, seq=req.seq, client=req.client, status=first))
-        grad = P.widen_floats(req, payload, self.size, self._wide)
+        if req.dtype == P.Dtype.SHM_REF:
+            if self.segments is None:
+                raise P.ProtocolError(P.Status.BAD_DTYPE, "this shard takes no shared-memory pushes (net.shm_push=off)")
+            grad = self.segments.view(req, payload, self.size)
+            self.counters["shm_pushes"] += 1
+        else:
+            grad = P.widen_floats(req, payload, self.size, self._wide)
         version = self.state.version
         staleness = version - req.pversion
         if staleness < 0:
@@ -439,7 +453,7 @@ class ParameterServerShard(Role):
                 "n_params": self.layout.size, "layout_hash": self.layout.hash, "version": self.state.version,
                 "incarnation": self.incarnation, "max_staleness": self.cfg.ps.max_staleness,
                 "max_staleness_s": self.cfg.ps.max_staleness_s, "age_bound_s": self._age_bound(),
-                "pub": self.pub_ep.connect}
+                "pub": self.pub_ep.connect, "host": self.host if self.segments is not None else ""}
 
     def stats(self) -> dict:
         d = dict(self.counters, **self.rejections.as_dict())
