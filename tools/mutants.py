@@ -184,6 +184,15 @@ MUTANTS = [
       "    def finish(self) -> None:\n        self._save_state()", "    def finish(self) -> None:\n        pass", (DQN,)),
     M("plot's time panel ignores run_seconds", "gorila_zmq/plot.py",
       'clock = "run_seconds" if all(', 'clock = "wall_time" if all(', ("tests/test_plot.py",)),
+    M("a same-host push sends its bytes", "gorila_zmq/ps/client.py",
+      "            if i in local:", "            if False:", ("tests/test_ps.py", DQN)),
+    M("a shard maps any segment a push names", "gorila_zmq/ps/local.py",
+      "        if not name.startswith(self.prefix) or not _NAME.match(name):",
+      "        if False:", ("tests/test_ps.py",)),
+    M("the learner's buffers are not shared memory", "gorila_zmq/roles/learner.py",
+      "        if self.pusher.segments is not None:          # a shard", "        if False:          # a shard", (DQN,)),
+    M("a shared-memory slice at the wrong offset", "gorila_zmq/ps/client.py",
+      "P.shm_ref(seg, 4 * a, b - a)", "P.shm_ref(seg, 0, b - a)", ("tests/test_ps.py",)),
 ]
 
 
