@@ -368,13 +368,13 @@ class Learner(Role):
             if ok:
                 return buf, host
             if self.pusher.segments is not None:
-                if self.staging is not None:
+                if self.staging is not None and self.staging.pin:
                     torch.cuda.cudart().cudaHostUnregister(buf.ctypes.data)
                 self.pusher.segments.drop(buf)       # its name goes; a shard still reading keeps its mapping
         if self.pusher.segments is not None:          # a shard on this host reads it in place (ps/local.py)
             buf = self.pusher.segments.new()
             host = torch.from_numpy(buf)
-            if self.staging is not None:
+            if self.staging is not None and self.staging.pin:
                 pin_in_place(host)
             return buf, host
         host = self.staging.host_vector() if self.staging is not None \
