@@ -31,3 +31,6 @@ $P docs/adagrad_screen_lr0.03_g0_1e-10_warm20000_evaluations.jsonl docs/adagrad_
    --label "AdaGrad lr 0.03, G0 1e-10, lr warm-up 20 K updates (F)" \
    --label "AdaGrad lr 0.02, G0 1e-10, lr warm-up 20 K updates (H)" --label "run 3: Adam lr 1e-4" \
    --title "Pong: AdaGrad with a warm-up against Adam"
+$P docs/pong_run3_evaluations.jsonl docs/pong_dev_seed1_evaluations.jsonl -o docs/pong_dev_seeds.png --hline=-20.7:random \
+   --reference "$CLEANRL" --label "run 3 (seed 0, 2026-11-26)" --label "seed 1 (2026-12-06)" \
+   --title "Pong, dev preset (Adam lr 1e-4): two seeds, mean and spread"
