@@ -85,6 +85,21 @@ class FlatStaging:
         t = torch.empty(self.layout.size, dtype=torch.float32)
         return t.pin_memory() if self.pin else t
 
+    def adopt_host(self, t: torch.Tensor) -> None:
+        """Page-lock memory made elsewhere (a shared-memory gradient buffer) as host_vector() pins its
+        own; where the driver refuses, the copies stay correct, only synchronous."""
+        if not self.pin:
+            return
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(rc) != 0:
+            log.warning("cudaHostRegister of a %d-byte shared-memory gradient buffer failed (%s): its "
+                        "device-to-host copies will be synchronous", t.numel() * t.element_size(), rc)
+
+    def release_host(self, addr: int) -> None:
+        """Undo adopt_host() before the memory at `addr` goes."""
+        if self.pin:
+            torch.cuda.cudart().cudaHostUnregister(addr)
+
     def grads_to_host(self, out: torch.Tensor) -> None:
         """Enqueue the gradient's copy into `out` (zeros where a parameter has no grad); the caller
         synchronises (copies_done) before reading `out`."""
@@ -102,15 +117,6 @@ class FlatStaging:
     def copies_done(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-
-
-def pin_in_place(t: torch.Tensor) -> None:
-    """Page-lock a host tensor's existing memory (a shared-memory gradient buffer) for CUDA's
-    asynchronous copies; where the driver refuses, the copies stay correct, only synchronous."""
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    if int(rc) != 0:
-        log.warning("cudaHostRegister of a %d-byte shared-memory gradient buffer failed (%s): its "
-                    "device-to-host copies will be synchronous", t.numel() * t.element_size(), rc)
 
 
 class Loader(threading.Thread):
@@ -368,14 +374,14 @@ class Learner(Role):
             if ok:
                 return buf, host
             if self.pusher.segments is not None:
-                if self.staging is not None and self.staging.pin:
-                    torch.cuda.cudart().cudaHostUnregister(buf.ctypes.data)
+                if self.staging is not None:
+                    self.staging.release_host(buf.ctypes.data)
                 self.pusher.segments.drop(buf)       # its name goes; a shard still reading keeps its mapping
         if self.pusher.segments is not None:          # a shard on this host reads it in place (ps/local.py)
             buf = self.pusher.segments.new()
             host = torch.from_numpy(buf)
-            if self.staging is not None and self.staging.pin:
-                pin_in_place(host)
+            if self.staging is not None:
+                self.staging.adopt_host(host)
             return buf, host
         host = self.staging.host_vector() if self.staging is not None \
             else torch.empty(self.layout.size, dtype=torch.float32)

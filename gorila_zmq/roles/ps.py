@@ -127,7 +127,7 @@ class ParameterServerShard(Role):
         self._wide = np.empty(self.size, np.float32)         # float16/bfloat16 gradients widened here
         # Same-host pushes (ps/local.py): the learner's segment is read in place.
         self.segments = SegmentReader(cfg.run_id) if cfg.net.shm_push != "off" else None
-        self.host = host_identity()
+        self.host = host_identity() if self.segments is not None else ""    # in the HELLO reply
         # When each of the latest AGE_RING versions was reached; a resumed shard's past versions count
         # as reached now (a gradient computed before a restart is not old because of the restart).
         self._reached = np.full(AGE_RING, self.started, np.float64)
@@ -453,7 +453,7 @@ class ParameterServerShard(Role):
                 "n_params": self.layout.size, "layout_hash": self.layout.hash, "version": self.state.version,
                 "incarnation": self.incarnation, "max_staleness": self.cfg.ps.max_staleness,
                 "max_staleness_s": self.cfg.ps.max_staleness_s, "age_bound_s": self._age_bound(),
-                "pub": self.pub_ep.connect, "host": self.host if self.segments is not None else ""}
+                "pub": self.pub_ep.connect, "host": self.host}
 
     def stats(self) -> dict:
         d = dict(self.counters, **self.rejections.as_dict())
