@@ -50,7 +50,7 @@ class NetConfig:
     in_flight: int = _f(2, "gradient pushes in flight per shard (bounded window)")
     grad_dtype: str = _f("float32", "gradients travel as float32, bfloat16 or float16 (half the bytes; the shard "
                                     "widens them and applies in float32; float16 overflows past 65504)")
-    shm_push: str = _f("auto", "auto: a gradient pushed to a shard on the same host stays in a shared-memory "
+    shm_push: str = _f("off", "auto: a gradient pushed to a shard on the same host stays in a shared-memory "
                                "buffer and the message only names it (ps/local.py); off: every push sends "
                                "its bytes (and shards refuse shared-memory pushes)")
     sub_hwm: int = _f(2, "subscriber high-water mark: slow actors drop stale parameters, not queue them")

@@ -506,7 +506,7 @@ def test_a_same_host_push_names_its_shared_memory_buffer_and_theta_moves_as_over
     """net.shm_push=auto: a shard whose HELLO names this host's /dev/shm reads the pusher's buffer in
     place; the message is a 88-byte reference, and theta moves exactly as for the same gradient's bytes
     sent over the socket (net.shm_push=off)."""
-    shm_r = running("ps.shards=2", "ps.max_staleness=1000")
+    shm_r = running("ps.shards=2", "ps.max_staleness=1000", "net.shm_push=auto")
     sock_r = running("ps.shards=2", "ps.max_staleness=1000", "net.shm_push=off",
                      f"run.run_dir={shm_r.cfg.run.run_dir}-off")
     g = (np.random.default_rng(2).standard_normal(shm_r.layout.size) * 1e-2).astype(np.float32)
@@ -540,7 +540,7 @@ def test_a_bad_shared_memory_reference_is_counted_refused_and_theta_unchanged(ru
     serves on; a shard with net.shm_push=off refuses every such push."""
     from gorila_zmq.host import shm
     from gorila_zmq.ps.local import GradientSegments
-    r = running("ps.max_staleness=1000")
+    r = running("ps.max_staleness=1000", "net.shm_push=auto")
     s = r.shards[0]
     segs = GradientSegments(r.cfg.run_id, 7, r.layout.size)
     buf = segs.new()
